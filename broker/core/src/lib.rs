@@ -1,0 +1,18 @@
+//! Petrel's broker core: everything between a decoded protocol command and the log.
+//!
+//! Nothing lives here yet. What this crate will hold (DESIGN.md §1 and §3):
+//!
+//! * **partitions**: each an append-only log of message batches replicated by its own
+//!   Raft group (openraft), the Raft log being the message log stored by `petrel-log`;
+//!   one task per partition, reached through a bounded channel.
+//! * **subscriptions**: cursors over a partition's log kept in its state machine,
+//!   `shared` (per-message ack, redelivery, dead-lettering) or `ordered` (one consumer
+//!   per partition, cumulative commit).
+//! * **routing**: exchanges (direct, fanout, topic, headers) and bindings that send a
+//!   published message to queues and topics, for every protocol alike.
+//! * **metadata**: the node-wide metadata Raft group (vhosts, exchanges, bindings,
+//!   destinations, placement, users), and forwarding to partition leaders.
+//!
+//! Arrows point one way: `petrel-protocols` calls this crate, this crate calls
+//! `petrel-log`; it knows no wire protocol and opens no socket of its own except the
+//! internal Raft transport.

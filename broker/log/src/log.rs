@@ -1,0 +1,502 @@
+//! One partition's log: its segments, appends, reads, truncation and purging.
+//!
+//! A `Log` is owned by one task (the partition's actor) and takes `&mut self` for
+//! changes, so nothing on the append path locks across partitions except the shared
+//! write-ahead log queue and the batch cache.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::PartitionId;
+use crate::batch::RecordBatch;
+use crate::config::PartitionConfig;
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::segment::Segment;
+use crate::storage::Inner;
+use crate::wal::{Cmd, Completion, OnDurable};
+
+/// A partition's segments and offsets; parked in the storage while no `Log` holds it.
+#[derive(Debug, Default)]
+pub(crate) struct LogState {
+    /// Segments by base offset; the last one takes appends.
+    pub segments: BTreeMap<u64, Segment>,
+    pub start: u64,
+    pub next: u64,
+}
+
+impl LogState {
+    pub fn active(&self) -> Option<&Segment> {
+        self.segments.values().next_back()
+    }
+}
+
+/// What the checkpointer needs of a partition while its owner keeps appending.
+#[derive(Debug)]
+pub(crate) struct PartitionShared {
+    pub dir: PathBuf,
+    /// The log's next offset: every offset below it is in a segment file.
+    pub next: AtomicU64,
+    /// Set after every append; the checkpointer clears it before it syncs.
+    dirty: AtomicBool,
+    files: Mutex<SyncSet>,
+}
+
+#[derive(Debug, Default)]
+struct SyncSet {
+    active: Option<Arc<File>>,
+    sealed: Vec<Arc<File>>,
+    dir_dirty: bool,
+}
+
+impl PartitionShared {
+    pub fn new(dir: PathBuf, state: &LogState) -> Self {
+        Self {
+            dir,
+            next: AtomicU64::new(state.next),
+            dirty: AtomicBool::new(true),
+            files: Mutex::new(SyncSet {
+                active: state.active().map(|s| s.file().clone()),
+                sealed: Vec::new(),
+                dir_dirty: true,
+            }),
+        }
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, SyncSet> {
+        self.files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn rolled(&self, old: Arc<File>, new: Arc<File>) {
+        let mut f = self.files();
+        f.sealed.push(old);
+        f.active = Some(new);
+        f.dir_dirty = true;
+    }
+
+    /// Points the sync at a new active segment after a failed append was rolled back,
+    /// keeping the sealed segments that still await their sync.
+    fn reactivate(&self, active: Arc<File>) {
+        let mut f = self.files();
+        f.active = Some(active);
+        f.dir_dirty = true;
+    }
+
+    /// Forgets pending syncs: only after `sync` made everything durable.
+    fn reset(&self, active: Option<Arc<File>>) {
+        let mut f = self.files();
+        *f = SyncSet {
+            active,
+            sealed: Vec::new(),
+            dir_dirty: false,
+        };
+    }
+
+    /// Makes every byte written to this partition's segments so far durable.
+    pub fn sync(&self) -> Result<()> {
+        let (active, sealed, dir_dirty) = {
+            let mut f = self.files();
+            let dirty = self.dirty.swap(false, Ordering::AcqRel);
+            if !dirty && f.sealed.is_empty() && !f.dir_dirty {
+                return Ok(());
+            }
+            (
+                f.active.clone(),
+                std::mem::take(&mut f.sealed),
+                std::mem::take(&mut f.dir_dirty),
+            )
+        };
+        for file in sealed.iter().chain(active.iter()) {
+            file.sync_data()
+                .map_err(|e| Error::io("sync segment in", &self.dir, e))?;
+        }
+        if dir_dirty {
+            fsutil::sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// One partition's log.
+pub struct Log {
+    id: PartitionId,
+    config: PartitionConfig,
+    state: LogState,
+    shared: Arc<PartitionShared>,
+    storage: Arc<Inner>,
+    deleted: bool,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log")
+            .field("id", &self.id)
+            .field("start", &self.state.start)
+            .field("next", &self.state.next)
+            .field("segments", &self.state.segments.len())
+            .finish()
+    }
+}
+
+impl Log {
+    pub(crate) fn new(
+        id: PartitionId,
+        config: PartitionConfig,
+        state: LogState,
+        shared: Arc<PartitionShared>,
+        storage: Arc<Inner>,
+    ) -> Self {
+        Self {
+            id,
+            config,
+            state,
+            shared,
+            storage,
+            deleted: false,
+        }
+    }
+
+    /// The partition id.
+    pub fn id(&self) -> PartitionId {
+        self.id
+    }
+
+    /// The first offset that can be read.
+    pub fn start_offset(&self) -> u64 {
+        self.state.start
+    }
+
+    /// The offset the next appended record gets.
+    pub fn next_offset(&self) -> u64 {
+        self.state.next
+    }
+
+    /// Number of segment files.
+    pub fn segment_count(&self) -> usize {
+        self.state.segments.len()
+    }
+
+    /// This partition's settings.
+    pub fn config(&self) -> &PartitionConfig {
+        &self.config
+    }
+
+    /// Appends batches that continue the log (the first one's base offset is
+    /// `next_offset()`). Returns once they are written; `done` is called once they are
+    /// durable under the partition's sync policy, or with the error that stopped them.
+    /// On `Err` nothing was appended and `done` is not called.
+    pub fn append(&mut self, batches: Vec<RecordBatch>, done: OnDurable) -> Result<()> {
+        self.storage.check_writable()?;
+        let mut expected = self.state.next;
+        for b in &batches {
+            if b.base_offset() != expected {
+                return Err(Error::OffsetMismatch {
+                    partition: self.id,
+                    expected,
+                    got: b.base_offset(),
+                });
+            }
+            if b.len() > self.storage.config.max_batch_bytes {
+                return Err(Error::BatchTooLarge {
+                    size: b.len(),
+                    limit: self.storage.config.max_batch_bytes,
+                });
+            }
+            expected = b.next_offset();
+        }
+        if batches.is_empty() {
+            done(Ok(()));
+            return Ok(());
+        }
+        let before = self.state.next;
+        if let Err(e) = self.write_segments(&batches) {
+            self.rollback(before);
+            return Err(e);
+        }
+        self.storage.cache.insert(self.id, &batches);
+        let cmd = Cmd::Append {
+            partition: self.id,
+            batches,
+            policy: self.config.sync_policy,
+            done: Some(Completion::new(done)),
+        };
+        if let Err(e) = self.storage.wal.append(cmd) {
+            self.rollback(before);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn write_segments(&mut self, batches: &[RecordBatch]) -> Result<()> {
+        let mut from = 0;
+        while from < batches.len() {
+            self.roll_if_needed(batches[from].len() as u64)?;
+            // Take as many batches as fit before the next roll.
+            let room = self
+                .config
+                .segment_bytes
+                .saturating_sub(self.state.active().map_or(0, Segment::size));
+            let mut to = from + 1;
+            let mut bytes = batches[from].len() as u64;
+            while to < batches.len() && bytes + batches[to].len() as u64 <= room {
+                bytes += batches[to].len() as u64;
+                to += 1;
+            }
+            let Some(active) = self.state.segments.values_mut().next_back() else {
+                return Err(Error::Closed);
+            };
+            active.append(&batches[from..to])?;
+            self.state.next = batches[to - 1].next_offset();
+            self.shared.dirty.store(true, Ordering::Relaxed);
+            self.shared.next.store(self.state.next, Ordering::Release);
+            from = to;
+        }
+        Ok(())
+    }
+
+    fn roll_if_needed(&mut self, incoming: u64) -> Result<()> {
+        let Some(active) = self.state.active() else {
+            return Err(Error::Closed);
+        };
+        let full = active.size() > 0 && active.size() + incoming > self.config.segment_bytes;
+        let old = self
+            .config
+            .segment_age
+            .is_some_and(|age| active.first_append().is_some_and(|t| t.elapsed() >= age));
+        let offsets = self.state.next - active.base >= u64::from(u32::MAX / 2);
+        if !(full || old || offsets) {
+            return Ok(());
+        }
+        active.seal()?;
+        let old_file = active.file().clone();
+        let seg = Segment::create(
+            &self.shared.dir,
+            self.state.next,
+            self.storage.config.index_interval_bytes,
+        )?;
+        self.shared.rolled(old_file, seg.file().clone());
+        self.state.segments.insert(seg.base, seg);
+        Ok(())
+    }
+
+    /// Undoes a failed append in memory and on disk (best effort: recovery would cut it too).
+    fn rollback(&mut self, next: u64) {
+        if self.state.next == next {
+            return;
+        }
+        while self.state.segments.len() > 1
+            && let Some(entry) = self.state.segments.last_entry()
+            && *entry.key() > next
+        {
+            let _ = entry.remove().delete();
+        }
+        if let Some(active) = self.state.segments.values_mut().next_back() {
+            let _ = active.truncate_from(next);
+            self.shared.reactivate(active.file().clone());
+        }
+        self.state.next = next;
+        self.shared.next.store(next, Ordering::Release);
+        self.storage.cache.truncate_from(self.id, next);
+    }
+
+    /// Reads whole batches from the one containing `offset`: at least one batch if any is
+    /// readable, then up to `max_bytes`, and never a batch ending past `high_watermark`
+    /// (so readers see only what the caller knows is committed).
+    pub fn read(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+        high_watermark: u64,
+    ) -> Result<Vec<RecordBatch>> {
+        if offset < self.state.start || offset > self.state.next {
+            return Err(Error::OffsetOutOfRange {
+                partition: self.id,
+                offset,
+                start: self.state.start,
+                next: self.state.next,
+            });
+        }
+        let limit = high_watermark.min(self.state.next);
+        if offset >= limit {
+            return Ok(Vec::new());
+        }
+        if let Some(hit) = self.storage.cache.read(self.id, offset, max_bytes, limit) {
+            return Ok(hit);
+        }
+        let mut out = Vec::new();
+        let mut gathered = 0;
+        let mut at = offset;
+        let first = self
+            .state
+            .segments
+            .range(..=offset)
+            .next_back()
+            .map_or(0, |(b, _)| *b);
+        for seg in self.state.segments.range(first..).map(|(_, s)| s) {
+            if at >= limit || (gathered >= max_bytes && !out.is_empty()) {
+                break;
+            }
+            if seg.next_offset() <= at {
+                continue;
+            }
+            let before = out.len();
+            gathered += seg.read(
+                at,
+                max_bytes.saturating_sub(gathered).max(1),
+                limit,
+                &mut out,
+            )?;
+            match out.last() {
+                Some(last) if out.len() > before => at = last.next_offset(),
+                _ => break, // The high watermark falls inside this segment.
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first readable offset whose record timestamp is ≥ `timestamp` (ms), if any.
+    pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<u64>> {
+        for seg in self.state.segments.values() {
+            if seg.max_timestamp() >= timestamp
+                && let Some(o) = seg.offset_for_time(timestamp, self.state.start)?
+            {
+                return Ok(Some(o));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes the batch containing `offset` and everything after it (Raft conflict
+    /// resolution). Durable when it returns.
+    pub fn truncate_from(&mut self, offset: u64) -> Result<()> {
+        if offset >= self.state.next {
+            return Ok(());
+        }
+        if offset < self.state.start {
+            return Err(Error::OffsetOutOfRange {
+                partition: self.id,
+                offset,
+                start: self.state.start,
+                next: self.state.next,
+            });
+        }
+        self.storage.check_writable()?;
+        // Everything this log queued is durable in the WAL, at positions before `barrier`.
+        let barrier = self.storage.wal.barrier()?;
+        let mut table = self.storage.table();
+        // The segments then hold it all durably, so replay may start at `barrier`.
+        self.shared.sync()?;
+        // Record the new end before any file is cut or deleted: a crash in between leaves a
+        // checkpoint that recovery cuts the files back to, never one vouching for bytes
+        // that are gone.
+        let Some(holding) = self
+            .state
+            .segments
+            .range(..=offset)
+            .next_back()
+            .map(|(_, s)| s)
+        else {
+            return Err(Error::Closed);
+        };
+        let (_, next) = holding.batch_containing(offset)?;
+        let start = self.state.start.min(next);
+        let entry = table
+            .entries
+            .get_mut(&self.id)
+            .ok_or(Error::UnknownPartition(self.id))?;
+        entry.end = next;
+        entry.start = start;
+        entry.replay_from = barrier;
+        self.storage.save_checkpoint(&table)?;
+        // The table stays locked until `shared.next` is cut too, so no checkpoint in
+        // between records the old end again.
+        while self.state.segments.len() > 1
+            && let Some(entry) = self.state.segments.last_entry()
+            && *entry.key() > offset
+        {
+            entry.remove().delete()?;
+        }
+        let Some(active) = self.state.segments.values_mut().next_back() else {
+            return Err(Error::Closed);
+        };
+        active.truncate_from(offset)?;
+        for ext in ["index", "timeindex"] {
+            let _ = std::fs::remove_file(
+                self.shared
+                    .dir
+                    .join(crate::segment::file_name(active.base, ext)),
+            );
+        }
+        active
+            .file()
+            .sync_data()
+            .map_err(|e| Error::io("sync", active.path(), e))?;
+        fsutil::sync_dir(&self.shared.dir)?;
+        self.shared.reset(Some(active.file().clone()));
+        self.state.next = next;
+        self.state.start = start;
+        self.shared.next.store(next, Ordering::Release);
+        self.storage.cache.truncate_from(self.id, next);
+        Ok(())
+    }
+
+    /// Makes offsets below `offset` unreadable and deletes the segments wholly below it
+    /// (retention, or the release cursor). Durable when it returns.
+    pub fn purge_to(&mut self, offset: u64) -> Result<()> {
+        let offset = offset.min(self.state.next);
+        if offset <= self.state.start {
+            return Ok(());
+        }
+        self.storage.check_writable()?;
+        {
+            // Sync first so the checkpoint can vouch for everything up to the log end: the
+            // segments that held the old `end` may be among those deleted below.
+            let mut table = self.storage.table();
+            self.shared.sync()?;
+            let entry = table
+                .entries
+                .get_mut(&self.id)
+                .ok_or(Error::UnknownPartition(self.id))?;
+            entry.start = offset;
+            entry.end = self.state.next;
+            self.storage.save_checkpoint(&table)?;
+        }
+        self.state.start = offset;
+        // A segment goes once the next one starts at or below the purge point; the active one stays.
+        let doomed: Vec<u64> = self
+            .state
+            .segments
+            .keys()
+            .zip(self.state.segments.keys().skip(1))
+            .take_while(|(_, next_base)| **next_base <= offset)
+            .map(|(base, _)| *base)
+            .collect();
+        for base in doomed {
+            if let Some(seg) = self.state.segments.remove(&base) {
+                seg.delete()?;
+            }
+        }
+        self.storage.cache.purge_to(self.id, offset);
+        Ok(())
+    }
+
+    /// Deletes the partition and all its data.
+    pub fn delete(mut self) -> Result<()> {
+        self.storage.check_open()?;
+        self.deleted = true;
+        self.storage.delete_partition(self.id, &self.shared.dir)
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        if !self.deleted {
+            self.storage.park(self.id, std::mem::take(&mut self.state));
+        }
+    }
+}

@@ -1,0 +1,950 @@
+//! Process crashes and damaged files.
+//!
+//! The crash tests run this test binary again as a child process (the ignored test
+//! `child_process_runs_a_workload_until_killed`), which opens the data directory and
+//! writes to two partitions with `SyncPolicy::Always` (appends, truncations, purges) while
+//! deleting and re-creating a third, printing a line before each operation and one once
+//! it is durable. The parent kills it with SIGKILL at a point chosen by a seed, reopens
+//! the directory in-process and checks it against what the child reported: every
+//! acknowledged batch is there and intact, offsets run contiguously from the start, and
+//! an operation that was in flight either happened whole or not at all.
+//!
+//! The file tests then cut and flip bytes in what such a child (or a cleanly closed
+//! storage) left behind: a torn write-ahead log or segment recovers; damage anywhere
+//! else is reported as `Error::Corrupt` naming the file and byte, never served as data.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+
+use petrel_log::{Error, Log, PartitionId, Storage};
+
+use common::{
+    Rng, WAIT, append_durably, batch, copy_dir, cut, files_with, flip_bit, open_or_create,
+    partition_config, partition_dir, read_all, segment_base, segment_entries, storage_config,
+    wal_chunks,
+};
+
+const CHILD: &str = "child_process_runs_a_workload_until_killed";
+const DIR_VAR: &str = "PETREL_CRASH_DIR";
+const MODE_VAR: &str = "PETREL_CRASH_MODE";
+/// Every line of the protocol starts with this (libtest may print before it on the same line).
+const TAG: &str = "petrel|";
+/// The partitions every workload writes to; they exist from the first run on.
+const PARTITIONS: [PartitionId; 2] = [1, 2];
+/// The partition the `mixed` workload deletes and creates again and again.
+const CHURNED: PartitionId = 3;
+
+// ---------------------------------------------------------------------------------------
+// The child process.
+
+/// Not a test of its own: the crash tests run it in a child process and kill it.
+///
+/// Modes: `mixed:<seed>` appends, truncates, purges and reopens on two partitions and
+/// deletes and re-creates a third until killed (tiny write-ahead log, so checkpoints run
+/// all the time); `truncating:<seed>` is the same with far more truncations; `fill:<n>`
+/// appends `n` batches to each of two partitions, closes the storage cleanly, reopens it,
+/// appends `n` more (all in one write-ahead log file, never checkpointed), reports `done`
+/// and waits to be killed.
+#[test]
+#[ignore = "run by the crash tests in a child process"]
+fn child_process_runs_a_workload_until_killed() {
+    let Some(dir) = std::env::var_os(DIR_VAR) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let mode = std::env::var(MODE_VAR).expect("mode");
+    let (kind, arg) = mode.split_once(':').expect("mode is kind:arg");
+    let arg: u64 = arg.parse().expect("numeric mode argument");
+    match kind {
+        "mixed" | "truncating" => {
+            let truncate_percent = if kind == "mixed" { 8 } else { 45 };
+            say("opening");
+            let storage = Storage::open(storage_config(&dir)).expect("open");
+            say("ready");
+            std::thread::scope(|s| {
+                for p in PARTITIONS {
+                    let storage = &storage;
+                    s.spawn(move || mixed_workload(storage, p, arg, truncate_percent));
+                }
+                s.spawn(|| churn_workload(&storage, arg));
+            });
+        }
+        "fill" => {
+            let mut config = storage_config(&dir);
+            config.wal_max_bytes = 64 << 20;
+            let storage = Storage::open(config.clone()).expect("open");
+            fill(&storage, arg);
+            let ends: Vec<(PartitionId, u64)> = PARTITIONS
+                .iter()
+                .map(|&p| {
+                    (
+                        p,
+                        storage
+                            .open_partition(p, partition_config())
+                            .expect("open")
+                            .next_offset(),
+                    )
+                })
+                .collect();
+            storage.close().expect("close");
+            for (p, end) in ends {
+                say(&format!("closed|{p}|{end}"));
+            }
+            let storage = Storage::open(config).expect("reopen");
+            fill(&storage, arg);
+            say("done");
+            loop {
+                std::thread::park();
+            }
+        }
+        other => panic!("unknown mode {other}"),
+    }
+}
+
+/// Prints one protocol line with one `write` (so a kill cannot tear it) and flushes it,
+/// so the parent sees it before any later effect.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    out.write_all(format!("{TAG}{line}\n").as_bytes())
+        .expect("stdout");
+    out.flush().expect("flush");
+}
+
+/// Appends `n` batches to each partition, alternating, each acknowledged before the next.
+fn fill(storage: &Storage, n: u64) {
+    let mut logs: Vec<Log> = PARTITIONS
+        .iter()
+        .map(|&p| open_or_create(storage, p))
+        .collect();
+    for _ in 0..n {
+        for log in &mut logs {
+            let base = log.next_offset();
+            let b = batch(base, 1 + (base % 4) as u32, (base * 37 % 600) as usize, 1);
+            let next = b.next_offset();
+            append_durably(log, vec![b]).expect("append");
+            say(&format!("ack|{}|{base}|{next}", log.id()));
+        }
+    }
+}
+
+/// One partition's share of the `mixed` workload: mostly appends of one to three
+/// batches, some truncations near the end, some purges, some reopens of the partition.
+fn mixed_workload(storage: &Storage, p: PartitionId, seed: u64, truncate_percent: u64) {
+    let mut rng = Rng::new(seed * 1000 + p);
+    let mut log = open_or_create(storage, p);
+    // Terms differ between runs and after each truncation, so re-written offsets differ.
+    let mut term = seed << 16;
+    loop {
+        let (start, next) = (log.start_offset(), log.next_offset());
+        let roll = rng.range(0..100);
+        if roll < 92 - truncate_percent || next == start {
+            append_some(&mut log, &mut rng, term);
+        } else if roll < 92 {
+            let offset = rng.range(next.saturating_sub(30).max(start)..next);
+            say(&format!("begin|{p}|truncate|{offset}"));
+            log.truncate_from(offset).expect("truncate");
+            term += 1;
+        } else if roll < 97 {
+            let offset = start + rng.range(0..(next - start) / 2 + 1);
+            say(&format!("begin|{p}|purge|{offset}"));
+            log.purge_to(offset).expect("purge");
+        } else {
+            drop(log);
+            log = storage
+                .open_partition(p, partition_config())
+                .expect("reopen partition");
+            continue;
+        }
+        say(&format!("ok|{p}"));
+    }
+}
+
+/// Appends one to three batches in one call, announced before and acknowledged by the caller.
+fn append_some(log: &mut Log, rng: &mut Rng, term: u64) {
+    let mut batches = Vec::new();
+    let mut at = log.next_offset();
+    for _ in 0..rng.range(1..4) {
+        let b = batch(at, rng.range(1..5) as u32, rng.range(0..900) as usize, term);
+        at = b.next_offset();
+        batches.push(b);
+    }
+    let spans: Vec<String> = batches
+        .iter()
+        .map(|b| format!("{}-{}", b.base_offset(), b.next_offset()))
+        .collect();
+    say(&format!(
+        "begin|{}|append|{term}|{}",
+        log.id(),
+        spans.join(",")
+    ));
+    append_durably(log, batches).expect("append");
+}
+
+/// The `mixed` workload's third partition, deleted and created again and again with a
+/// few appends in each incarnation (each with its own term, so data of an earlier
+/// incarnation cannot pass for a later one's).
+fn churn_workload(storage: &Storage, seed: u64) {
+    let mut rng = Rng::new(seed * 1000 + CHURNED);
+    let mut log = storage.partitions().contains(&CHURNED).then(|| {
+        storage
+            .open_partition(CHURNED, partition_config())
+            .expect("open partition")
+    });
+    for incarnation in 0.. {
+        if let Some(log) = log.take() {
+            say(&format!("begin|{CHURNED}|delete"));
+            log.delete().expect("delete");
+            say(&format!("ok|{CHURNED}"));
+        }
+        say(&format!("begin|{CHURNED}|create"));
+        let mut created = storage
+            .create_partition(CHURNED, partition_config())
+            .expect("create");
+        say(&format!("ok|{CHURNED}"));
+        for _ in 0..rng.range(0..6) {
+            append_some(&mut created, &mut rng, (seed << 16) + 0x8000 + incarnation);
+            say(&format!("ok|{CHURNED}"));
+        }
+        log = Some(created);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The parent's side.
+
+/// A running child and the protocol lines it printed.
+struct ChildProcess {
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl ChildProcess {
+    fn spawn(dir: &Path, mode: &str) -> Self {
+        let mut child = Command::new(std::env::current_exe().expect("current exe"))
+            .args([
+                "--ignored",
+                "--exact",
+                CHILD,
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(DIR_VAR, dir)
+            .env(MODE_VAR, mode)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn child");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(i) = line.find(TAG)
+                    && tx.send(line[i + TAG.len()..].to_string()).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The next line; `None` once the child's output ended.
+    fn next_line(&self) -> Option<String> {
+        match self.lines.recv_timeout(WAIT) {
+            Ok(line) => Some(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("the child printed nothing for {WAIT:?}")
+            }
+        }
+    }
+
+    /// SIGKILLs the child and returns the lines it printed that were not read yet.
+    fn kill(mut self) -> Vec<String> {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+        std::iter::from_fn(|| self.next_line()).collect()
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A batch as the parent knows it: base, next and term.
+type Span = (u64, u64, u64);
+
+/// What a partition holds: the start offset and the batches ending after it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct PartitionState {
+    start: u64,
+    next: u64,
+    batches: Vec<Span>,
+}
+
+#[derive(Debug, Clone)]
+enum PendingOp {
+    Append(Vec<Span>),
+    Truncate(u64),
+    Purge(u64),
+    Create,
+    Delete,
+}
+
+impl PartitionState {
+    fn read(log: &Log) -> Self {
+        let batches = read_all(log, 4096)
+            .iter()
+            .map(|b| (b.base_offset(), b.next_offset(), b.term()))
+            .collect();
+        Self {
+            start: log.start_offset(),
+            next: log.next_offset(),
+            batches,
+        }
+    }
+
+    fn apply(&mut self, op: &PendingOp) {
+        match op {
+            PendingOp::Append(spans) => {
+                for &span in spans {
+                    assert_eq!(
+                        span.0, self.next,
+                        "the child appended at an unexpected offset"
+                    );
+                    self.next = span.1;
+                    self.batches.push(span);
+                }
+            }
+            PendingOp::Truncate(offset) => {
+                if let Some(i) = self.batches.iter().position(|b| b.1 > *offset) {
+                    self.next = self.batches[i].0;
+                    self.batches.truncate(i);
+                    self.start = self.start.min(self.next);
+                }
+            }
+            PendingOp::Purge(offset) => {
+                let offset = (*offset).min(self.next);
+                if offset > self.start {
+                    self.start = offset;
+                    self.batches.retain(|b| b.1 > offset);
+                }
+            }
+            PendingOp::Create | PendingOp::Delete => unreachable!("applied to the partition map"),
+        }
+    }
+}
+
+/// The states (`None`: no such partition) an in-flight operation may leave: not applied,
+/// or applied whole (for a multi-batch append, any prefix of its batches, each whole).
+fn outcomes(
+    acked: Option<&PartitionState>,
+    pending: Option<&PendingOp>,
+) -> Vec<Option<PartitionState>> {
+    let mut out = vec![acked.cloned()];
+    match (acked, pending) {
+        (_, None) => {}
+        (_, Some(PendingOp::Create)) => out.push(Some(PartitionState::default())),
+        (_, Some(PendingOp::Delete)) => out.push(None),
+        (Some(acked), Some(PendingOp::Append(spans))) => {
+            for k in 1..=spans.len() {
+                let mut s = acked.clone();
+                s.apply(&PendingOp::Append(spans[..k].to_vec()));
+                out.push(Some(s));
+            }
+        }
+        (Some(acked), Some(op)) => {
+            let mut s = acked.clone();
+            s.apply(op);
+            out.push(Some(s));
+        }
+        (None, Some(op)) => panic!("{op:?} on a partition that does not exist"),
+    }
+    out
+}
+
+/// The parent's record of the `mixed` workload: acknowledged state and in-flight operation.
+#[derive(Debug)]
+struct Tracker {
+    /// Every partition that exists, as acknowledged.
+    acked: BTreeMap<PartitionId, PartitionState>,
+    pending: BTreeMap<PartitionId, PendingOp>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        // The workload's fixed partitions are created without a protocol line: take them
+        // as existing and empty from the start.
+        let acked = PARTITIONS
+            .iter()
+            .map(|&p| (p, PartitionState::default()))
+            .collect();
+        Self {
+            acked,
+            pending: BTreeMap::new(),
+        }
+    }
+}
+
+impl Tracker {
+    /// Applies one line; returns true for an acknowledgement.
+    fn on_line(&mut self, line: &str) -> bool {
+        let fields: Vec<&str> = line.split('|').collect();
+        let num = |s: &str| -> u64 { s.parse().expect("number") };
+        match fields.as_slice() {
+            ["begin", p, "append", term, spans] => {
+                let term = num(term);
+                let spans = spans
+                    .split(',')
+                    .map(|s| {
+                        let (b, n) = s.split_once('-').expect("span");
+                        (num(b), num(n), term)
+                    })
+                    .collect();
+                self.pending.insert(num(p), PendingOp::Append(spans));
+                false
+            }
+            ["begin", p, "truncate", offset] => {
+                self.pending
+                    .insert(num(p), PendingOp::Truncate(num(offset)));
+                false
+            }
+            ["begin", p, "purge", offset] => {
+                self.pending.insert(num(p), PendingOp::Purge(num(offset)));
+                false
+            }
+            ["begin", p, "create"] => {
+                self.pending.insert(num(p), PendingOp::Create);
+                false
+            }
+            ["begin", p, "delete"] => {
+                self.pending.insert(num(p), PendingOp::Delete);
+                false
+            }
+            ["ok", p] => {
+                let p = num(p);
+                match self.pending.remove(&p).expect("an ok without a begin") {
+                    PendingOp::Create => {
+                        self.acked.insert(p, PartitionState::default());
+                    }
+                    PendingOp::Delete => {
+                        self.acked.remove(&p);
+                    }
+                    op => self
+                        .acked
+                        .get_mut(&p)
+                        .expect("an existing partition")
+                        .apply(&op),
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Opens `dir` (recovering it) and checks every partition against what was acknowledged;
+    /// then takes what recovery kept as the new acknowledged state.
+    fn check_recovery(&mut self, dir: &Path, context: &str) {
+        let storage = Storage::open(storage_config(dir))
+            .unwrap_or_else(|e| panic!("{context}: reopen failed: {e}"));
+        let present = storage.partitions();
+        for p in PARTITIONS.into_iter().chain([CHURNED]) {
+            let acked = self.acked.get(&p);
+            let allowed = outcomes(acked, self.pending.get(&p));
+            let found = if present.contains(&p) {
+                let log = storage
+                    .open_partition(p, partition_config())
+                    .expect("open partition");
+                Some(PartitionState::read(&log))
+            } else if PARTITIONS.contains(&p) {
+                // Killed before it created them: the same as created and empty.
+                Some(PartitionState::default())
+            } else {
+                None
+            };
+            assert!(
+                allowed.contains(&found),
+                "{context}: partition {p} recovered to {found:?}\nacknowledged: {acked:?}\nin flight: {:?}",
+                self.pending.get(&p)
+            );
+            match found {
+                Some(state) => self.acked.insert(p, state),
+                None => self.acked.remove(&p),
+            };
+        }
+        self.pending.clear();
+        storage.close().expect("close");
+    }
+}
+
+/// When the parent kills a `mixed` child.
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+    /// As soon as it starts opening the storage (so, usually, while it recovers).
+    Opening,
+    /// Once this many operations were acknowledged.
+    Acks(u64),
+    /// As soon as a truncation begins, once this many operations were acknowledged.
+    Truncating(u64),
+}
+
+/// Runs `mixed` children on one directory again and again, each killed where `kill_at`
+/// says for its iteration, and checks a copy of what each leaves (recovering the copy);
+/// the next child recovers the original, so recoveries run on top of earlier ones.
+fn kill_repeatedly(workload: &str, iterations: u64, kill_at: impl Fn(u64) -> KillAt) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut tracker = Tracker::default();
+    for iteration in 0..iterations {
+        let kill_at = kill_at(iteration);
+        let child = ChildProcess::spawn(&data, &format!("{workload}:{}", iteration + 1));
+        let mut acks = 0;
+        while let Some(line) = child.next_line() {
+            let acked = tracker.on_line(&line);
+            acks += u64::from(acked);
+            let now = match kill_at {
+                KillAt::Opening => line == "opening",
+                KillAt::Acks(n) => acks >= n,
+                KillAt::Truncating(n) => acks >= n && line.contains("|truncate|"),
+            };
+            if now {
+                break;
+            }
+        }
+        for line in child.kill() {
+            tracker.on_line(&line);
+        }
+        let copy = dir.path().join(format!("copy-{iteration}"));
+        copy_dir(&data, &copy);
+        tracker.check_recovery(
+            &copy,
+            &format!("iteration {iteration} (killed at {kill_at:?})"),
+        );
+        std::fs::remove_dir_all(&copy).expect("remove copy");
+    }
+    tracker.check_recovery(&data, "the original directory");
+}
+
+#[test]
+fn every_acknowledged_operation_survives_repeated_kills_and_none_is_half_done() {
+    kill_repeatedly("mixed", 12, |iteration| {
+        let mut rng = Rng::new(iteration);
+        match rng.range(0..4) {
+            0 if iteration > 0 => KillAt::Opening,
+            1 => KillAt::Truncating(rng.range(0..40)),
+            _ => KillAt::Acks(rng.range(5..150)),
+        }
+    });
+}
+
+/// Regression: `truncate_from` cut and deleted segment files before it saved the
+/// checkpoint, so a crash in between left a checkpoint vouching for offsets no file held
+/// any more, and the next open failed with `Corrupt` (`durable data missing`).
+#[test]
+fn a_kill_during_truncate_from_never_leaves_a_checkpoint_vouching_for_cut_data() {
+    kill_repeatedly("truncating", 24, |iteration| {
+        KillAt::Truncating(Rng::new(iteration).range(3..30))
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Cut files: what a `fill` child leaves, damaged as a torn write would.
+
+/// What a `fill` child wrote: every acknowledged batch, and where the clean close left
+/// each partition's checkpointed end.
+struct Filled {
+    dir: tempfile::TempDir,
+    acked: BTreeMap<PartitionId, Vec<(u64, u64)>>,
+    closed_end: BTreeMap<PartitionId, u64>,
+}
+
+impl Filled {
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn wal_file(&self) -> PathBuf {
+        let files = files_with(&self.data().join("wal"), "wal");
+        assert_eq!(files.len(), 1, "expected one write-ahead log file");
+        files[0].clone()
+    }
+
+    /// A fresh copy of the data directory to damage.
+    fn scratch(&self, name: &str) -> PathBuf {
+        let to = self.dir.path().join(name);
+        if to.exists() {
+            std::fs::remove_dir_all(&to).expect("remove old scratch");
+        }
+        copy_dir(&self.data(), &to);
+        to
+    }
+
+    /// The same path inside a scratch copy.
+    fn in_scratch(&self, scratch: &Path, path: &Path) -> PathBuf {
+        scratch.join(
+            path.strip_prefix(self.data())
+                .expect("inside the data directory"),
+        )
+    }
+}
+
+/// Runs a `fill` child writing `n` batches per partition before and after a clean close,
+/// and kills it once it reports them all acknowledged.
+fn fill_in_child(n: u64) -> Filled {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let child = ChildProcess::spawn(&dir.path().join("data"), &format!("fill:{n}"));
+    let mut acked: BTreeMap<PartitionId, Vec<(u64, u64)>> = BTreeMap::new();
+    let mut closed_end = BTreeMap::new();
+    loop {
+        let line = child.next_line().expect("the fill child exited early");
+        let fields: Vec<&str> = line.split('|').collect();
+        let num = |s: &str| -> u64 { s.parse().expect("number") };
+        match fields.as_slice() {
+            ["ack", p, base, next] => acked
+                .entry(num(p))
+                .or_default()
+                .push((num(base), num(next))),
+            ["closed", p, end] => {
+                closed_end.insert(num(p), num(end));
+            }
+            ["done"] => break,
+            _ => {}
+        }
+    }
+    child.kill();
+    Filled {
+        dir,
+        acked,
+        closed_end,
+    }
+}
+
+/// Every partition's batches as `(base, next)`, read after recovery.
+fn spans(storage: &Storage) -> BTreeMap<PartitionId, Vec<(u64, u64)>> {
+    PARTITIONS
+        .iter()
+        .map(|&p| {
+            let log = storage
+                .open_partition(p, partition_config())
+                .expect("open partition");
+            assert_eq!(log.start_offset(), 0);
+            let spans = read_all(&log, 4096)
+                .iter()
+                .map(|b| (b.base_offset(), b.next_offset()))
+                .collect();
+            (p, spans)
+        })
+        .collect()
+}
+
+#[test]
+fn a_wal_cut_at_any_byte_recovers_exactly_the_chunks_before_the_cut() {
+    let filled = fill_in_child(40);
+    let wal = filled.wal_file();
+    let chunks = wal_chunks(&wal);
+    let len = std::fs::metadata(&wal).expect("stat").len();
+    let mut cuts = vec![0, 7, 16, 17, len - 1];
+    cuts.extend(chunks.iter().take(3).map(|c| c.position + c.len));
+    let mut rng = Rng::new(7);
+    cuts.extend((0..24).map(|_| rng.range(0..len)));
+    for at in cuts {
+        let scratch = filled.scratch("cut-wal");
+        cut(&filled.in_scratch(&scratch, &wal), at);
+        // What must survive: everything the clean close checkpointed, then every batch
+        // of the chunks wholly before the cut.
+        let mut expected: BTreeMap<PartitionId, Vec<(u64, u64)>> = filled
+            .acked
+            .iter()
+            .map(|(p, acked)| {
+                (
+                    *p,
+                    acked
+                        .iter()
+                        .copied()
+                        .filter(|s| s.1 <= filled.closed_end[p])
+                        .collect(),
+                )
+            })
+            .collect();
+        for chunk in chunks.iter().filter(|c| c.position + c.len <= at) {
+            for &(p, base, next) in &chunk.batches {
+                expected
+                    .get_mut(&p)
+                    .expect("known partition")
+                    .push((base, next));
+            }
+        }
+        let storage = Storage::open(storage_config(&scratch))
+            .unwrap_or_else(|e| panic!("open after cutting the WAL at byte {at}: {e}"));
+        assert_eq!(
+            spans(&storage),
+            expected,
+            "after cutting the WAL at byte {at} of {len}"
+        );
+    }
+}
+
+#[test]
+fn a_cut_segment_past_the_checkpoint_is_recovered_from_the_wal() {
+    let filled = fill_in_child(40);
+    let mut rng = Rng::new(11);
+    for p in PARTITIONS {
+        let end = filled.closed_end[&p];
+        let segments = files_with(&partition_dir(&filled.data(), p), "log");
+        // The segment holding the checkpointed end, and the active one (the last).
+        let holding_end = segments
+            .iter()
+            .rev()
+            .find(|s| segment_base(s) <= end)
+            .expect("a segment holds the checkpointed end")
+            .clone();
+        let active = segments.last().expect("segments").clone();
+        for segment in [holding_end, active] {
+            let entries = segment_entries(&segment);
+            let len = std::fs::metadata(&segment).expect("stat").len();
+            // Bytes the checkpoint vouches for are not the WAL's to restore: cut after them.
+            let floor = entries
+                .iter()
+                .find(|e| e.base >= end)
+                .map_or(len, |e| e.position);
+            for _ in 0..6 {
+                let at = rng.range(floor..len + 1);
+                let scratch = filled.scratch("cut-segment");
+                cut(&filled.in_scratch(&scratch, &segment), at);
+                let storage = Storage::open(storage_config(&scratch)).unwrap_or_else(|e| {
+                    panic!("open after cutting {} at byte {at}: {e}", segment.display())
+                });
+                assert_eq!(
+                    spans(&storage),
+                    filled.acked,
+                    "after cutting {} at byte {at}",
+                    segment.display()
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Flipped bits: damage that is not a torn tail.
+
+#[test]
+fn a_flipped_bit_before_the_last_wal_chunk_fails_open_naming_the_wal_file_and_chunk() {
+    let filled = fill_in_child(20);
+    let wal = filled.wal_file();
+    let chunks = wal_chunks(&wal);
+    assert!(chunks.len() > 2);
+    let mut rng = Rng::new(3);
+    for _ in 0..16 {
+        let chunk = &chunks[rng.range(0..chunks.len() as u64 - 1) as usize];
+        let byte = chunk.position + rng.range(0..chunk.len);
+        let scratch = filled.scratch("flip-wal");
+        let damaged = filled.in_scratch(&scratch, &wal);
+        flip_bit(&damaged, byte, rng.range(0..8) as u8);
+        match Storage::open(storage_config(&scratch)) {
+            Err(Error::Corrupt { path, position, .. }) => {
+                assert_eq!(
+                    (path, position),
+                    (damaged, chunk.position),
+                    "flip at byte {byte}"
+                );
+            }
+            other => panic!("a flipped bit at byte {byte} of the WAL gave {other:?}"),
+        }
+    }
+}
+
+/// A cleanly closed storage with one partition of many small segments, all checkpointed.
+/// Returns the temporary directory and the data directory inside it.
+fn closed_storage_with_sealed_segments() -> (tempfile::TempDir, PathBuf, Vec<(u64, u64)>) {
+    closed_storage_with_sealed_segments_indexed_every(
+        storage_config(Path::new("")).index_interval_bytes,
+    )
+}
+
+fn closed_storage_with_sealed_segments_indexed_every(
+    index_interval_bytes: u32,
+) -> (tempfile::TempDir, PathBuf, Vec<(u64, u64)>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut config = storage_config(&data);
+    config.index_interval_bytes = index_interval_bytes;
+    let storage = Storage::open(config).expect("open");
+    let mut log = storage
+        .create_partition(1, partition_config())
+        .expect("create");
+    let mut written = Vec::new();
+    for i in 0..60u64 {
+        let base = log.next_offset();
+        let b = batch(base, 1 + (i % 3) as u32, (i * 53 % 500) as usize, 1);
+        written.push((base, b.next_offset()));
+        append_durably(&mut log, vec![b]).expect("append");
+    }
+    assert!(log.segment_count() > 4);
+    drop(log);
+    storage.close().expect("close");
+    (dir, data, written)
+}
+
+#[test]
+fn a_flipped_bit_in_a_sealed_segment_fails_reads_of_that_batch_and_never_returns_wrong_data() {
+    let (dir, data, written) = closed_storage_with_sealed_segments();
+    let segments = files_with(&partition_dir(&data, 1), "log");
+    let mut rng = Rng::new(5);
+    for trial in 0..12 {
+        let scratch = dir.path().join(format!("flip-{trial}"));
+        copy_dir(&data, &scratch);
+        let segments_here = files_with(&partition_dir(&scratch, 1), "log");
+        let k = rng.range(0..segments.len() as u64 - 1) as usize; // sealed: not the last
+        let segment = &segments_here[k];
+        let entries = segment_entries(segment);
+        let len = std::fs::metadata(segment).expect("stat").len();
+        let byte = rng.range(0..len);
+        let hit = *entries
+            .iter()
+            .find(|e| e.position <= byte && byte < e.position + e.len)
+            .expect("entry");
+        flip_bit(segment, byte, rng.range(0..8) as u8);
+
+        let storage = Storage::open(storage_config(&scratch)).expect("open trusts a valid index");
+        let log = storage
+            .open_partition(1, partition_config())
+            .expect("open partition");
+        for &(base, next) in &written {
+            match log.read(base, 1, u64::MAX) {
+                Ok(got) => {
+                    assert_ne!(base, hit.base, "the damaged batch at {base} was served");
+                    assert_eq!((got[0].base_offset(), got[0].next_offset()), (base, next));
+                    common::verify(&got[0]);
+                }
+                Err(Error::Corrupt { path, position, .. }) => {
+                    assert_eq!(
+                        (&path, position),
+                        (segment, hit.position),
+                        "reading offset {base}"
+                    );
+                }
+                Err(e) => panic!("reading offset {base}: {e}"),
+            }
+        }
+        assert!(
+            log.read(hit.base, 1, u64::MAX).is_err(),
+            "the damaged batch must not be readable"
+        );
+        drop(log);
+        drop(storage);
+
+        // Without its index the segment is scanned at open, which finds the damage.
+        std::fs::remove_file(segment.with_extension("index")).expect("remove index");
+        match Storage::open(storage_config(&scratch)) {
+            Err(Error::Corrupt { path, position, .. }) => {
+                assert_eq!((&path, position), (segment, hit.position))
+            }
+            other => panic!("open with a damaged, unindexed segment gave {other:?}"),
+        }
+        std::fs::remove_dir_all(&scratch).expect("remove scratch");
+    }
+}
+
+#[test]
+fn a_flipped_bit_anywhere_in_the_checkpoint_fails_open_naming_the_checkpoint() {
+    let (_dir, data, _) = closed_storage_with_sealed_segments();
+    let checkpoint = data.join("checkpoint");
+    let len = std::fs::metadata(&checkpoint).expect("stat").len();
+    for byte in 0..len {
+        for bit in 0..8 {
+            flip_bit(&checkpoint, byte, bit);
+            match Storage::open(storage_config(&data)) {
+                Err(Error::Corrupt { path, .. }) => assert_eq!(path, checkpoint),
+                // Bytes 4..8 hold the format version: a flip there reads as another version.
+                Err(Error::UnsupportedFormat { path, .. }) if (4..8).contains(&byte) => {
+                    assert_eq!(path, checkpoint)
+                }
+                other => panic!("a flipped bit {bit} of checkpoint byte {byte} gave {other:?}"),
+            }
+            flip_bit(&checkpoint, byte, bit);
+        }
+    }
+    Storage::open(storage_config(&data)).expect("the restored checkpoint opens");
+}
+
+/// Regression: a sealed segment opened from its index is trusted to reach its successor's
+/// base offset; when batches were missing from its end, reads walked off the end of the
+/// file and carried on in the next segment, handing readers a gap instead of an error.
+#[test]
+fn a_sealed_segment_missing_its_last_batches_fails_reads_instead_of_returning_a_gap() {
+    // One index point per segment (its first batch), so cutting whole batches off the end
+    // leaves an index that still fits.
+    let sparse = 1 << 20;
+    let (dir, data, written) = closed_storage_with_sealed_segments_indexed_every(sparse);
+    let segments = files_with(&partition_dir(&data, 1), "log");
+    let mut rng = Rng::new(13);
+    for trial in 0..8 {
+        let scratch = dir.path().join(format!("cut-{trial}"));
+        copy_dir(&data, &scratch);
+        let segments_here = files_with(&partition_dir(&scratch, 1), "log");
+        let k = rng.range(0..segments.len() as u64 - 1) as usize;
+        let segment = &segments_here[k];
+        let entries = segment_entries(segment);
+        let last = *entries.last().expect("a sealed segment holds batches");
+        // Cut just before the last batch or inside it.
+        let at = if trial % 2 == 0 {
+            last.position
+        } else {
+            rng.range(last.position..last.position + last.len)
+        };
+        cut(segment, at);
+
+        let mut config = storage_config(&scratch);
+        config.index_interval_bytes = sparse;
+        let storage = match Storage::open(config) {
+            Ok(storage) => storage,
+            Err(Error::Corrupt { path, .. }) => {
+                assert_eq!(&path, segment, "cut at byte {at}");
+                continue;
+            }
+            Err(e) => panic!("open after cutting a sealed segment at byte {at}: {e}"),
+        };
+        let log = storage
+            .open_partition(1, partition_config())
+            .expect("open partition");
+        for &(base, next) in &written {
+            match log.read(base, usize::MAX, u64::MAX) {
+                Ok(got) => {
+                    assert!(
+                        next <= last.base || base >= last.next,
+                        "the missing batch at {} was skipped",
+                        last.base
+                    );
+                    let mut expected = base;
+                    for b in &got {
+                        assert_eq!(b.base_offset(), expected, "reading from {base}: a gap");
+                        common::verify(b);
+                        expected = b.next_offset();
+                    }
+                }
+                Err(Error::Corrupt { path, .. }) => {
+                    assert_eq!(&path, segment, "reading offset {base}")
+                }
+                Err(e) => panic!("reading offset {base}: {e}"),
+            }
+        }
+        assert!(
+            log.read(last.base, 1, u64::MAX).is_err(),
+            "the missing batch must not read as nothing"
+        );
+        drop(log);
+        drop(storage);
+        std::fs::remove_dir_all(&scratch).expect("remove scratch");
+    }
+}

@@ -1,0 +1,224 @@
+//! The `petrel` broker node: configuration, listeners, health, metrics and lifecycle.
+//!
+//! * `config`: [`Settings`] of `petrel serve` from flags, environment and YAML file,
+//!   resolved into a [`Config`].
+//! * [`Server`] / [`run`] (here): the node's life: bind the HTTP listener, open storage,
+//!   report ready, wait for shutdown, drain, close storage.
+//! * `http`: `/healthz`, `/readyz` and `/metrics`.
+//! * [`Metrics`]: the Prometheus registry later subsystems extend.
+//! * [`Readiness`]: the node's phase (starting, ready, stopping).
+//! * [`ShutdownSignal`]: SIGTERM / SIGINT.
+//! * [`init_logging`]: text or JSON logs through tracing.
+//!
+//! `main.rs` only parses the command line and calls [`run`]; tests call [`Server`]
+//! directly. Protocol listeners and the admin gRPC service will be started from here.
+
+mod config;
+mod http;
+mod logging;
+mod metrics;
+mod readiness;
+mod signal;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use petrel_log::Storage;
+use tokio::net::TcpListener;
+
+pub use config::{
+    Config, ConfigError, DEFAULT_BIND, DEFAULT_DATA_DIR, DEFAULT_HTTP_PORT, DEFAULT_LOG_LEVEL,
+    FsyncPolicy, LogFormat, Settings, StorageSettings,
+};
+pub use logging::{LoggingError, init as init_logging};
+pub use metrics::Metrics;
+pub use readiness::{Phase, Readiness};
+pub use signal::ShutdownSignal;
+
+/// How long in-flight HTTP requests may take to finish once shutdown began.
+const HTTP_DRAIN: Duration = Duration::from_secs(5);
+
+/// Why the node could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The HTTP listener's address could not be bound (in use, not local, no permission).
+    #[error("cannot listen for HTTP on {addr}")]
+    Bind {
+        /// The address from the configuration.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The storage under the data directory could not be opened or recovered.
+    #[error("cannot open storage in {}", dir.display())]
+    OpenStorage {
+        /// The data directory.
+        dir: PathBuf,
+        /// The storage engine's error.
+        #[source]
+        source: petrel_log::Error,
+    },
+    /// The storage could not be closed cleanly; the next start will recover it.
+    #[error("cannot close storage in {}", dir.display())]
+    CloseStorage {
+        /// The data directory.
+        dir: PathBuf,
+        /// The storage engine's error.
+        #[source]
+        source: petrel_log::Error,
+    },
+    /// Opening or closing storage panicked.
+    #[error("storage task for {} failed", dir.display())]
+    StorageTask {
+        /// The data directory.
+        dir: PathBuf,
+        /// The task's failure.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// The metrics registry rejected a metric (a duplicate or invalid name).
+    #[error("cannot register metrics")]
+    Metrics(#[source] prometheus::Error),
+}
+
+/// Runs a node with `config` until `shutdown` completes, then stops it cleanly.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    Server::bind(config).await?.run(shutdown).await
+}
+
+/// A node whose HTTP listener is bound and answering, with storage not yet open.
+pub struct Server {
+    config: Config,
+    http: http::HttpServer,
+    readiness: Readiness,
+    metrics: Metrics,
+}
+
+impl Server {
+    /// Binds the HTTP listener and starts serving it; `/readyz` answers 503 until
+    /// [`Server::run`] has opened storage.
+    pub async fn bind(config: Config) -> Result<Server, Error> {
+        let metrics = Metrics::new().map_err(Error::Metrics)?;
+        let readiness = Readiness::default();
+        let addr = config.http_addr();
+        let bind_error = |source| Error::Bind { addr, source };
+        let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+        let local = listener.local_addr().map_err(bind_error)?;
+        tracing::info!(addr = %local, "http listener bound");
+        let http = http::HttpServer::start(listener, local, readiness.clone(), metrics.clone());
+        Ok(Server {
+            config,
+            http,
+            readiness,
+            metrics,
+        })
+    }
+
+    /// The address the HTTP listener actually bound (useful with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr()
+    }
+
+    /// The node's phase, as `/readyz` reports it.
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
+    /// The node's metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Opens storage, reports ready, waits for `shutdown`, then drains HTTP and closes
+    /// storage. A shutdown during startup waits for storage to finish opening, then
+    /// closes it.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let Server {
+            config,
+            http,
+            readiness,
+            metrics,
+        } = self;
+        let dir = config.data_dir.clone();
+        tracing::info!(
+            data_dir = %dir.display(),
+            fsync_policy = %petrel_log::SyncPolicy::from(config.storage.fsync_policy),
+            "opening storage"
+        );
+        let storage_config = config.storage_config();
+        let mut opening = tokio::task::spawn_blocking(move || Storage::open(storage_config));
+        tokio::pin!(shutdown);
+
+        // `None`: shutdown was requested before storage finished opening.
+        let opened = tokio::select! {
+            opened = &mut opening => Some(opened_storage(opened, &dir)),
+            () = &mut shutdown => None,
+        };
+        let storage = match opened {
+            Some(Err(err)) => {
+                readiness.advance(Phase::Stopping);
+                http.stop(HTTP_DRAIN).await;
+                return Err(err);
+            }
+            Some(Ok(storage)) => {
+                readiness.advance(Phase::Ready);
+                metrics.set_up(true);
+                tracing::info!(
+                    http = %http.local_addr(),
+                    version = env!("CARGO_PKG_VERSION"),
+                    "petrel is ready"
+                );
+                shutdown.await;
+                Some(storage)
+            }
+            None => None,
+        };
+
+        tracing::info!("shutting down");
+        readiness.advance(Phase::Stopping);
+        metrics.set_up(false);
+        http.stop(HTTP_DRAIN).await;
+        let storage = match storage {
+            Some(storage) => storage,
+            None => {
+                tracing::info!("waiting for storage to finish opening before closing it");
+                opened_storage(opening.await, &dir)?
+            }
+        };
+        close_storage(storage, dir).await?;
+        tracing::info!("petrel stopped");
+        Ok(())
+    }
+}
+
+/// Unpacks the result of the blocking open task.
+fn opened_storage(
+    opened: Result<Result<Storage, petrel_log::Error>, tokio::task::JoinError>,
+    dir: &Path,
+) -> Result<Storage, Error> {
+    match opened {
+        Ok(Ok(storage)) => Ok(storage),
+        Ok(Err(source)) => Err(Error::OpenStorage {
+            dir: dir.to_owned(),
+            source,
+        }),
+        Err(source) => Err(Error::StorageTask {
+            dir: dir.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Closes storage on a blocking thread.
+async fn close_storage(storage: Storage, dir: PathBuf) -> Result<(), Error> {
+    tracing::info!(data_dir = %dir.display(), "closing storage");
+    match tokio::task::spawn_blocking(move || storage.close()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(Error::CloseStorage { dir, source }),
+        Err(source) => Err(Error::StorageTask { dir, source }),
+    }
+}

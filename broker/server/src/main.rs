@@ -1,0 +1,72 @@
+//! The `petrel` binary: parses the command line and hands over to `petrel_server::run`.
+//!
+//! Exit codes: 0 after a clean shutdown, 1 on any error (printed as one line on stderr),
+//! 2 on a command-line usage error (clap's).
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use petrel_server::{Config, Settings, ShutdownSignal};
+
+/// Petrel: a message broker for Kubernetes.
+#[derive(Parser)]
+#[command(name = "petrel", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a broker node.
+    ///
+    /// Every setting is a flag, an environment variable `PETREL_<NAME>` and a key of the
+    /// YAML file given by --config; precedence: flag > environment > file > default.
+    Serve(Settings),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(settings) => serve(settings),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("petrel: error: {}", one_line(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(settings: Settings) -> anyhow::Result<()> {
+    let config = Config::load(settings)?;
+    petrel_server::init_logging(config.log_format, config.log_level.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(async {
+        let signal = ShutdownSignal::install().context("cannot install signal handlers")?;
+        petrel_server::run(config, signal.recv()).await?;
+        Ok(())
+    })
+}
+
+/// The error and its causes joined by ": " on one line, skipping a cause whose text the
+/// line already ends with (errors that print their source themselves).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}

@@ -1,0 +1,29 @@
+//! Petrel's Kubernetes operator.
+//!
+//! Only the API group is fixed so far. What this crate will hold (DESIGN.md §6):
+//!
+//! * the CRD types `Broker`, `Queue` and `Topic` in [`API_GROUP`] / [`API_VERSION`],
+//!   with a `crdgen` binary writing their YAML to `crds/`;
+//! * pure desired-state builders (Broker → StatefulSet, Services, ConfigMap,
+//!   PodDisruptionBudget, monitoring objects);
+//! * kube-rs controllers that server-side apply those objects and report status
+//!   conditions, and that reach brokers only through `petrel-api`'s admin client.
+
+/// The API group of every Petrel custom resource.
+pub const API_GROUP: &str = "petrel.io";
+
+/// The version of the custom resources inside [`API_GROUP`].
+pub const API_VERSION: &str = "v1alpha1";
+
+/// `apiVersion` as written in a manifest: `petrel.io/v1alpha1`.
+pub const API_GROUP_VERSION: &str = "petrel.io/v1alpha1";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_version_is_group_slash_version() {
+        assert_eq!(API_GROUP_VERSION, format!("{API_GROUP}/{API_VERSION}"));
+    }
+}

@@ -1,0 +1,29 @@
+//! `petrel-bench`: Petrel's benchmark programs. Each subcommand drives one layer and
+//! reports throughput, latency percentiles and resource use, with ratios to a reference
+//! measured in the same run (DESIGN.md §8).
+
+mod disk;
+mod log;
+mod stats;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "petrel-bench", version, about = "Petrel benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The storage engine against the disk's own limits.
+    Log(log::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Log(args) => log::run(args),
+    }
+}
