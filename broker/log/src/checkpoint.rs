@@ -14,7 +14,9 @@ use crate::wal::WalPosition;
 
 const MAGIC: u32 = 0x504B_4350; // "PCKP"
 const VERSION: u32 = 1;
-const ENTRY_LEN: usize = 40;
+const ENTRY_LEN: usize = 48;
+/// Entry flag: a truncation recorded its new end but may not have cut the files yet.
+const CUT_PENDING: u64 = 1;
 
 /// One partition's durable state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +27,9 @@ pub(crate) struct Entry {
     pub end: u64,
     /// Replay this partition's write-ahead log records from here.
     pub replay_from: WalPosition,
+    /// A truncation to `end` is under way: at recovery, everything after `end` is cut.
+    /// (Otherwise whole valid batches after `end` are kept: they were written later.)
+    pub cut_pending: bool,
 }
 
 /// Every partition's entry.
@@ -79,6 +84,7 @@ impl Checkpoint {
                     seq: le_u64(body, at + 24),
                     pos: le_u64(body, at + 32),
                 },
+                cut_pending: le_u64(body, at + 40) & CUT_PENDING != 0,
             };
             if e.start > e.end {
                 return Err(bad());
@@ -95,7 +101,15 @@ impl Checkpoint {
         b.extend_from_slice(&VERSION.to_le_bytes());
         b.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
         for (id, e) in &self.entries {
-            for v in [*id, e.start, e.end, e.replay_from.seq, e.replay_from.pos] {
+            let flags = if e.cut_pending { CUT_PENDING } else { 0 };
+            for v in [
+                *id,
+                e.start,
+                e.end,
+                e.replay_from.seq,
+                e.replay_from.pos,
+                flags,
+            ] {
                 b.extend_from_slice(&v.to_le_bytes());
             }
         }
@@ -122,6 +136,7 @@ mod tests {
                 start: 1,
                 end: 99,
                 replay_from,
+                cut_pending: true,
             },
         );
         c.save(&path).expect("save");

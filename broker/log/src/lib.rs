@@ -26,6 +26,7 @@ mod fsutil;
 mod index;
 mod log;
 mod segment;
+mod shared;
 mod storage;
 mod wal;
 

@@ -5,10 +5,8 @@
 //! write-ahead log queue and the batch cache.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::PartitionId;
 use crate::batch::RecordBatch;
@@ -16,6 +14,7 @@ use crate::config::PartitionConfig;
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::segment::Segment;
+use crate::shared::PartitionShared;
 use crate::storage::Inner;
 use crate::wal::{Cmd, Completion, OnDurable};
 
@@ -31,94 +30,6 @@ pub(crate) struct LogState {
 impl LogState {
     pub fn active(&self) -> Option<&Segment> {
         self.segments.values().next_back()
-    }
-}
-
-/// What the checkpointer needs of a partition while its owner keeps appending.
-#[derive(Debug)]
-pub(crate) struct PartitionShared {
-    pub dir: PathBuf,
-    /// The log's next offset: every offset below it is in a segment file.
-    pub next: AtomicU64,
-    /// Set after every append; the checkpointer clears it before it syncs.
-    dirty: AtomicBool,
-    files: Mutex<SyncSet>,
-}
-
-#[derive(Debug, Default)]
-struct SyncSet {
-    active: Option<Arc<File>>,
-    sealed: Vec<Arc<File>>,
-    dir_dirty: bool,
-}
-
-impl PartitionShared {
-    pub fn new(dir: PathBuf, state: &LogState) -> Self {
-        Self {
-            dir,
-            next: AtomicU64::new(state.next),
-            dirty: AtomicBool::new(true),
-            files: Mutex::new(SyncSet {
-                active: state.active().map(|s| s.file().clone()),
-                sealed: Vec::new(),
-                dir_dirty: true,
-            }),
-        }
-    }
-
-    fn files(&self) -> std::sync::MutexGuard<'_, SyncSet> {
-        self.files
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn rolled(&self, old: Arc<File>, new: Arc<File>) {
-        let mut f = self.files();
-        f.sealed.push(old);
-        f.active = Some(new);
-        f.dir_dirty = true;
-    }
-
-    /// Points the sync at a new active segment after a failed append was rolled back,
-    /// keeping the sealed segments that still await their sync.
-    fn reactivate(&self, active: Arc<File>) {
-        let mut f = self.files();
-        f.active = Some(active);
-        f.dir_dirty = true;
-    }
-
-    /// Forgets pending syncs: only after `sync` made everything durable.
-    fn reset(&self, active: Option<Arc<File>>) {
-        let mut f = self.files();
-        *f = SyncSet {
-            active,
-            sealed: Vec::new(),
-            dir_dirty: false,
-        };
-    }
-
-    /// Makes every byte written to this partition's segments so far durable.
-    pub fn sync(&self) -> Result<()> {
-        let (active, sealed, dir_dirty) = {
-            let mut f = self.files();
-            let dirty = self.dirty.swap(false, Ordering::AcqRel);
-            if !dirty && f.sealed.is_empty() && !f.dir_dirty {
-                return Ok(());
-            }
-            (
-                f.active.clone(),
-                std::mem::take(&mut f.sealed),
-                std::mem::take(&mut f.dir_dirty),
-            )
-        };
-        for file in sealed.iter().chain(active.iter()) {
-            file.sync_data()
-                .map_err(|e| Error::io("sync segment in", &self.dir, e))?;
-        }
-        if dir_dirty {
-            fsutil::sync_dir(&self.dir)?;
-        }
-        Ok(())
     }
 }
 
@@ -221,6 +132,7 @@ impl Log {
         self.storage.cache.insert(self.id, &batches);
         let cmd = Cmd::Append {
             partition: self.id,
+            shared: self.shared.clone(),
             batches,
             policy: self.config.sync_policy,
             done: Some(Completion::new(done)),
@@ -252,8 +164,7 @@ impl Log {
             };
             active.append(&batches[from..to])?;
             self.state.next = batches[to - 1].next_offset();
-            self.shared.dirty.store(true, Ordering::Relaxed);
-            self.shared.next.store(self.state.next, Ordering::Release);
+            self.shared.appended(self.state.next);
             from = to;
         }
         Ok(())
@@ -412,6 +323,7 @@ impl Log {
         entry.end = next;
         entry.start = start;
         entry.replay_from = barrier;
+        entry.cut_pending = true;
         self.storage.save_checkpoint(&table)?;
         // The table stays locked until `shared.next` is cut too, so no checkpoint in
         // between records the old end again.
@@ -442,7 +354,10 @@ impl Log {
         self.state.start = start;
         self.shared.next.store(next, Ordering::Release);
         self.storage.cache.truncate_from(self.id, next);
-        Ok(())
+        if let Some(entry) = table.entries.get_mut(&self.id) {
+            entry.cut_pending = false;
+        }
+        self.storage.save_checkpoint(&table)
     }
 
     /// Makes offsets below `offset` unreadable and deletes the segments wholly below it

@@ -30,6 +30,15 @@ pub(crate) fn parse_name(name: &str) -> Option<u64> {
     (stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit())).then(|| stem.parse().ok())?
 }
 
+/// Deletes the files of segment `base` without opening it.
+pub(crate) fn remove_files(dir: &Path, base: u64) -> Result<()> {
+    for ext in ["index", "timeindex"] {
+        let _ = std::fs::remove_file(dir.join(file_name(base, ext)));
+    }
+    let path = dir.join(file_name(base, "log"));
+    std::fs::remove_file(&path).map_err(|e| Error::io("delete", &path, e))
+}
+
 /// Where a scan of a segment stopped.
 #[derive(Debug)]
 pub(crate) struct ScanEnd {
@@ -305,22 +314,18 @@ impl Segment {
         Ok(self.next)
     }
 
-    /// Cuts the file at the batch boundary where offset `end` starts: the recovery step that
-    /// drops data no checkpoint vouches for. Corruption if valid data stops short of `end`.
-    pub fn cut_at_offset(&mut self, end: u64) -> Result<()> {
-        if self.next < end {
-            let missing = Corruption::Missing {
-                expected: end,
-                found: self.next,
-            };
-            return Err(Error::corrupt(&self.path, self.size, missing));
-        }
-        if self.truncate_from(end)? != end {
-            let gap = Corruption::OffsetGap {
-                expected: end,
-                found: self.next,
-            };
-            return Err(Error::corrupt(&self.path, self.size, gap));
+    /// Cuts the file to its valid batches (after `open_scan` stopped at damage).
+    pub fn discard_tail(&self) -> Result<()> {
+        let len = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("stat", &self.path, e))?
+            .len();
+        if len > self.size {
+            tracing::warn!(segment = %self.path.display(), position = self.size, "cutting an unsynced or torn segment tail");
+            self.file
+                .set_len(self.size)
+                .map_err(|e| Error::io("truncate", &self.path, e))?;
         }
         Ok(())
     }

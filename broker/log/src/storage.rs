@@ -29,9 +29,10 @@ use crate::checkpoint::{Checkpoint, Entry};
 use crate::config::{PartitionConfig, StorageConfig};
 use crate::error::{Corruption, Error, Result};
 use crate::fsutil;
-use crate::log::{Log, LogState, PartitionShared};
+use crate::log::{Log, LogState};
 use crate::segment::{self, Segment};
-use crate::wal::{self, Poison, Wal, WalPosition};
+use crate::shared::PartitionShared;
+use crate::wal::{self, Poison, Wal, WalPosition, WalRecord};
 
 const MARKER: &str = "PETREL";
 const FORMAT_VERSION: u32 = 1;
@@ -181,13 +182,24 @@ impl Storage {
             );
         }
         let mut replayed = 0u64;
-        let seqs = wal::replay(&wal_dir, |at, id, batch| {
+        // Offsets each partition's segments were synced to directly: recovery must reach them.
+        let mut required: HashMap<PartitionId, u64> = HashMap::new();
+        let seqs = wal::replay(&wal_dir, |at, id, record| {
             let (Some(entry), Some(state)) = (table.entries.get(&id), states.get_mut(&id)) else {
                 return Ok(()); // A deleted partition.
             };
-            if at < entry.replay_from || batch.next_offset() <= state.next {
+            if at < entry.replay_from {
                 return Ok(());
             }
+            let batch = match record {
+                WalRecord::Synced(next) => {
+                    let r = required.entry(id).or_default();
+                    *r = (*r).max(next);
+                    return Ok(());
+                }
+                WalRecord::Batch(batch) if batch.next_offset() <= state.next => return Ok(()),
+                WalRecord::Batch(batch) => batch,
+            };
             if batch.base_offset() != state.next {
                 let gap = Corruption::OffsetGap {
                     expected: state.next,
@@ -207,6 +219,19 @@ impl Storage {
             replayed += 1;
             Ok(())
         })?;
+        for (id, state) in &states {
+            let needed = required.get(id).copied().unwrap_or(0);
+            if state.next < needed {
+                let dir = parts_dir.join(id.to_string());
+                let path = state.active().map_or(dir, |s| s.path().to_path_buf());
+                let position = state.active().map_or(0, Segment::size);
+                let missing = Corruption::Missing {
+                    expected: needed,
+                    found: state.next,
+                };
+                return Err(Error::corrupt(path, position, missing));
+            }
+        }
 
         // Everything is now in the segments: sync them, start a fresh WAL file, point the
         // checkpoint at it, and retire the old files.
@@ -231,6 +256,7 @@ impl Storage {
             if let Some(entry) = table.entries.get_mut(id) {
                 entry.end = state.next;
                 entry.replay_from = fresh;
+                entry.cut_pending = false;
             }
         }
         let poison = Arc::new(Poison::default());
@@ -327,6 +353,7 @@ impl Storage {
                     start: 0,
                     end: 0,
                     replay_from,
+                    cut_pending: false,
                 },
             );
             self.inner.save_checkpoint(&table)?;
@@ -499,9 +526,6 @@ fn recover_segments(dir: &Path, entry: &Entry, index_interval: u32) -> Result<Lo
     let Some(k) = bases.iter().rposition(|b| *b <= entry.end) else {
         return Err(missing(bases.first().copied().unwrap_or(0)));
     };
-    for &base in &bases[k + 1..] {
-        Segment::open_scan(dir, base, index_interval)?.0.delete()?;
-    }
     let mut state = LogState {
         segments: BTreeMap::new(),
         start: entry.start,
@@ -519,6 +543,9 @@ fn recover_segments(dir: &Path, entry: &Entry, index_interval: u32) -> Result<Lo
         let seg = Segment::open_sealed(dir, bases[i], bases[i + 1], index_interval)?;
         state.segments.insert(seg.base, seg);
     }
+    // From the segment holding `end` on: everything before `end` must be there. After it,
+    // whole valid batches stay (synced directly, or unsynced and also in the WAL) up to
+    // the first damage or gap, where the log is cut; the WAL replay refills what it holds.
     let (mut active, scan) = Segment::open_scan(dir, bases[k], index_interval)?;
     if active.next_offset() < entry.end {
         return Err(match scan.invalid {
@@ -526,7 +553,28 @@ fn recover_segments(dir: &Path, entry: &Entry, index_interval: u32) -> Result<Lo
             None => missing(active.next_offset()),
         });
     }
-    active.cut_at_offset(entry.end)?;
+    let mut damaged = scan.invalid.is_some();
+    active.discard_tail()?;
+    if entry.cut_pending {
+        // A truncation to `end` was interrupted: finish it.
+        if active.truncate_from(entry.end)? != entry.end {
+            return Err(missing(active.next_offset()));
+        }
+        damaged = true;
+    }
+    for &base in &bases[k + 1..] {
+        if damaged || base != active.next_offset() {
+            segment::remove_files(dir, base)?;
+            continue;
+        }
+        let (next, scan) = Segment::open_scan(dir, base, index_interval)?;
+        active.seal()?;
+        state.segments.insert(active.base, active);
+        active = next;
+        damaged = scan.invalid.is_some();
+        active.discard_tail()?;
+    }
+    state.next = active.next_offset();
     state.segments.insert(active.base, active);
     Ok(state)
 }

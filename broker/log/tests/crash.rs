@@ -648,7 +648,7 @@ fn spans(storage: &Storage) -> BTreeMap<PartitionId, Vec<(u64, u64)>> {
 }
 
 #[test]
-fn a_wal_cut_at_any_byte_recovers_exactly_the_chunks_before_the_cut() {
+fn a_wal_cut_at_any_byte_recovers_what_the_segments_and_the_chunks_before_the_cut_hold() {
     let filled = fill_in_child(40);
     let wal = filled.wal_file();
     let chunks = wal_chunks(&wal);
@@ -658,8 +658,23 @@ fn a_wal_cut_at_any_byte_recovers_exactly_the_chunks_before_the_cut() {
     let mut rng = Rng::new(7);
     cuts.extend((0..24).map(|_| rng.range(0..len)));
     for at in cuts {
+        // The segments still hold every batch (a killed process loses no page cache):
+        // nothing is lost, whatever the WAL lost.
         let scratch = filled.scratch("cut-wal");
         cut(&filled.in_scratch(&scratch, &wal), at);
+        let storage = Storage::open(storage_config(&scratch))
+            .unwrap_or_else(|e| panic!("open after cutting the WAL at byte {at}: {e}"));
+        assert_eq!(
+            spans(&storage),
+            filled.acked,
+            "after cutting the WAL at byte {at} of {len}"
+        );
+        drop(storage);
+
+        // As after a power loss: the unsynced segment tails are gone too.
+        let scratch = filled.scratch("cut-wal-and-tails");
+        cut(&filled.in_scratch(&scratch, &wal), at);
+        lose_segment_tails_past_checkpoint(&filled, &scratch);
         // What must survive: everything the clean close checkpointed, then every batch
         // of the chunks wholly before the cut.
         let mut expected: BTreeMap<PartitionId, Vec<(u64, u64)>> = filled
@@ -689,8 +704,29 @@ fn a_wal_cut_at_any_byte_recovers_exactly_the_chunks_before_the_cut() {
         assert_eq!(
             spans(&storage),
             expected,
-            "after cutting the WAL at byte {at} of {len}"
+            "after cutting the WAL at byte {at} of {len} and losing the unsynced segment tails"
         );
+    }
+}
+
+/// Cuts every partition's segments back to the checkpointed end and deletes later
+/// segments: what a power loss leaves of data written but never synced.
+fn lose_segment_tails_past_checkpoint(filled: &Filled, scratch: &Path) {
+    for p in PARTITIONS {
+        let end = filled.closed_end[&p];
+        for segment in files_with(&partition_dir(scratch, p), "log") {
+            let base = segment_base(&segment);
+            if base > end {
+                std::fs::remove_file(&segment).expect("remove segment");
+                for ext in ["index", "timeindex"] {
+                    let _ = std::fs::remove_file(segment.with_extension(ext));
+                }
+                continue;
+            }
+            if let Some(e) = segment_entries(&segment).iter().find(|e| e.base >= end) {
+                cut(&segment, e.position);
+            }
+        }
     }
 }
 

@@ -292,7 +292,8 @@ pub struct WalChunk {
 }
 
 /// The chunks of an intact write-ahead log file: a 16-byte file header, then chunks of a
-/// 12-byte header (magic, body length, CRC) and a body of `u64 partition` + batch records.
+/// 12-byte header (magic, body length, CRC) and a body of records: `u8 kind`, `u64 partition`,
+/// then a batch (kind 0) or a `u64` offset synced directly (kind 1).
 pub fn wal_chunks(path: &Path) -> Vec<WalChunk> {
     let bytes = std::fs::read(path).expect("read wal");
     let mut out = Vec::new();
@@ -304,13 +305,19 @@ pub fn wal_chunks(path: &Path) -> Vec<WalChunk> {
         let mut batches = Vec::new();
         let mut at = 0usize;
         while at < body.len() {
-            let partition = u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
-            let b = &body[at + 8..];
+            let kind = body[at];
+            let partition = u64::from_le_bytes(body[at + 1..at + 9].try_into().expect("8 bytes"));
+            if kind == 1 {
+                // A direct-sync mark: u64 offset.
+                at += 17;
+                continue;
+            }
+            let b = &body[at + 9..];
             let len = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) as usize;
             let count = u32::from_le_bytes(b[12..16].try_into().expect("4 bytes"));
             let base = u64::from_le_bytes(b[16..24].try_into().expect("8 bytes"));
             batches.push((partition, base, base + u64::from(count)));
-            at += 8 + len;
+            at += 9 + len;
         }
         out.push(WalChunk {
             position: pos as u64,

@@ -1,0 +1,183 @@
+//! Reading the WAL back at recovery: chunk by chunk, cutting a torn tail, refusing
+//! damage anywhere else.
+
+use std::fs::{File, OpenOptions};
+use std::path::Path;
+
+use bytes::{Bytes, BytesMut};
+
+use super::{
+    CHUNK_HEADER, CHUNK_MAGIC, FILE_HEADER, FILE_MAGIC, FILE_VERSION, MAX_CHUNK, RECORD_BATCH,
+    RECORD_SYNCED, WalPosition, file_path, list,
+};
+use crate::PartitionId;
+use crate::batch::RecordBatch;
+use crate::error::{BatchError, Corruption, Error, Result};
+use crate::fsutil::{self, le_u32, le_u64};
+
+/// One record of a chunk.
+#[derive(Debug)]
+pub(crate) enum WalRecord {
+    /// A batch copied into the WAL.
+    Batch(RecordBatch),
+    /// The partition's segments were synced up to this offset (a direct sync).
+    Synced(u64),
+}
+
+/// Reads every record of the WAL files in `dir` in order, calling `apply` with the
+/// position of its chunk. A torn tail of the last file is cut off; damage anywhere else
+/// is an error naming the file and position.
+pub(crate) fn replay(
+    dir: &Path,
+    mut apply: impl FnMut(WalPosition, PartitionId, WalRecord) -> Result<()>,
+) -> Result<Vec<u64>> {
+    let seqs = list(dir)?;
+    for (i, &seq) in seqs.iter().enumerate() {
+        let last = i + 1 == seqs.len();
+        replay_file(&file_path(dir, seq), seq, last, &mut apply)?;
+    }
+    Ok(seqs)
+}
+
+fn replay_file(
+    path: &Path,
+    seq: u64,
+    last: bool,
+    apply: &mut impl FnMut(WalPosition, PartitionId, WalRecord) -> Result<()>,
+) -> Result<()> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io("open", path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io("stat", path, e))?
+        .len();
+    let mut header = [0u8; FILE_HEADER as usize];
+    let n = fsutil::read_at_most(&file, &mut header, 0).map_err(|e| Error::io("read", path, e))?;
+    if n < FILE_HEADER as usize {
+        if last {
+            // Crashed while creating it: nothing was acknowledged from this file.
+            tracing::warn!(file = %path.display(), "WAL file with a torn header; discarding it");
+            return Ok(());
+        }
+        return Err(Error::corrupt(
+            path,
+            0,
+            Corruption::Batch(BatchError::Truncated {
+                needed: 16,
+                available: n,
+            }),
+        ));
+    }
+    if le_u32(&header, 0) != FILE_MAGIC {
+        return Err(Error::corrupt(
+            path,
+            0,
+            Corruption::BadMagic {
+                found: le_u32(&header, 0),
+            },
+        ));
+    }
+    if le_u32(&header, 4) != FILE_VERSION {
+        return Err(Error::UnsupportedFormat {
+            path: path.to_path_buf(),
+            found: le_u32(&header, 4),
+            supported: FILE_VERSION,
+        });
+    }
+    if le_u64(&header, 8) != seq {
+        return Err(Error::corrupt(
+            path,
+            8,
+            Corruption::OffsetGap {
+                expected: seq,
+                found: le_u64(&header, 8),
+            },
+        ));
+    }
+    let mut pos = FILE_HEADER;
+    while pos < len {
+        let Some(body) = read_chunk(&file, path, pos, len)? else {
+            if !last || valid_chunk_after(&file, path, pos, len)? {
+                return Err(Error::corrupt(path, pos, Corruption::WalChunk));
+            }
+            tracing::warn!(file = %path.display(), position = pos, "cutting a torn WAL tail");
+            file.set_len(pos)
+                .map_err(|e| Error::io("truncate", path, e))?;
+            file.sync_data().map_err(|e| Error::io("sync", path, e))?;
+            break;
+        };
+        let chunk_at = WalPosition { seq, pos };
+        let body_len = body.len() as u64;
+        let mut at = 0usize;
+        while at < body.len() {
+            let record_at = pos + (CHUNK_HEADER + at) as u64;
+            let rest = body.slice(at..);
+            if rest.len() < 9 {
+                let short = BatchError::Truncated {
+                    needed: 9,
+                    available: rest.len(),
+                };
+                return Err(Error::corrupt(path, record_at, Corruption::Batch(short)));
+            }
+            let partition = le_u64(&rest, 1);
+            let (record, len) = match rest[0] {
+                RECORD_BATCH => {
+                    let batch = RecordBatch::from_prefix(&rest.slice(9..))
+                        .map_err(|e| Error::corrupt(path, record_at, e))?;
+                    let len = 9 + batch.len();
+                    (WalRecord::Batch(batch), len)
+                }
+                RECORD_SYNCED if rest.len() >= 17 => (WalRecord::Synced(le_u64(&rest, 9)), 17),
+                _ => {
+                    let bad = BatchError::MalformedRecords("unknown WAL record");
+                    return Err(Error::corrupt(path, record_at, Corruption::Batch(bad)));
+                }
+            };
+            at += len;
+            apply(chunk_at, partition, record)?;
+        }
+        pos += CHUNK_HEADER as u64 + body_len;
+    }
+    Ok(())
+}
+
+/// The body of a valid chunk at `pos`, or `None` if the bytes there are not one.
+fn read_chunk(file: &File, path: &Path, pos: u64, len: u64) -> Result<Option<Bytes>> {
+    if len - pos < CHUNK_HEADER as u64 {
+        return Ok(None);
+    }
+    let mut head = [0u8; CHUNK_HEADER];
+    fsutil::read_at_most(file, &mut head, pos).map_err(|e| Error::io("read", path, e))?;
+    let body_len = le_u32(&head, 4);
+    if le_u32(&head, 0) != CHUNK_MAGIC
+        || body_len > MAX_CHUNK
+        || pos + CHUNK_HEADER as u64 + u64::from(body_len) > len
+    {
+        return Ok(None);
+    }
+    let mut body = BytesMut::zeroed(body_len as usize);
+    let n = fsutil::read_at_most(file, &mut body, pos + CHUNK_HEADER as u64)
+        .map_err(|e| Error::io("read", path, e))?;
+    if n != body.len() || crc32c::crc32c(&body) != le_u32(&head, 8) {
+        return Ok(None);
+    }
+    Ok(Some(body.freeze()))
+}
+
+/// Whether any valid chunk starts after `pos`: then the damage at `pos` is not a torn
+/// final write but corruption in the middle.
+fn valid_chunk_after(file: &File, path: &Path, pos: u64, len: u64) -> Result<bool> {
+    let mut rest = vec![0u8; (len - pos) as usize];
+    let n = fsutil::read_at_most(file, &mut rest, pos).map_err(|e| Error::io("read", path, e))?;
+    rest.truncate(n);
+    let magic = CHUNK_MAGIC.to_le_bytes();
+    for (i, w) in rest.windows(4).enumerate().skip(1) {
+        if w == magic && read_chunk(file, path, pos + i as u64, len)?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
