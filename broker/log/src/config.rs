@@ -55,6 +55,10 @@ pub struct StorageConfig {
     pub max_batch_bytes: usize,
     /// One sparse index entry per this many bytes of batches.
     pub index_interval_bytes: u32,
+    /// Zero-fill a new WAL file to `wal_max_bytes` when no retired one can be reused, so
+    /// syncs never have to grow it. Off for file systems where zeros cost nothing and
+    /// growing is free (tmpfs) or space is tight.
+    pub wal_preallocate: bool,
 }
 
 impl StorageConfig {
@@ -67,6 +71,7 @@ impl StorageConfig {
             cache_bytes: 64 << 20,
             max_batch_bytes: 64 << 20,
             index_interval_bytes: 64 << 10,
+            wal_preallocate: true,
         }
     }
 

@@ -136,8 +136,7 @@ impl Inner {
         let wal_dir = self.wal_dir();
         for seq in wal::list(&wal_dir)? {
             if seq < boundary.seq {
-                let path = wal::file_path(&wal_dir, seq);
-                std::fs::remove_file(&path).map_err(|e| Error::io("delete", &path, e))?;
+                wal::retire(&wal_dir, seq)?;
             }
         }
         Ok(())
@@ -235,9 +234,12 @@ impl Storage {
 
         // Everything is now in the segments: sync them, start a fresh WAL file, point the
         // checkpoint at it, and retire the old files.
+        // Above every sequence ever used, spares included: a reused file's old chunks
+        // must never carry the sequence of the file it becomes.
         let last_seq = seqs
             .iter()
             .copied()
+            .chain(wal::spare_seqs(&wal_dir)?)
             .chain(table.entries.values().map(|e| e.replay_from.seq))
             .max()
             .unwrap_or(0);
@@ -261,18 +263,10 @@ impl Storage {
         }
         let poison = Arc::new(Poison::default());
         let (rolled_tx, rolled_rx) = mpsc::channel();
-        let wal = Wal::start(
-            &wal_dir,
-            fresh.seq,
-            config.wal_max_bytes,
-            config.sync_interval,
-            poison.clone(),
-            rolled_tx,
-        )?;
+        let wal = Wal::start(&wal_dir, fresh.seq, &config, poison.clone(), rolled_tx)?;
         table.save(&root.join("checkpoint"))?;
         for seq in seqs {
-            let path = wal::file_path(&wal_dir, seq);
-            std::fs::remove_file(&path).map_err(|e| Error::io("delete", &path, e))?;
+            wal::retire(&wal_dir, seq)?;
         }
         tracing::info!(dir = %root.display(), partitions = states.len(), replayed, "storage opened");
 

@@ -556,6 +556,8 @@ fn without_rolls_on_a_full_disk(
     let data = mount.path.join("data");
     let mut config = storage_config(&data);
     config.wal_max_bytes = 1 << 20;
+    // Grown as written, so that it can be the one to run out.
+    config.wal_preallocate = false;
     let storage = Storage::open(config).expect("open");
     let mut partition = partition_config();
     partition.segment_bytes = 1 << 20;

@@ -13,22 +13,27 @@
 //!
 //! Whatever arrives while a sync runs goes into the next turn. Past `wal_max_bytes`
 //! (WAL bytes plus directly synced bytes) the writer rolls to a new file and hands the
-//! boundary to the checkpointer, which syncs all segments and deletes the old files.
+//! boundary to the checkpointer, which syncs all segments and retires the old files.
+//!
+//! A sync of a file that grew costs a second write (its size, in the inode); a sync of
+//! bytes written over an already allocated file does not. So WAL files are written in
+//! place: the first is zero-filled when the storage opens, and retired files are kept as
+//! spares and reused. Every chunk names its file's sequence number, so a chunk left over
+//! from a file's earlier life, like the zeros, marks the end of the log.
 //! `replay` reads the log back at recovery. The byte layout is in `FORMAT.md`.
 
 mod replay;
 mod writer;
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use crate::PartitionId;
 use crate::batch::RecordBatch;
-use crate::config::SyncPolicy;
+use crate::config::{StorageConfig, SyncPolicy};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::shared::PartitionShared;
@@ -40,7 +45,8 @@ const CHUNK_MAGIC: u32 = 0x4B43_5750; // "PWCK"
 const FILE_VERSION: u32 = 1;
 /// Bytes of a WAL file header.
 pub(crate) const FILE_HEADER: u64 = 16;
-const CHUNK_HEADER: usize = 12;
+/// Chunk header: magic, body length, file sequence, CRC32C of sequence and body.
+const CHUNK_HEADER: usize = 20;
 const MAX_CHUNK: u32 = 1 << 30;
 /// Chunk record kinds.
 const RECORD_BATCH: u8 = 0;
@@ -147,20 +153,24 @@ impl Wal {
     pub fn start(
         dir: &Path,
         seq: u64,
-        max_bytes: u64,
-        interval: Duration,
+        config: &StorageConfig,
         poison: Arc<Poison>,
         rolled: mpsc::Sender<WalPosition>,
     ) -> Result<Self> {
-        let (file, path) = create_file(dir, seq)?;
+        let preallocate = if config.wal_preallocate {
+            config.wal_max_bytes
+        } else {
+            0
+        };
+        let (file, path) = new_file(dir, seq, preallocate)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let mut writer = writer::Writer::new(writer::Settings {
             dir: dir.to_path_buf(),
             seq,
             file,
             path,
-            max_bytes,
-            interval,
+            max_bytes: config.wal_max_bytes,
+            interval: config.sync_interval,
             poison,
             rolled,
         });
@@ -208,23 +218,87 @@ pub(crate) fn file_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:020}.wal"))
 }
 
-/// Creates WAL file `seq` with its header, durably (file and directory entry).
-fn create_file(dir: &Path, seq: u64) -> Result<(File, PathBuf)> {
+/// How many retired files are kept for reuse.
+const SPARES: usize = 2;
+const SPARE_PREFIX: &str = "spare-";
+
+/// Opens WAL file `seq` for writing at `FILE_HEADER`: a spare if there is one, else a
+/// new file, zero-filled to `preallocate` bytes (0: grown as written).
+fn new_file(dir: &Path, seq: u64, preallocate: u64) -> Result<(File, PathBuf)> {
     let path = file_path(dir, seq);
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .append(true)
+    let reused = match spares(dir)?.first() {
+        Some(spare) => {
+            std::fs::rename(spare, &path).map_err(|e| Error::io("reuse", spare, e))?;
+            true
+        }
+        None => false,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(!reused)
         .open(&path)
         .map_err(|e| Error::io("create", &path, e))?;
     let mut header = [0u8; FILE_HEADER as usize];
     header[0..4].copy_from_slice(&FILE_MAGIC.to_le_bytes());
     header[4..8].copy_from_slice(&FILE_VERSION.to_le_bytes());
     header[8..16].copy_from_slice(&seq.to_le_bytes());
-    file.write_all(&header)
+    file.write_all_at(&header, 0)
         .map_err(|e| Error::io("write", &path, e))?;
+    if !reused && preallocate > FILE_HEADER {
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = FILE_HEADER;
+        while at < preallocate {
+            let n = zeros.len().min((preallocate - at) as usize);
+            file.write_all_at(&zeros[..n], at)
+                .map_err(|e| Error::io("preallocate", &path, e))?;
+            at += n as u64;
+        }
+    }
     file.sync_data().map_err(|e| Error::io("sync", &path, e))?;
     fsutil::sync_dir(dir)?;
     Ok((file, path))
+}
+
+/// Retires WAL file `seq`: kept as a spare while there are few, else deleted.
+pub(crate) fn retire(dir: &Path, seq: u64) -> Result<()> {
+    let path = file_path(dir, seq);
+    if spares(dir)?.len() < SPARES {
+        let spare = dir.join(format!("{SPARE_PREFIX}{seq:020}"));
+        std::fs::rename(&path, &spare).map_err(|e| Error::io("retire", &path, e))
+    } else {
+        std::fs::remove_file(&path).map_err(|e| Error::io("delete", &path, e))
+    }
+}
+
+/// The sequence numbers the spares had.
+pub(crate) fn spare_seqs(dir: &Path) -> Result<Vec<u64>> {
+    Ok(spares(dir)?
+        .iter()
+        .filter_map(|p| {
+            p.file_name()?
+                .to_str()?
+                .strip_prefix(SPARE_PREFIX)?
+                .parse()
+                .ok()
+        })
+        .collect())
+}
+
+fn spares(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io("list", dir, e))? {
+        let entry = entry.map_err(|e| Error::io("list", dir, e))?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(SPARE_PREFIX)
+        {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Sequence numbers of the WAL files in `dir`, ascending; other files are ignored.
@@ -239,6 +313,7 @@ pub(crate) fn list(dir: &Path) -> Result<Vec<u64>> {
             .and_then(|s| s.parse::<u64>().ok())
         {
             Some(seq) => seqs.push(seq),
+            None if name.starts_with(SPARE_PREFIX) => {}
             None => {
                 tracing::warn!(file = %entry.path().display(), "ignoring unexpected file in the WAL directory")
             }

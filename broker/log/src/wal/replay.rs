@@ -87,27 +87,35 @@ fn replay_file(
             supported: FILE_VERSION,
         });
     }
-    if le_u64(&header, 8) != seq {
-        return Err(Error::corrupt(
-            path,
-            8,
-            Corruption::OffsetGap {
-                expected: seq,
-                found: le_u64(&header, 8),
-            },
-        ));
+    let header_seq = le_u64(&header, 8);
+    if header_seq < seq && last {
+        // A spare renamed for reuse before its new header was written: nothing in it yet.
+        tracing::warn!(file = %path.display(), "WAL file still carries a reused file's header; it is empty");
+        return Ok(());
+    }
+    if header_seq != seq {
+        let wrong = Corruption::OffsetGap {
+            expected: seq,
+            found: header_seq,
+        };
+        return Err(Error::corrupt(path, 8, wrong));
     }
     let mut pos = FILE_HEADER;
     while pos < len {
-        let Some(body) = read_chunk(&file, path, pos, len)? else {
-            if !last || valid_chunk_after(&file, path, pos, len)? {
-                return Err(Error::corrupt(path, pos, Corruption::WalChunk));
+        let body = match read_chunk(&file, path, seq, pos, len)? {
+            Chunk::Valid(body) => body,
+            // Zeros of a preallocated file, or a chunk from a reused file's earlier life.
+            Chunk::End => break,
+            Chunk::Invalid => {
+                if !last || valid_chunk_after(&file, path, seq, pos, len)? {
+                    return Err(Error::corrupt(path, pos, Corruption::WalChunk));
+                }
+                tracing::warn!(file = %path.display(), position = pos, "cutting a torn WAL tail");
+                file.set_len(pos)
+                    .map_err(|e| Error::io("truncate", path, e))?;
+                file.sync_data().map_err(|e| Error::io("sync", path, e))?;
+                break;
             }
-            tracing::warn!(file = %path.display(), position = pos, "cutting a torn WAL tail");
-            file.set_len(pos)
-                .map_err(|e| Error::io("truncate", path, e))?;
-            file.sync_data().map_err(|e| Error::io("sync", path, e))?;
-            break;
         };
         let chunk_at = WalPosition { seq, pos };
         let body_len = body.len() as u64;
@@ -144,40 +152,66 @@ fn replay_file(
     Ok(())
 }
 
-/// The body of a valid chunk at `pos`, or `None` if the bytes there are not one.
-fn read_chunk(file: &File, path: &Path, pos: u64, len: u64) -> Result<Option<Bytes>> {
-    if len - pos < CHUNK_HEADER as u64 {
-        return Ok(None);
-    }
+/// What lies at a chunk position.
+enum Chunk {
+    Valid(Bytes),
+    /// The end of the log: zeros, or a chunk of an earlier file sequence.
+    End,
+    /// Bytes that are not a valid chunk.
+    Invalid,
+}
+
+/// Reads the chunk of file `seq` at `pos`.
+fn read_chunk(file: &File, path: &Path, seq: u64, pos: u64, len: u64) -> Result<Chunk> {
     let mut head = [0u8; CHUNK_HEADER];
-    fsutil::read_at_most(file, &mut head, pos).map_err(|e| Error::io("read", path, e))?;
+    let n = fsutil::read_at_most(file, &mut head, pos).map_err(|e| Error::io("read", path, e))?;
+    if head[..n].iter().all(|b| *b == 0) {
+        return Ok(Chunk::End);
+    }
     let body_len = le_u32(&head, 4);
-    if le_u32(&head, 0) != CHUNK_MAGIC
+    if n < CHUNK_HEADER
+        || le_u32(&head, 0) != CHUNK_MAGIC
         || body_len > MAX_CHUNK
         || pos + CHUNK_HEADER as u64 + u64::from(body_len) > len
     {
-        return Ok(None);
+        return Ok(Chunk::Invalid);
+    }
+    let chunk_seq = le_u64(&head, 8);
+    if chunk_seq < seq {
+        return Ok(Chunk::End);
     }
     let mut body = BytesMut::zeroed(body_len as usize);
     let n = fsutil::read_at_most(file, &mut body, pos + CHUNK_HEADER as u64)
         .map_err(|e| Error::io("read", path, e))?;
-    if n != body.len() || crc32c::crc32c(&body) != le_u32(&head, 8) {
-        return Ok(None);
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&head[8..16]), &body);
+    if chunk_seq != seq || n != body.len() || crc != le_u32(&head, 16) {
+        return Ok(Chunk::Invalid);
     }
-    Ok(Some(body.freeze()))
+    Ok(Chunk::Valid(body.freeze()))
 }
 
-/// Whether any valid chunk starts after `pos`: then the damage at `pos` is not a torn
-/// final write but corruption in the middle.
-fn valid_chunk_after(file: &File, path: &Path, pos: u64, len: u64) -> Result<bool> {
-    let mut rest = vec![0u8; (len - pos) as usize];
-    let n = fsutil::read_at_most(file, &mut rest, pos).map_err(|e| Error::io("read", path, e))?;
-    rest.truncate(n);
+/// Whether a valid chunk of this file starts after `pos`: then the damage at `pos` is not
+/// a torn final write but corruption in the middle. Reads the rest a window at a time.
+fn valid_chunk_after(file: &File, path: &Path, seq: u64, pos: u64, len: u64) -> Result<bool> {
+    const WINDOW: usize = 1 << 20;
     let magic = CHUNK_MAGIC.to_le_bytes();
-    for (i, w) in rest.windows(4).enumerate().skip(1) {
-        if w == magic && read_chunk(file, path, pos + i as u64, len)?.is_some() {
-            return Ok(true);
+    let mut window = vec![0u8; WINDOW];
+    let mut at = pos + 1;
+    while at < len {
+        let n =
+            fsutil::read_at_most(file, &mut window, at).map_err(|e| Error::io("read", path, e))?;
+        if n < magic.len() {
+            break;
         }
+        for (i, w) in window[..n].windows(magic.len()).enumerate() {
+            if w == magic
+                && let Chunk::Valid(_) = read_chunk(file, path, seq, at + i as u64, len)?
+            {
+                return Ok(true);
+            }
+        }
+        // Overlap windows by the magic's length less one, so no match is split.
+        at += (n - (magic.len() - 1)) as u64;
     }
     Ok(false)
 }

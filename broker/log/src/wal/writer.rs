@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::{
     CHUNK_HEADER, CHUNK_MAGIC, Cmd, Completion, DIRECT_BYTES, FILE_HEADER, Poison, RECORD_BATCH,
-    RECORD_SYNCED, WalPosition, create_file,
+    RECORD_SYNCED, WalPosition, new_file,
 };
 use crate::PartitionId;
 use crate::batch::RecordBatch;
@@ -290,11 +290,13 @@ impl Writer {
             return;
         }
         let body_len = (self.buf.len() - CHUNK_HEADER) as u32;
-        let crc = crc32c::crc32c(&self.buf[CHUNK_HEADER..]);
+        let seq = self.s.seq.to_le_bytes();
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&seq), &self.buf[CHUNK_HEADER..]);
         self.buf[0..4].copy_from_slice(&CHUNK_MAGIC.to_le_bytes());
         self.buf[4..8].copy_from_slice(&body_len.to_le_bytes());
-        self.buf[8..12].copy_from_slice(&crc.to_le_bytes());
-        match self.s.file.write_all(&self.buf) {
+        self.buf[8..16].copy_from_slice(&seq);
+        self.buf[16..20].copy_from_slice(&crc.to_le_bytes());
+        match self.s.file.write_all_at(&self.buf, self.pos) {
             Ok(()) => {
                 self.pos += self.buf.len() as u64;
                 self.unsynced = true;
@@ -376,8 +378,16 @@ impl Writer {
     }
 
     fn roll(&mut self) {
+        // A reused file holds older bytes past the last chunk: end the file there, so
+        // that only the newest file ever needs its end told from a torn write.
+        if let Err(e) = self.s.file.set_len(self.pos) {
+            self.s.poison.set(&self.s.path, e);
+        }
+        self.unsynced = true;
         self.sync(true, &mut []);
-        match create_file(&self.s.dir, self.s.seq + 1) {
+        // Not preallocated here: zero-filling would stall every append. Spares come from
+        // files the checkpointer retires.
+        match new_file(&self.s.dir, self.s.seq + 1, 0) {
             Ok((file, path)) => {
                 self.s.seq += 1;
                 self.s.file = file;

@@ -292,16 +292,21 @@ pub struct WalChunk {
 }
 
 /// The chunks of an intact write-ahead log file: a 16-byte file header, then chunks of a
-/// 12-byte header (magic, body length, CRC) and a body of records: `u8 kind`, `u64 partition`,
+/// 20-byte header (magic, body length, file sequence, CRC) and a body of records: `u8 kind`, `u64 partition`,
 /// then a batch (kind 0) or a `u64` offset synced directly (kind 1).
 pub fn wal_chunks(path: &Path) -> Vec<WalChunk> {
     let bytes = std::fs::read(path).expect("read wal");
     let mut out = Vec::new();
+    let seq = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
     let mut pos = 16usize;
-    while pos + 12 <= bytes.len() {
+    // Chunks end at zeros (a preallocated file) or a chunk of an earlier sequence (a reused one).
+    while pos + 20 <= bytes.len()
+        && bytes[pos..pos + 20].iter().any(|b| *b != 0)
+        && u64::from_le_bytes(bytes[pos + 8..pos + 16].try_into().expect("8 bytes")) == seq
+    {
         let body_len =
             u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().expect("4 bytes")) as usize;
-        let body = &bytes[pos + 12..pos + 12 + body_len];
+        let body = &bytes[pos + 20..pos + 20 + body_len];
         let mut batches = Vec::new();
         let mut at = 0usize;
         while at < body.len() {
@@ -321,16 +326,10 @@ pub fn wal_chunks(path: &Path) -> Vec<WalChunk> {
         }
         out.push(WalChunk {
             position: pos as u64,
-            len: 12 + body_len as u64,
+            len: 20 + body_len as u64,
             batches,
         });
-        pos += 12 + body_len;
+        pos += 20 + body_len;
     }
-    assert_eq!(
-        pos,
-        bytes.len(),
-        "{} does not end on a chunk boundary",
-        path.display()
-    );
     out
 }
