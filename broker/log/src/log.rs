@@ -195,20 +195,22 @@ impl Log {
         Ok(())
     }
 
-    /// Undoes a failed append in memory and on disk (best effort: recovery would cut it too).
+    /// Undoes a failed append in memory and on disk. If the files cannot be cut back, later
+    /// appends would land behind the stale bytes: the storage is poisoned instead.
     fn rollback(&mut self, next: u64) {
-        if self.state.next == next {
-            return;
-        }
+        let mut undo = Ok(());
         while self.state.segments.len() > 1
             && let Some(entry) = self.state.segments.last_entry()
             && *entry.key() > next
         {
-            let _ = entry.remove().delete();
+            undo = undo.and(entry.remove().delete());
         }
         if let Some(active) = self.state.segments.values_mut().next_back() {
-            let _ = active.truncate_from(next);
+            undo = undo.and(active.truncate_from(next).map(drop));
             self.shared.reactivate(active.file().clone());
+        }
+        if let Err(e) = undo {
+            self.storage.poison.set_error(&self.shared.dir, e);
         }
         self.state.next = next;
         self.shared.next.store(next, Ordering::Release);

@@ -41,6 +41,12 @@ pub struct Args {
     /// Batch cache size in MiB.
     #[arg(long, default_value_t = 64)]
     cache_mb: usize,
+    /// Write-ahead log file size in MiB.
+    #[arg(long, default_value_t = 256)]
+    wal_mb: u64,
+    /// Seconds each disk probe runs.
+    #[arg(long, default_value_t = 2.0)]
+    probe_seconds: f64,
     /// Bytes appended and read back by the memory test (0 skips it).
     #[arg(long, default_value_t = 2_000_000_000)]
     rss_bytes: u64,
@@ -74,7 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn run_in(args: &Args, base: &Path) -> anyhow::Result<()> {
-    let probe = Duration::from_secs(2);
+    let probe = Duration::from_secs_f64(args.probe_seconds);
     let sync_per_s = disk::sync_rate(base, probe)?;
     let seq_mb_s = disk::sequential_mb_s(base, probe)?;
     println!(
@@ -219,6 +225,7 @@ struct Request {
 fn storage_config(args: &Args, dir: &Path) -> StorageConfig {
     let mut c = StorageConfig::new(dir);
     c.cache_bytes = args.cache_mb << 20;
+    c.wal_max_bytes = args.wal_mb << 20;
     c
 }
 
