@@ -7,11 +7,16 @@
 //! it is durable. The parent kills it with SIGKILL at a point chosen by a seed, reopens
 //! the directory in-process and checks it against what the child reported: every
 //! acknowledged batch is there and intact, offsets run contiguously from the start, and
-//! an operation that was in flight either happened whole or not at all.
+//! an operation that was in flight either happened whole or not at all. In the `direct`
+//! workload the first partition's appends are large enough that the WAL writer syncs
+//! its segments directly instead of copying them into the WAL.
 //!
 //! The file tests then cut and flip bytes in what such a child (or a cleanly closed
 //! storage) left behind: a torn write-ahead log or segment recovers; damage anywhere
 //! else is reported as `Error::Corrupt` naming the file and byte, never served as data.
+//! For directly synced data, the segments are the only copy: losing any of it below an
+//! offset the WAL records as synced fails the open with `Corruption::Missing`, while a
+//! lost or cut WAL loses none of it.
 
 mod common;
 
@@ -21,12 +26,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
-use petrel_log::{Error, Log, PartitionId, Storage};
+use petrel_log::{Corruption, Error, Log, PartitionConfig, PartitionId, RecordBatch, Storage};
 
 use common::{
-    Rng, WAIT, append_durably, batch, copy_dir, cut, files_with, flip_bit, open_or_create,
-    partition_config, partition_dir, read_all, segment_base, segment_entries, storage_config,
-    wal_chunks,
+    DIRECT_BYTES, Rng, SegmentEntry, WAIT, append_durably, batch, copy_dir, cut, files_with,
+    flip_bit, large_append, large_partition_config, open_or_create_with, partition_config,
+    partition_dir, read_all, segment_base, segment_entries, storage_config, wal_chunks,
 };
 
 const CHILD: &str = "child_process_runs_a_workload_until_killed";
@@ -38,6 +43,10 @@ const TAG: &str = "petrel|";
 const PARTITIONS: [PartitionId; 2] = [1, 2];
 /// The partition the `mixed` workload deletes and creates again and again.
 const CHURNED: PartitionId = 3;
+/// The partition that takes large appends in the `direct` workloads, and the one that
+/// keeps taking small ones.
+const LARGE: PartitionId = 1;
+const SMALL: PartitionId = 2;
 
 // ---------------------------------------------------------------------------------------
 // The child process.
@@ -46,10 +55,13 @@ const CHURNED: PartitionId = 3;
 ///
 /// Modes: `mixed:<seed>` appends, truncates, purges and reopens on two partitions and
 /// deletes and re-creates a third until killed (tiny write-ahead log, so checkpoints run
-/// all the time); `truncating:<seed>` is the same with far more truncations; `fill:<n>`
-/// appends `n` batches to each of two partitions, closes the storage cleanly, reopens it,
-/// appends `n` more (all in one write-ahead log file, never checkpointed), reports `done`
-/// and waits to be killed.
+/// all the time); `truncating:<seed>` is the same with far more truncations; `direct:<seed>`
+/// is `mixed` with appends of at least `DIRECT_BYTES` on the first partition, so they are
+/// synced directly, and (for even seeds) a write-ahead log large enough that direct data
+/// piles up past the checkpointed end; `fill:<n>` appends `n` batches to each of two
+/// partitions, closes the storage cleanly, reopens it, appends `n` more (all in one
+/// write-ahead log file, never checkpointed), reports `done` and waits to be killed;
+/// `direct-fill:<n>` is `fill` with large appends on the first partition.
 #[test]
 #[ignore = "run by the crash tests in a child process"]
 fn child_process_runs_a_workload_until_killed() {
@@ -61,24 +73,33 @@ fn child_process_runs_a_workload_until_killed() {
     let (kind, arg) = mode.split_once(':').expect("mode is kind:arg");
     let arg: u64 = arg.parse().expect("numeric mode argument");
     match kind {
-        "mixed" | "truncating" => {
-            let truncate_percent = if kind == "mixed" { 8 } else { 45 };
+        "mixed" | "truncating" | "direct" => {
+            let truncate_percent = if kind == "truncating" { 45 } else { 8 };
+            let mut config = storage_config(&dir);
+            if kind == "direct" && arg.is_multiple_of(2) {
+                // Odd seeds roll the WAL (and checkpoint) after every direct append; even
+                // ones let directly synced data pile up past the checkpointed end.
+                config.wal_max_bytes = 2 << 20;
+            }
             say("opening");
-            let storage = Storage::open(storage_config(&dir)).expect("open");
+            let storage = Storage::open(config).expect("open");
             say("ready");
             std::thread::scope(|s| {
                 for p in PARTITIONS {
                     let storage = &storage;
-                    s.spawn(move || mixed_workload(storage, p, arg, truncate_percent));
+                    let large = kind == "direct" && p == LARGE;
+                    s.spawn(move || mixed_workload(storage, p, arg, truncate_percent, large));
                 }
                 s.spawn(|| churn_workload(&storage, arg));
             });
         }
-        "fill" => {
+        "fill" | "direct-fill" => {
+            let large = kind == "direct-fill";
             let mut config = storage_config(&dir);
-            config.wal_max_bytes = 64 << 20;
+            // Direct appends count towards the WAL's size too.
+            config.wal_max_bytes = if large { 2 << 20 } else { 64 << 20 };
             let storage = Storage::open(config.clone()).expect("open");
-            fill(&storage, arg);
+            fill(&storage, arg, large);
             let ends: Vec<(PartitionId, u64)> = PARTITIONS
                 .iter()
                 .map(|&p| {
@@ -96,7 +117,7 @@ fn child_process_runs_a_workload_until_killed() {
                 say(&format!("closed|{p}|{end}"));
             }
             let storage = Storage::open(config).expect("reopen");
-            fill(&storage, arg);
+            fill(&storage, arg, large);
             say("done");
             loop {
                 std::thread::park();
@@ -115,48 +136,99 @@ fn say(line: &str) {
     out.flush().expect("flush");
 }
 
-/// Appends `n` batches to each partition, alternating, each acknowledged before the next.
-fn fill(storage: &Storage, n: u64) {
+/// Settings of a workload partition: large segments for the one taking large appends.
+fn config_of(p: PartitionId, large: bool) -> PartitionConfig {
+    if large && p == LARGE {
+        large_partition_config()
+    } else {
+        partition_config()
+    }
+}
+
+/// Appends `n` times to each partition, alternating, each acknowledged before the next:
+/// one batch, or (with `large`, on the first partition) one large append of many. The
+/// last append of all is a small one, so the WAL chunk recording the last direct sync is
+/// written and synced too.
+fn fill(storage: &Storage, n: u64, large: bool) {
     let mut logs: Vec<Log> = PARTITIONS
         .iter()
-        .map(|&p| open_or_create(storage, p))
+        .map(|&p| open_or_create_with(storage, p, config_of(p, large)))
         .collect();
+    let mut rng = Rng::new(n);
     for _ in 0..n {
         for log in &mut logs {
             let base = log.next_offset();
-            let b = batch(base, 1 + (base % 4) as u32, (base * 37 % 600) as usize, 1);
-            let next = b.next_offset();
-            append_durably(log, vec![b]).expect("append");
-            say(&format!("ack|{}|{base}|{next}", log.id()));
+            let batches = if large && log.id() == LARGE {
+                let bytes = DIRECT_BYTES + rng.range(0..32 << 10) as usize;
+                large_append(base, 1, bytes, &mut rng)
+            } else {
+                vec![batch(
+                    base,
+                    1 + (base % 4) as u32,
+                    (base * 37 % 600) as usize,
+                    1,
+                )]
+            };
+            let spans: Vec<(u64, u64)> = batches
+                .iter()
+                .map(|b| (b.base_offset(), b.next_offset()))
+                .collect();
+            append_durably(log, batches).expect("append");
+            for (base, next) in spans {
+                say(&format!("ack|{}|{base}|{next}", log.id()));
+            }
         }
     }
 }
 
 /// One partition's share of the `mixed` workload: mostly appends of one to three
-/// batches, some truncations near the end, some purges, some reopens of the partition.
-fn mixed_workload(storage: &Storage, p: PartitionId, seed: u64, truncate_percent: u64) {
+/// batches (or with `large`, of `DIRECT_BYTES` to twice that), some truncations near the
+/// end, some purges, some reopens of the partition.
+fn mixed_workload(
+    storage: &Storage,
+    p: PartitionId,
+    seed: u64,
+    truncate_percent: u64,
+    large: bool,
+) {
     let mut rng = Rng::new(seed * 1000 + p);
-    let mut log = open_or_create(storage, p);
+    let config = config_of(p, large);
+    let mut log = open_or_create_with(storage, p, config.clone());
     // Terms differ between runs and after each truncation, so re-written offsets differ.
     let mut term = seed << 16;
+    // Percentiles of a roll below which an operation is an append, a truncation, a purge
+    // (else a reopen). The large partition purges more, to keep its data in bounds.
+    let (appends, truncations, purges) = if large {
+        (72, 84, 97)
+    } else {
+        (92 - truncate_percent, 92, 97)
+    };
+    // Truncations reach back over about one append.
+    let reach = if large { 400 } else { 30 };
     loop {
         let (start, next) = (log.start_offset(), log.next_offset());
         let roll = rng.range(0..100);
-        if roll < 92 - truncate_percent || next == start {
-            append_some(&mut log, &mut rng, term);
-        } else if roll < 92 {
-            let offset = rng.range(next.saturating_sub(30).max(start)..next);
+        if roll < appends || next == start {
+            if large {
+                let bytes = DIRECT_BYTES + rng.range(0..64 << 10) as usize;
+                let batches = large_append(next, term, bytes, &mut rng);
+                append_announced(&mut log, batches, term);
+            } else {
+                append_some(&mut log, &mut rng, term);
+            }
+        } else if roll < truncations {
+            let offset = rng.range(next.saturating_sub(reach).max(start)..next);
             say(&format!("begin|{p}|truncate|{offset}"));
             log.truncate_from(offset).expect("truncate");
             term += 1;
-        } else if roll < 97 {
+        } else if roll < purges {
             let offset = start + rng.range(0..(next - start) / 2 + 1);
             say(&format!("begin|{p}|purge|{offset}"));
             log.purge_to(offset).expect("purge");
         } else {
             drop(log);
             log = storage
-                .open_partition(p, partition_config())
+                .open_partition(p, config.clone())
                 .expect("reopen partition");
             continue;
         }
@@ -173,6 +245,11 @@ fn append_some(log: &mut Log, rng: &mut Rng, term: u64) {
         at = b.next_offset();
         batches.push(b);
     }
+    append_announced(log, batches, term);
+}
+
+/// Announces an append of `batches` (of `term`), appends them and waits until durable.
+fn append_announced(log: &mut Log, batches: Vec<RecordBatch>, term: u64) {
     let spans: Vec<String> = batches
         .iter()
         .map(|b| format!("{}-{}", b.base_offset(), b.next_offset()))
@@ -496,15 +573,22 @@ enum KillAt {
     Acks(u64),
     /// As soon as a truncation begins, once this many operations were acknowledged.
     Truncating(u64),
+    /// As soon as an append to the `LARGE` partition begins, once this many operations
+    /// were acknowledged (in the `direct` workload: while a direct append is in flight).
+    Appending(u64),
 }
 
 /// Runs `mixed` children on one directory again and again, each killed where `kill_at`
 /// says for its iteration, and checks a copy of what each leaves (recovering the copy);
 /// the next child recovers the original, so recoveries run on top of earlier ones.
-fn kill_repeatedly(workload: &str, iterations: u64, kill_at: impl Fn(u64) -> KillAt) {
+/// Returns in how many iterations the WAL a child left recorded a direct sync of the
+/// `LARGE` partition.
+fn kill_repeatedly(workload: &str, iterations: u64, kill_at: impl Fn(u64) -> KillAt) -> u64 {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let mut tracker = Tracker::default();
+    let mut direct = 0;
+    let appending = format!("begin|{LARGE}|append|");
     for iteration in 0..iterations {
         let kill_at = kill_at(iteration);
         let child = ChildProcess::spawn(&data, &format!("{workload}:{}", iteration + 1));
@@ -516,6 +600,7 @@ fn kill_repeatedly(workload: &str, iterations: u64, kill_at: impl Fn(u64) -> Kil
                 KillAt::Opening => line == "opening",
                 KillAt::Acks(n) => acks >= n,
                 KillAt::Truncating(n) => acks >= n && line.contains("|truncate|"),
+                KillAt::Appending(n) => acks >= n && line.starts_with(&appending),
             };
             if now {
                 break;
@@ -526,6 +611,8 @@ fn kill_repeatedly(workload: &str, iterations: u64, kill_at: impl Fn(u64) -> Kil
         }
         let copy = dir.path().join(format!("copy-{iteration}"));
         copy_dir(&data, &copy);
+        let marks = direct_marks(&copy.join("wal"));
+        direct += u64::from(marks.iter().any(|(p, _)| *p == LARGE));
         tracker.check_recovery(
             &copy,
             &format!("iteration {iteration} (killed at {kill_at:?})"),
@@ -533,6 +620,34 @@ fn kill_repeatedly(workload: &str, iterations: u64, kill_at: impl Fn(u64) -> Kil
         std::fs::remove_dir_all(&copy).expect("remove copy");
     }
     tracker.check_recovery(&data, "the original directory");
+    direct
+}
+
+/// The `(partition, next offset)` of every direct sync recorded in the WAL files in
+/// `wal_dir` (up to a torn chunk).
+fn direct_marks(wal_dir: &Path) -> Vec<(PartitionId, u64)> {
+    files_with(wal_dir, "wal")
+        .iter()
+        .flat_map(|f| wal_chunks(f))
+        .flat_map(|c| c.marks)
+        .collect()
+}
+
+#[test]
+fn every_acknowledged_direct_append_survives_repeated_kills_amid_truncations_and_purges() {
+    let direct = kill_repeatedly("direct", 12, |iteration| {
+        let mut rng = Rng::new(iteration + 1000);
+        match rng.range(0..4) {
+            0 if iteration > 0 => KillAt::Opening,
+            1 => KillAt::Truncating(rng.range(0..40)),
+            2 => KillAt::Appending(rng.range(0..60)),
+            _ => KillAt::Acks(rng.range(10..120)),
+        }
+    });
+    assert!(
+        direct > 0,
+        "no WAL a child left recorded a direct sync of partition {LARGE}: the workload never took the direct path"
+    );
 }
 
 #[test]
@@ -601,8 +716,13 @@ impl Filled {
 /// Runs a `fill` child writing `n` batches per partition before and after a clean close,
 /// and kills it once it reports them all acknowledged.
 fn fill_in_child(n: u64) -> Filled {
+    run_filling_child("fill", n)
+}
+
+/// Runs a `fill` or `direct-fill` child and kills it once it reports everything acknowledged.
+fn run_filling_child(mode: &str, n: u64) -> Filled {
     let dir = tempfile::tempdir().expect("tempdir");
-    let child = ChildProcess::spawn(&dir.path().join("data"), &format!("fill:{n}"));
+    let child = ChildProcess::spawn(&dir.path().join("data"), &format!("{mode}:{n}"));
     let mut acked: BTreeMap<PartitionId, Vec<(u64, u64)>> = BTreeMap::new();
     let mut closed_end = BTreeMap::new();
     loop {
@@ -712,7 +832,12 @@ fn a_wal_cut_at_any_byte_recovers_what_the_segments_and_the_chunks_before_the_cu
 /// Cuts every partition's segments back to the checkpointed end and deletes later
 /// segments: what a power loss leaves of data written but never synced.
 fn lose_segment_tails_past_checkpoint(filled: &Filled, scratch: &Path) {
-    for p in PARTITIONS {
+    lose_unsynced_segment_tails(filled, scratch, &PARTITIONS);
+}
+
+/// Cuts the segments of `partitions` back to the checkpointed end and deletes later ones.
+fn lose_unsynced_segment_tails(filled: &Filled, scratch: &Path, partitions: &[PartitionId]) {
+    for &p in partitions {
         let end = filled.closed_end[&p];
         for segment in files_with(&partition_dir(scratch, p), "log") {
             let base = segment_base(&segment);
@@ -982,5 +1107,241 @@ fn a_sealed_segment_missing_its_last_batches_fails_reads_instead_of_returning_a_
         drop(log);
         drop(storage);
         std::fs::remove_dir_all(&scratch).expect("remove scratch");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Directly synced data: what a `direct-fill` child leaves, damaged. Past the checkpointed
+// end, the large partition's batches are only in its segments, and the WAL records how
+// far each direct sync reached.
+
+/// Large appends per phase of the `direct-fill` child.
+const DIRECT_FILL: u64 = 5;
+
+/// Runs a `direct-fill` child and checks the path its appends took: the WAL holds a mark
+/// for each large append after the reopen, the last at the end of the large partition,
+/// and none of the large partition's batches.
+fn direct_fill_in_child() -> Filled {
+    let filled = run_filling_child("direct-fill", DIRECT_FILL);
+    let chunks = wal_chunks(&filled.wal_file());
+    let marks: Vec<u64> = chunks
+        .iter()
+        .flat_map(|c| c.marks.iter())
+        .filter(|m| m.0 == LARGE)
+        .map(|m| m.1)
+        .collect();
+    assert_eq!(marks.len() as u64, DIRECT_FILL, "one mark per large append");
+    assert_eq!(marks.last().copied(), Some(acked_end(&filled, LARGE)));
+    assert!(
+        chunks
+            .iter()
+            .flat_map(|c| c.batches.iter())
+            .all(|b| b.0 != LARGE),
+        "a large append was copied into the WAL"
+    );
+    filled
+}
+
+fn acked_end(filled: &Filled, p: PartitionId) -> u64 {
+    filled.acked[&p].last().expect("acknowledged batches").1
+}
+
+/// The large partition's segments holding batches past the checkpointed end, each with
+/// the position of the first such batch.
+fn direct_segments(filled: &Filled) -> Vec<(PathBuf, u64)> {
+    let end = filled.closed_end[&LARGE];
+    let segments: Vec<(PathBuf, u64)> = files_with(&partition_dir(&filled.data(), LARGE), "log")
+        .into_iter()
+        .filter_map(|s| {
+            let first = segment_entries(&s).into_iter().find(|e| e.base >= end)?;
+            Some((s, first.position))
+        })
+        .collect();
+    assert!(segments.len() > 3, "large appends roll segments");
+    segments
+}
+
+/// Opening `scratch` fails because `damaged` lost the batch `lost`, below the last
+/// direct sync of the large partition.
+fn assert_open_misses(
+    filled: &Filled,
+    scratch: &Path,
+    damaged: &Path,
+    lost: SegmentEntry,
+    context: &str,
+) {
+    match Storage::open(storage_config(scratch)) {
+        Err(Error::Corrupt {
+            path,
+            position,
+            reason: Corruption::Missing { expected, found },
+        }) => assert_eq!(
+            (path.as_path(), position, expected, found),
+            (damaged, lost.position, acked_end(filled, LARGE), lost.base),
+            "{context}: the error names the damaged segment, the lost batch and the last direct sync"
+        ),
+        Ok(storage) => panic!(
+            "{context}: the open succeeded, the large partition ending at {:?}",
+            spans(&storage)[&LARGE].last()
+        ),
+        Err(e) => panic!("{context}: {e}"),
+    }
+}
+
+#[test]
+fn a_segment_cut_below_an_acknowledged_direct_sync_fails_open_as_missing_naming_that_segment() {
+    let filled = direct_fill_in_child();
+    let segments = direct_segments(&filled);
+    let mut rng = Rng::new(19);
+    for trial in 0..8 {
+        let (segment, floor) = &segments[rng.range(0..segments.len() as u64) as usize];
+        let entries = segment_entries(segment);
+        let len = std::fs::metadata(segment).expect("stat").len();
+        // Half the cuts at a batch boundary (the segment then scans clean), half anywhere.
+        let at = if trial % 2 == 0 {
+            let whole: Vec<_> = entries.iter().filter(|e| e.position >= *floor).collect();
+            whole[rng.range(0..whole.len() as u64) as usize].position
+        } else {
+            rng.range(*floor..len)
+        };
+        let lost = *entries
+            .iter()
+            .find(|e| e.position + e.len > at)
+            .expect("a batch at the cut");
+        let scratch = filled.scratch("cut-direct");
+        let damaged = filled.in_scratch(&scratch, segment);
+        cut(&damaged, at);
+        assert_open_misses(
+            &filled,
+            &scratch,
+            &damaged,
+            lost,
+            &format!("cutting {} at byte {at}", segment.display()),
+        );
+    }
+}
+
+#[test]
+fn a_flipped_bit_in_directly_synced_data_fails_open_as_missing_and_never_serves_less() {
+    let filled = direct_fill_in_child();
+    let segments = direct_segments(&filled);
+    let mut rng = Rng::new(23);
+    for _ in 0..8 {
+        let (segment, floor) = &segments[rng.range(0..segments.len() as u64) as usize];
+        let len = std::fs::metadata(segment).expect("stat").len();
+        let byte = rng.range(*floor..len);
+        let hit = *segment_entries(segment)
+            .iter()
+            .find(|e| e.position <= byte && byte < e.position + e.len)
+            .expect("a batch at the flipped byte");
+        let scratch = filled.scratch("flip-direct");
+        let damaged = filled.in_scratch(&scratch, segment);
+        flip_bit(&damaged, byte, rng.range(0..8) as u8);
+        assert_open_misses(
+            &filled,
+            &scratch,
+            &damaged,
+            hit,
+            &format!("flipping a bit of {} at byte {byte}", segment.display()),
+        );
+    }
+}
+
+/// The log files of a partition directory and their bytes.
+fn segment_files(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    files_with(dir, "log")
+        .into_iter()
+        .map(|f| {
+            let bytes = std::fs::read(&f).expect("read");
+            (f, bytes)
+        })
+        .collect()
+}
+
+/// When the open refuses damaged direct data, the acknowledged batches after the damage
+/// are intact and in no other file: an open that fails must not have destroyed them.
+#[test]
+#[ignore = "bug: an open failing with Missing has already cut the damaged segment and deleted every later one, though they hold acknowledged, directly synced batches"]
+fn an_open_refusing_damaged_direct_data_leaves_the_batches_after_the_damage_in_place() {
+    let filled = direct_fill_in_child();
+    let (segment, floor) = direct_segments(&filled)[0].clone();
+    let scratch = filled.scratch("flip-first-direct");
+    // The base offset of the first batch synced directly.
+    flip_bit(&filled.in_scratch(&scratch, &segment), floor + 16, 0);
+    let dir = partition_dir(&scratch, LARGE);
+    let before = segment_files(&dir);
+    assert!(matches!(
+        Storage::open(storage_config(&scratch)),
+        Err(Error::Corrupt { .. })
+    ));
+    let after = segment_files(&dir);
+    let changed: Vec<String> = before
+        .iter()
+        .filter(|(f, bytes)| after.get(*f) != Some(*bytes))
+        .map(|(f, bytes)| {
+            let now = after.get(f).map(Vec::len);
+            format!("{} ({} bytes, now {now:?})", f.display(), bytes.len())
+        })
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "the failed open changed or deleted {} segment files: {changed:#?}",
+        changed.len()
+    );
+}
+
+#[test]
+fn without_its_wal_a_killed_storage_still_recovers_every_direct_append() {
+    let filled = direct_fill_in_child();
+    let wal = filled.wal_file();
+
+    // No WAL at all: the segments (a kill loses no page cache) still hold everything.
+    let scratch = filled.scratch("no-wal");
+    for f in std::fs::read_dir(scratch.join("wal")).expect("list WAL directory") {
+        std::fs::remove_file(f.expect("entry").path()).expect("remove WAL file");
+    }
+    let storage = Storage::open(storage_config(&scratch)).expect("open without a WAL");
+    assert_eq!(spans(&storage), filled.acked, "after deleting the WAL");
+    drop(storage);
+
+    // A power loss too: the WAL is cut anywhere, the small partition loses its unsynced
+    // segment tails and the large one its index files. The large partition's appends past
+    // the checkpointed end were all synced directly: none of them is lost.
+    let chunks = wal_chunks(&wal);
+    let len = std::fs::metadata(&wal).expect("stat").len();
+    // The file may be preallocated: cut where the log is, or leave it whole.
+    let log_end = chunks.last().map_or(16, |c| c.position + c.len);
+    let mut rng = Rng::new(29);
+    let mut cuts = vec![0, 16, log_end, len];
+    cuts.extend((0..4).map(|_| rng.range(16..log_end)));
+    for at in cuts {
+        let scratch = filled.scratch("cut-wal-direct");
+        cut(&filled.in_scratch(&scratch, &wal), at);
+        lose_unsynced_segment_tails(&filled, &scratch, &[SMALL]);
+        for ext in ["index", "timeindex"] {
+            for f in files_with(&partition_dir(&scratch, LARGE), ext) {
+                std::fs::remove_file(f).expect("remove index");
+            }
+        }
+        let mut expected = filled.acked.clone();
+        let closed = filled.closed_end[&SMALL];
+        let small = expected.get_mut(&SMALL).expect("small partition");
+        small.retain(|s| s.1 <= closed);
+        for chunk in chunks.iter().filter(|c| c.position + c.len <= at) {
+            for &(p, base, next) in &chunk.batches {
+                assert_eq!(
+                    p, SMALL,
+                    "only the small partition's batches are in the WAL"
+                );
+                small.push((base, next));
+            }
+        }
+        let storage = Storage::open(storage_config(&scratch))
+            .unwrap_or_else(|e| panic!("open after cutting the WAL at byte {at}: {e}"));
+        assert_eq!(
+            spans(&storage),
+            expected,
+            "after cutting the WAL at byte {at} of {len} and a power loss"
+        );
     }
 }

@@ -5,6 +5,8 @@
 //! must equal the model. Segments and the write-ahead log are as small as the engine
 //! allows, so segment rolls, WAL rollovers and checkpoints interleave with everything else;
 //! the second partition also rolls a segment per append and runs under each sync policy.
+//! Some appends are large (`DIRECT_BYTES` or more): under `SyncPolicy::Always` the WAL
+//! writer syncs their segments directly instead of copying them into the WAL.
 
 mod common;
 
@@ -16,7 +18,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::FileFailurePersistence;
 
-use common::{append_durably, batch, open, partition_config, read_all, timestamp};
+use common::{DIRECT_BYTES, append_durably, batch, open, partition_config, read_all, timestamp};
 
 /// The partition that always exists, and the one that comes and goes.
 const FIRST: PartitionId = 1;
@@ -26,6 +28,11 @@ const SECOND: PartitionId = 2;
 enum Op {
     /// Append batches of `(records, value bytes)` in one call and wait until durable.
     Append {
+        p: Index,
+        batches: Vec<(u32, usize)>,
+    },
+    /// Like `Append`, with the batches repeated until they hold `DIRECT_BYTES`.
+    AppendLarge {
         p: Index,
         batches: Vec<(u32, usize)>,
     },
@@ -60,6 +67,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => (index(), prop::collection::vec((1u32..=6, 0usize..1200), 1..=4))
             .prop_map(|(p, batches)| Op::Append { p, batches }),
+        1 => (index(), prop::collection::vec((4u32..=12, 500usize..1200), 1..=4))
+            .prop_map(|(p, batches)| Op::AppendLarge { p, batches }),
         2 => (index(), index()).prop_map(|(p, at)| Op::Truncate { p, at }),
         2 => (index(), index()).prop_map(|(p, at)| Op::Purge { p, at }),
         4 => (index(), index(), 0usize..6000, index())
@@ -88,6 +97,24 @@ impl Model {
         for &(records, value_len) in spec {
             let b = batch(self.next, records, value_len, self.term);
             self.next = b.next_offset();
+            out.push(b);
+        }
+        self.batches.extend(out.iter().cloned());
+        out
+    }
+
+    /// Appends batches of the shapes in `spec`, cycling through them, until they hold at
+    /// least `bytes` together.
+    fn append_at_least(&mut self, spec: &[(u32, usize)], bytes: usize) -> Vec<RecordBatch> {
+        let mut out: Vec<RecordBatch> = Vec::new();
+        let mut total = 0;
+        for &(records, value_len) in spec.iter().cycle() {
+            if total >= bytes {
+                break;
+            }
+            let b = batch(self.next, records, value_len, self.term);
+            self.next = b.next_offset();
+            total += b.len();
             out.push(b);
         }
         self.batches.extend(out.iter().cloned());
@@ -223,6 +250,11 @@ impl Harness {
             Op::Append { p, batches } => {
                 let (_, log, model) = self.pick(p);
                 let batches = model.append(batches);
+                append_durably(log, batches).expect("append");
+            }
+            Op::AppendLarge { p, batches } => {
+                let (_, log, model) = self.pick(p);
+                let batches = model.append_at_least(batches, DIRECT_BYTES);
                 append_durably(log, batches).expect("append");
             }
             Op::Truncate { p, at } => {

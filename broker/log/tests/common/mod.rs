@@ -122,6 +122,32 @@ pub fn wait(rx: &mpsc::Receiver<petrel_log::Result<()>>) -> petrel_log::Result<(
         .expect("the durability callback was never called")
 }
 
+/// Holds the WAL writer thread (which runs the durability callbacks) inside one until
+/// dropped, so that appends and barriers queue up meanwhile and the writer takes them all
+/// in its next turn, as it would after a slow sync.
+pub struct Stall {
+    _release: mpsc::Sender<()>,
+}
+
+/// Stalls the WAL writer with an append of one small batch to `log`; returns once the
+/// writer is held.
+pub fn stall_writer(log: &mut Log) -> Stall {
+    let (stalled_tx, stalled_rx) = mpsc::channel();
+    let (release, released) = mpsc::channel::<()>();
+    let done: OnDurable = Box::new(move |r| {
+        let _ = stalled_tx.send(r);
+        // Returns once the `Stall` is dropped (the channel disconnects).
+        let _ = released.recv_timeout(WAIT);
+    });
+    log.append(vec![batch(log.next_offset(), 1, 8, 0)], done)
+        .expect("append the stalling batch");
+    stalled_rx
+        .recv_timeout(WAIT)
+        .expect("the writer never ran the stalling callback")
+        .expect("the stalling append failed");
+    Stall { _release: release }
+}
+
 /// Appends and waits until the append is durable (or failed).
 pub fn append_durably(log: &mut Log, batches: Vec<RecordBatch>) -> petrel_log::Result<()> {
     let (done, rx) = durable();
@@ -150,19 +176,58 @@ pub fn partition_config() -> PartitionConfig {
     }
 }
 
+/// A partition that brings this many bytes of `SyncPolicy::Always` appends to one turn of
+/// the WAL writer has its own segments synced instead of copying them into the WAL. A copy
+/// of the engine's `DIRECT_BYTES`: `direct.rs` checks that appends on either side of it
+/// take the path the tests expect.
+pub const DIRECT_BYTES: usize = 64 << 10;
+
+/// Settings of a partition taking large appends: several batches to a segment, so one
+/// append fills and seals a few segments.
+pub fn large_partition_config() -> PartitionConfig {
+    PartitionConfig {
+        segment_bytes: 24 << 10,
+        ..partition_config()
+    }
+}
+
+/// Batches from offset `base` holding at least `bytes` together, each of 4 to 12 records
+/// of 500 to 1200 bytes (2 to 15 KiB, under the test limit of 16 KiB a batch): one append
+/// of them at [`DIRECT_BYTES`] or more goes to its segments directly.
+pub fn large_append(base: u64, term: u64, bytes: usize, rng: &mut Rng) -> Vec<RecordBatch> {
+    let mut out: Vec<RecordBatch> = Vec::new();
+    let mut total = 0;
+    let mut at = base;
+    while total < bytes {
+        let b = batch(
+            at,
+            rng.range(4..13) as u32,
+            rng.range(500..1200) as usize,
+            term,
+        );
+        total += b.len();
+        at = b.next_offset();
+        out.push(b);
+    }
+    out
+}
+
 pub fn open(dir: &Path) -> Storage {
     Storage::open(storage_config(dir)).expect("open storage")
 }
 
 /// Opens a partition, creating it if it does not exist.
 pub fn open_or_create(storage: &Storage, id: PartitionId) -> Log {
+    open_or_create_with(storage, id, partition_config())
+}
+
+/// Opens a partition with the given settings, creating it if it does not exist.
+pub fn open_or_create_with(storage: &Storage, id: PartitionId, config: PartitionConfig) -> Log {
     if storage.partitions().contains(&id) {
-        storage
-            .open_partition(id, partition_config())
-            .expect("open partition")
+        storage.open_partition(id, config).expect("open partition")
     } else {
         storage
-            .create_partition(id, partition_config())
+            .create_partition(id, config)
             .expect("create partition")
     }
 }
@@ -283,37 +348,49 @@ pub fn segment_entries(path: &Path) -> Vec<SegmentEntry> {
     out
 }
 
-/// One chunk of a write-ahead log file and the `(partition, base, next)` of its batches.
+/// One chunk of a write-ahead log file: the `(partition, base, next)` of the batches
+/// copied into it, and the `(partition, next)` of the direct syncs it records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WalChunk {
     pub position: u64,
     pub len: u64,
     pub batches: Vec<(PartitionId, u64, u64)>,
+    pub marks: Vec<(PartitionId, u64)>,
 }
 
-/// The chunks of an intact write-ahead log file: a 16-byte file header, then chunks of a
-/// 20-byte header (magic, body length, file sequence, CRC) and a body of records: `u8 kind`, `u64 partition`,
-/// then a batch (kind 0) or a `u64` offset synced directly (kind 1).
+/// The chunks of a write-ahead log file: a 16-byte file header, then chunks of a 20-byte
+/// header (magic, body length, file sequence, CRC32C of sequence and body) and a body of
+/// records: `u8 kind`, `u64 partition`, then a batch (kind 0) or a `u64` offset synced
+/// directly (kind 1). The log ends at zeros (a preallocated file), at a chunk of an
+/// earlier sequence (a reused one), or at a chunk that is not whole and valid (torn by a
+/// kill).
 pub fn wal_chunks(path: &Path) -> Vec<WalChunk> {
     let bytes = std::fs::read(path).expect("read wal");
     let mut out = Vec::new();
-    let seq = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    if bytes.len() < 16 {
+        return out;
+    }
+    let seq = &bytes[8..16];
     let mut pos = 16usize;
-    // Chunks end at zeros (a preallocated file) or a chunk of an earlier sequence (a reused one).
-    while pos + 20 <= bytes.len()
-        && bytes[pos..pos + 20].iter().any(|b| *b != 0)
-        && u64::from_le_bytes(bytes[pos + 8..pos + 16].try_into().expect("8 bytes")) == seq
-    {
+    while pos + 20 <= bytes.len() && &bytes[pos + 8..pos + 16] == seq {
         let body_len =
             u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().expect("4 bytes")) as usize;
-        let body = &bytes[pos + 20..pos + 20 + body_len];
+        let crc = u32::from_le_bytes(bytes[pos + 16..pos + 20].try_into().expect("4 bytes"));
+        let Some(body) = bytes.get(pos + 20..pos + 20 + body_len) else {
+            break;
+        };
+        if crc32c::crc32c_append(crc32c::crc32c(seq), body) != crc {
+            break;
+        }
         let mut batches = Vec::new();
+        let mut marks = Vec::new();
         let mut at = 0usize;
         while at < body.len() {
             let kind = body[at];
             let partition = u64::from_le_bytes(body[at + 1..at + 9].try_into().expect("8 bytes"));
             if kind == 1 {
-                // A direct-sync mark: u64 offset.
+                let next = u64::from_le_bytes(body[at + 9..at + 17].try_into().expect("8 bytes"));
+                marks.push((partition, next));
                 at += 17;
                 continue;
             }
@@ -328,6 +405,7 @@ pub fn wal_chunks(path: &Path) -> Vec<WalChunk> {
             position: pos as u64,
             len: 20 + body_len as u64,
             batches,
+            marks,
         });
         pos += 20 + body_len;
     }
