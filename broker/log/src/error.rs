@@ -136,9 +136,7 @@ pub enum Corruption {
     #[error("offset gap: expected {expected}, found {found}")]
     OffsetGap { expected: u64, found: u64 },
     /// Data the checkpoint says was durable is missing.
-    #[error(
-        "durable data missing: checkpoint says the log reaches offset {expected}, found {found}"
-    )]
+    #[error("durable data missing: the log should reach offset {expected}, found {found}")]
     Missing { expected: u64, found: u64 },
     /// The checkpoint file failed its checksum or is malformed.
     #[error("checkpoint is malformed")]

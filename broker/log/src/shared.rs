@@ -19,6 +19,8 @@ pub(crate) struct PartitionShared {
     /// Set after every append; a sync clears it before it syncs.
     dirty: AtomicBool,
     files: Mutex<SyncSet>,
+    /// The partition was deleted: there is nothing left to make durable.
+    deleted: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -34,6 +36,7 @@ impl PartitionShared {
             dir,
             next: AtomicU64::new(state.next),
             dirty: AtomicBool::new(true),
+            deleted: AtomicBool::new(false),
             files: Mutex::new(SyncSet {
                 active: state.active().map(|s| s.file().clone()),
                 sealed: Vec::new(),
@@ -77,9 +80,17 @@ impl PartitionShared {
     /// held across the syncs: a second caller (the WAL writer's direct sync and the
     /// checkpointer) waits for a sync in flight instead of taking its cleared flag as done.
     pub fn sync(&self) -> Result<()> {
+        match self.sync_files() {
+            // A sync queued before the partition was deleted finds its files gone.
+            Err(_) if self.deleted.load(Ordering::Acquire) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn sync_files(&self) -> Result<()> {
         let mut f = self.files();
         let dirty = self.dirty.swap(false, Ordering::AcqRel);
-        if !dirty && f.sealed.is_empty() && !f.dir_dirty {
+        if self.deleted.load(Ordering::Acquire) || (!dirty && f.sealed.is_empty() && !f.dir_dirty) {
             return Ok(());
         }
         for file in f.sealed.iter().chain(f.active.iter()) {
@@ -91,6 +102,11 @@ impl PartitionShared {
             fsutil::sync_dir(&self.dir)?;
         }
         Ok(())
+    }
+
+    /// The partition is being deleted.
+    pub fn mark_deleted(&self) {
+        self.deleted.store(true, Ordering::Release);
     }
 
     /// Records an append to the segments: the data up to `next` is written, not yet synced.

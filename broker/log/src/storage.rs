@@ -100,7 +100,9 @@ impl Inner {
             table.entries.remove(&id);
             self.save_checkpoint(&table)?;
         }
-        lock(&self.registry).remove(&id);
+        if let Some(shared) = lock(&self.registry).remove(&id) {
+            shared.mark_deleted();
+        }
         self.cache.remove(id);
         std::fs::remove_dir_all(dir).map_err(|e| Error::io("delete", dir, e))
     }
@@ -172,17 +174,18 @@ impl Storage {
         let mut table = Checkpoint::load(&root.join("checkpoint"))?.unwrap_or_default();
         remove_orphans(&parts_dir, &table)?;
 
-        let mut states = BTreeMap::new();
+        // Look before changing anything: an open that fails leaves every file as it was.
+        let mut found = BTreeMap::new();
         for (&id, entry) in &table.entries {
             let dir = parts_dir.join(id.to_string());
-            states.insert(
-                id,
-                recover_segments(&dir, entry, config.index_interval_bytes)?,
-            );
+            found.insert(id, find_segments(&dir, entry, config.index_interval_bytes)?);
+        }
+        check_against_wal(&wal_dir, &table, &found)?;
+        let mut states = BTreeMap::new();
+        for (id, f) in found {
+            states.insert(id, f.apply(&parts_dir.join(id.to_string()))?);
         }
         let mut replayed = 0u64;
-        // Offsets each partition's segments were synced to directly: recovery must reach them.
-        let mut required: HashMap<PartitionId, u64> = HashMap::new();
         let seqs = wal::replay(&wal_dir, |at, id, record| {
             let (Some(entry), Some(state)) = (table.entries.get(&id), states.get_mut(&id)) else {
                 return Ok(()); // A deleted partition.
@@ -191,11 +194,7 @@ impl Storage {
                 return Ok(());
             }
             let batch = match record {
-                WalRecord::Synced(next) => {
-                    let r = required.entry(id).or_default();
-                    *r = (*r).max(next);
-                    return Ok(());
-                }
+                WalRecord::Synced(_) => return Ok(()),
                 WalRecord::Batch(batch) if batch.next_offset() <= state.next => return Ok(()),
                 WalRecord::Batch(batch) => batch,
             };
@@ -218,20 +217,6 @@ impl Storage {
             replayed += 1;
             Ok(())
         })?;
-        for (id, state) in &states {
-            let needed = required.get(id).copied().unwrap_or(0);
-            if state.next < needed {
-                let dir = parts_dir.join(id.to_string());
-                let path = state.active().map_or(dir, |s| s.path().to_path_buf());
-                let position = state.active().map_or(0, Segment::size);
-                let missing = Corruption::Missing {
-                    expected: needed,
-                    found: state.next,
-                };
-                return Err(Error::corrupt(path, position, missing));
-            }
-        }
-
         // Everything is now in the segments: sync them, start a fresh WAL file, point the
         // checkpoint at it, and retire the old files.
         // Above every sequence ever used, spares included: a reused file's old chunks
@@ -419,6 +404,57 @@ impl Drop for DirLock {
     }
 }
 
+/// Replays the WAL on paper against what the segments hold: every partition must reach
+/// the offsets its segments were synced to directly (`Synced` marks), and the WAL's
+/// batches must continue each log without a gap.
+fn check_against_wal(
+    wal_dir: &Path,
+    table: &Checkpoint,
+    found: &BTreeMap<PartitionId, Found>,
+) -> Result<()> {
+    let mut next: HashMap<PartitionId, u64> = found.iter().map(|(id, f)| (*id, f.next)).collect();
+    let mut required: HashMap<PartitionId, u64> = HashMap::new();
+    wal::replay(wal_dir, |at, id, record| {
+        let (Some(entry), Some(next)) = (table.entries.get(&id), next.get_mut(&id)) else {
+            return Ok(());
+        };
+        if at < entry.replay_from {
+            return Ok(());
+        }
+        match record {
+            WalRecord::Synced(to) => {
+                let r = required.entry(id).or_default();
+                *r = (*r).max(to);
+            }
+            WalRecord::Batch(b) if b.next_offset() <= *next => {}
+            WalRecord::Batch(b) if b.base_offset() == *next => *next = b.next_offset(),
+            WalRecord::Batch(b) => {
+                let gap = Corruption::OffsetGap {
+                    expected: *next,
+                    found: b.base_offset(),
+                };
+                return Err(Error::corrupt(wal::file_path(wal_dir, at.seq), at.pos, gap));
+            }
+        }
+        Ok(())
+    })?;
+    for (id, needed) in required {
+        let (Some(f), Some(reached)) = (found.get(&id), next.get(&id)) else {
+            continue;
+        };
+        if *reached < needed {
+            let last = f.tail.last();
+            let path = last.map_or_else(PathBuf::new, |s| s.path().to_path_buf());
+            let missing = Corruption::Missing {
+                expected: needed,
+                found: *reached,
+            };
+            return Err(Error::corrupt(path, last.map_or(0, Segment::size), missing));
+        }
+    }
+    Ok(())
+}
+
 /// Creates or validates the data directory and locks it.
 fn prepare_root(root: &Path) -> Result<DirLock> {
     std::fs::create_dir_all(root).map_err(|e| Error::io("create data directory", root, e))?;
@@ -489,9 +525,48 @@ fn remove_orphans(parts_dir: &Path, table: &Checkpoint) -> Result<()> {
     Ok(())
 }
 
-/// Opens a partition's segments as the checkpoint left them: purged segments gone, the
-/// segment holding `end` cut there, and later (unsynced) segments dropped.
-fn recover_segments(dir: &Path, entry: &Entry, index_interval: u32) -> Result<LogState> {
+/// A partition's segments as recovery found them, before anything is changed on disk.
+struct Found {
+    state: LogState,
+    /// Segments from the one holding the checkpoint's end on, valid batches only; the
+    /// last takes appends.
+    tail: Vec<Segment>,
+    /// Segments to delete: purged ones whose deletion did not finish, and those after
+    /// damage or a gap.
+    doomed: Vec<u64>,
+    /// An interrupted truncation to finish: cut everything from this offset.
+    cut_from: Option<u64>,
+    /// Where the log ends once that is done.
+    next: u64,
+}
+
+impl Found {
+    /// Changes the files as planned: cut damaged or unsynced tails, delete what goes.
+    fn apply(mut self, dir: &Path) -> Result<LogState> {
+        for base in self.doomed {
+            segment::remove_files(dir, base)?;
+        }
+        let last = self.tail.len().saturating_sub(1);
+        for (i, mut seg) in self.tail.into_iter().enumerate() {
+            seg.discard_tail()?;
+            if i == last {
+                if let Some(end) = self.cut_from {
+                    seg.truncate_from(end)?;
+                }
+            } else {
+                seg.seal()?;
+            }
+            self.state.segments.insert(seg.base, seg);
+        }
+        self.state.next = self.next;
+        Ok(self.state)
+    }
+}
+
+/// Finds a partition's segments as the checkpoint left them, changing nothing: everything
+/// before the checkpoint's `end` must be there; after it, whole valid batches count
+/// (synced directly, or written and also in the WAL) up to the first damage or gap.
+fn find_segments(dir: &Path, entry: &Entry, index_interval: u32) -> Result<Found> {
     let mut bases = Vec::new();
     let listing =
         std::fs::read_dir(dir).map_err(|e| Error::io("list partition directory", dir, e))?;
@@ -520,55 +595,53 @@ fn recover_segments(dir: &Path, entry: &Entry, index_interval: u32) -> Result<Lo
     let Some(k) = bases.iter().rposition(|b| *b <= entry.end) else {
         return Err(missing(bases.first().copied().unwrap_or(0)));
     };
-    let mut state = LogState {
-        segments: BTreeMap::new(),
-        start: entry.start,
+    let mut found = Found {
+        state: LogState {
+            segments: BTreeMap::new(),
+            start: entry.start,
+            next: entry.end,
+        },
+        tail: Vec::new(),
+        doomed: Vec::new(),
+        cut_from: None,
         next: entry.end,
     };
     for i in 0..k {
         if bases[i + 1] <= entry.start {
-            // Purged, but the deletion did not finish.
-            let _ = std::fs::remove_file(dir.join(segment::file_name(bases[i], "index")));
-            let _ = std::fs::remove_file(dir.join(segment::file_name(bases[i], "timeindex")));
-            let path = dir.join(segment::file_name(bases[i], "log"));
-            std::fs::remove_file(&path).map_err(|e| Error::io("delete", &path, e))?;
+            found.doomed.push(bases[i]);
             continue;
         }
         let seg = Segment::open_sealed(dir, bases[i], bases[i + 1], index_interval)?;
-        state.segments.insert(seg.base, seg);
+        found.state.segments.insert(seg.base, seg);
     }
-    // From the segment holding `end` on: everything before `end` must be there. After it,
-    // whole valid batches stay (synced directly, or unsynced and also in the WAL) up to
-    // the first damage or gap, where the log is cut; the WAL replay refills what it holds.
-    let (mut active, scan) = Segment::open_scan(dir, bases[k], index_interval)?;
-    if active.next_offset() < entry.end {
+    let (first, scan) = Segment::open_scan(dir, bases[k], index_interval)?;
+    if first.next_offset() < entry.end {
         return Err(match scan.invalid {
-            Some(reason) => Error::corrupt(active.path(), scan.position, reason),
-            None => missing(active.next_offset()),
+            Some(reason) => Error::corrupt(first.path(), scan.position, reason),
+            None => missing(first.next_offset()),
         });
     }
     let mut damaged = scan.invalid.is_some();
-    active.discard_tail()?;
     if entry.cut_pending {
         // A truncation to `end` was interrupted: finish it.
-        if active.truncate_from(entry.end)? != entry.end {
-            return Err(missing(active.next_offset()));
-        }
+        found.cut_from = Some(entry.end);
         damaged = true;
     }
+    found.next = if entry.cut_pending {
+        entry.end
+    } else {
+        first.next_offset()
+    };
+    found.tail.push(first);
     for &base in &bases[k + 1..] {
-        if damaged || base != active.next_offset() {
-            segment::remove_files(dir, base)?;
+        if damaged || base != found.next {
+            found.doomed.push(base);
             continue;
         }
-        let (next, scan) = Segment::open_scan(dir, base, index_interval)?;
-        active.seal()?;
-        state.segments.insert(active.base, active);
-        active = next;
+        let (seg, scan) = Segment::open_scan(dir, base, index_interval)?;
         damaged = scan.invalid.is_some();
-        active.discard_tail()?;
+        found.next = seg.next_offset();
+        found.tail.push(seg);
     }
-    state.next = active.next_offset();
-    state.segments.insert(active.base, active);
-    Ok(state)
+    Ok(found)
 }

@@ -189,12 +189,11 @@ fn wait_until_sleeping(tid: &str) {
 }
 
 /// A Raft follower appends the leader's entries and, before they are durable, learns of a
-/// conflict and truncates them. When the writer takes the truncation's barrier in the same
-/// turn as the direct append, the append's `Synced` mark goes into the chunk after the
-/// barrier's position, where the replay of the truncated partition starts: a kill then
-/// leaves a WAL demanding the truncated offsets, and the next open fails.
+/// conflict and truncates them. Regression: when the writer took the truncation's barrier
+/// in the same turn as the direct append, the append's `Synced` mark went into the chunk
+/// after the barrier's position, where the replay of the truncated partition starts: a
+/// kill then left a WAL demanding the truncated offsets, and every open failed.
 #[test]
-#[ignore = "bug: a truncation whose barrier shares a writer turn with a direct append leaves that append's Synced mark after the replay point, so the next open fails with Missing"]
 fn a_truncation_of_an_in_flight_direct_append_leaves_a_directory_that_opens_after_a_kill() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
@@ -242,12 +241,10 @@ fn a_truncation_of_an_in_flight_direct_append_leaves_a_directory_that_opens_afte
     assert!(read_all(&log, 1 << 20) == kept);
 }
 
-/// A partition deleted while its direct append waits for the writer: the writer then syncs
-/// the partition's directory, which is gone. That fails, and the failure poisons the whole
-/// storage, refusing every partition's writes until a restart. Copied into the WAL instead,
-/// the same append would be harmless.
+/// A partition deleted while its direct append waits for the writer. Regression: the
+/// writer then synced the partition's directory, which was gone; the failure poisoned the
+/// whole storage, refusing every partition's writes until a restart.
 #[test]
-#[ignore = "bug: a direct append still queued when its partition is deleted syncs the deleted directory, fails and poisons the whole storage"]
 fn deleting_a_partition_with_a_direct_append_in_flight_leaves_the_storage_writable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = Storage::open(storage_config(dir.path())).expect("open");

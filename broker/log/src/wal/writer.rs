@@ -215,6 +215,16 @@ impl Writer {
                 w.complete(r.as_ref().map_err(clone_error).copied());
             }
         }
+        if sync_wal {
+            if !self.barriers.is_empty() && !self.marks.is_empty() {
+                // A barrier's position must come after the marks of every direct sync
+                // before it: a truncation replays its partition from there.
+                self.begin_chunk();
+                self.write_chunk();
+                self.sync_wal();
+            }
+            self.complete_wal_waiters();
+        }
         self.returning = self.always;
         self.always = 0;
         self.gathered = 0;
@@ -225,13 +235,7 @@ impl Writer {
 
     /// Copies small appends into the chunk and sets aside the partitions that sync directly.
     fn route(&mut self) -> Vec<Direct> {
-        self.buf.clear();
-        self.buf.resize(CHUNK_HEADER, 0);
-        for (partition, next) in self.marks.drain(..) {
-            self.buf.push(RECORD_SYNCED);
-            self.buf.extend_from_slice(&partition.to_le_bytes());
-            self.buf.extend_from_slice(&next.to_le_bytes());
-        }
+        self.begin_chunk();
         self.sizes.clear();
         for p in &self.pending {
             if p.policy == SyncPolicy::Always {
@@ -285,6 +289,17 @@ impl Writer {
         direct
     }
 
+    /// Starts a chunk with the marks of earlier direct syncs.
+    fn begin_chunk(&mut self) {
+        self.buf.clear();
+        self.buf.resize(CHUNK_HEADER, 0);
+        for (partition, next) in self.marks.drain(..) {
+            self.buf.push(RECORD_SYNCED);
+            self.buf.extend_from_slice(&partition.to_le_bytes());
+            self.buf.extend_from_slice(&next.to_le_bytes());
+        }
+    }
+
     fn write_chunk(&mut self) {
         if self.buf.len() <= CHUNK_HEADER || self.s.poison.check().is_err() {
             return;
@@ -310,7 +325,7 @@ impl Writer {
     }
 
     /// Syncs the WAL (if `sync_wal`) and every direct partition's segments, in parallel
-    /// when there is more than one, then completes the WAL's waiters.
+    /// when there is more than one.
     fn sync(&mut self, sync_wal: bool, direct: &mut [Direct]) {
         match (sync_wal, &mut *direct) {
             (_, []) => {
@@ -346,22 +361,24 @@ impl Writer {
                 self.s.poison.set_error(&d.shared.dir, clone_error(e));
             }
         }
-        if sync_wal {
-            let result = || self.s.poison.check();
-            for d in self
-                .waiting
-                .drain(..)
-                .chain(self.interval_waiting.drain(..))
-            {
-                d.complete(result());
-            }
-            let here = WalPosition {
-                seq: self.s.seq,
-                pos: self.pos,
-            };
-            for b in self.barriers.drain(..) {
-                let _ = b.send(result().map(|()| here));
-            }
+    }
+
+    /// Completes what waits on the WAL's sync: appends copied into it and barriers.
+    fn complete_wal_waiters(&mut self) {
+        let result = || self.s.poison.check();
+        for d in self
+            .waiting
+            .drain(..)
+            .chain(self.interval_waiting.drain(..))
+        {
+            d.complete(result());
+        }
+        let here = WalPosition {
+            seq: self.s.seq,
+            pos: self.pos,
+        };
+        for b in self.barriers.drain(..) {
+            let _ = b.send(result().map(|()| here));
         }
     }
 
@@ -385,6 +402,7 @@ impl Writer {
         }
         self.unsynced = true;
         self.sync(true, &mut []);
+        self.complete_wal_waiters();
         // Not preallocated here: zero-filling would stall every append. Spares come from
         // files the checkpointer retires.
         match new_file(&self.s.dir, self.s.seq + 1, 0) {
