@@ -87,6 +87,25 @@ fn run_in(args: &Args, base: &Path) -> anyhow::Result<()> {
         "disk: {sync_per_s:.0} fdatasync/s (4 KiB writes), {seq_mb_s:.0} MB/s (1 MiB writes + fdatasync)"
     );
 
+    // First, while the process is fresh, so its RSS is not the allocator's leftovers.
+    let memory = if args.rss_bytes > 0 {
+        let m = memory_case(args, &base.join("memory"))?;
+        let _ = std::fs::remove_dir_all(base.join("memory"));
+        println!(
+            "memory: appended {:.0} MB and read back {:.0} MB; RSS {:.1} MiB before, peak {:.1} MiB (cache {} MiB); {:.0} MB/s in, {:.0} MB/s out",
+            m.appended as f64 / 1e6,
+            m.read as f64 / 1e6,
+            m.rss_before_mb,
+            m.peak_rss_mb,
+            args.cache_mb,
+            m.append_mb_s,
+            m.read_mb_s
+        );
+        Some(m)
+    } else {
+        None
+    };
+
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -157,24 +176,6 @@ fn run_in(args: &Args, base: &Path) -> anyhow::Result<()> {
             );
         }
     }
-
-    let memory = if args.rss_bytes > 0 {
-        let m = memory_case(args, &base.join("memory"))?;
-        let _ = std::fs::remove_dir_all(base.join("memory"));
-        println!(
-            "memory: appended {:.0} MB and read back {:.0} MB; RSS {:.1} MiB before, peak {:.1} MiB (cache {} MiB); {:.0} MB/s in, {:.0} MB/s out",
-            m.appended as f64 / 1e6,
-            m.read as f64 / 1e6,
-            m.rss_before_mb,
-            m.peak_rss_mb,
-            args.cache_mb,
-            m.append_mb_s,
-            m.read_mb_s
-        );
-        Some(m)
-    } else {
-        None
-    };
 
     if args.json {
         let results: Vec<_> = cases
