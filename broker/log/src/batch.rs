@@ -363,29 +363,39 @@ impl BatchBuilder {
             self.max_ts = timestamp;
         }
         self.max_ts = self.max_ts.max(timestamp);
-        let mut body = Vec::with_capacity(16 + value.len() + key.map_or(0, <[u8]>::len));
-        varint::put(
-            &mut body,
-            varint::zigzag(timestamp.wrapping_sub(self.first_ts)),
-        );
-        match key {
-            None => varint::put(&mut body, 0),
-            Some(k) => {
-                varint::put(&mut body, k.len() as u64 + 1);
-                body.extend_from_slice(k);
-            }
+        // Written straight into the records buffer: the body's length prefix comes first,
+        // so it is summed up front rather than by encoding into a scratch buffer.
+        let delta = varint::zigzag(timestamp.wrapping_sub(self.first_ts));
+        let key_tag = key.map_or(0, |k| k.len() as u64 + 1);
+        let body_len = varint::len(delta)
+            + varint::len(key_tag)
+            + key.map_or(0, <[u8]>::len)
+            + varint::len(value.len() as u64)
+            + value.len()
+            + varint::len(headers.len() as u64)
+            + headers
+                .iter()
+                .map(|(k, v)| {
+                    varint::len(k.len() as u64) + k.len() + varint::len(v.len() as u64) + v.len()
+                })
+                .sum::<usize>();
+        let out = &mut self.records;
+        out.reserve(varint::len(body_len as u64) + body_len);
+        varint::put(out, body_len as u64);
+        varint::put(out, delta);
+        varint::put(out, key_tag);
+        if let Some(k) = key {
+            out.extend_from_slice(k);
         }
-        varint::put(&mut body, value.len() as u64);
-        body.extend_from_slice(value);
-        varint::put(&mut body, headers.len() as u64);
+        varint::put(out, value.len() as u64);
+        out.extend_from_slice(value);
+        varint::put(out, headers.len() as u64);
         for (k, v) in headers {
-            varint::put(&mut body, k.len() as u64);
-            body.extend_from_slice(k);
-            varint::put(&mut body, v.len() as u64);
-            body.extend_from_slice(v);
+            varint::put(out, k.len() as u64);
+            out.extend_from_slice(k);
+            varint::put(out, v.len() as u64);
+            out.extend_from_slice(v);
         }
-        varint::put(&mut self.records, body.len() as u64);
-        self.records.extend_from_slice(&body);
         self.count += 1;
     }
 
@@ -456,6 +466,11 @@ mod varint {
             v >>= 7;
         }
         out.push(v as u8);
+    }
+
+    /// Bytes `put` writes for `v`.
+    pub fn len(v: u64) -> usize {
+        (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
     }
 
     pub fn take(buf: &mut Bytes) -> Result<u64, BatchError> {
@@ -543,6 +558,24 @@ mod tests {
                     "flip at byte {byte} bit {bit} went unnoticed"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn varint_lengths_match_what_put_writes() {
+        for v in [
+            0,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            u64::from(u32::MAX),
+            u64::MAX,
+        ] {
+            let mut out = Vec::new();
+            varint::put(&mut out, v);
+            assert_eq!(varint::len(v), out.len(), "{v}");
         }
     }
 
