@@ -146,6 +146,12 @@ impl RecordBatch {
         if u32_at(&bytes, 12) == 0 {
             return Err(BatchError::Empty);
         }
+        if u64_at(&bytes, 16)
+            .checked_add(u64::from(u32_at(&bytes, 12)))
+            .is_none()
+        {
+            return Err(BatchError::MalformedRecords("offsets run past u64::MAX"));
+        }
         Ok(Self { bytes })
     }
 

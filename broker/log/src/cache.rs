@@ -21,6 +21,8 @@ struct Inner {
     /// Insertion order for eviction; entries already dropped by truncation are skipped.
     fifo: VecDeque<(PartitionId, u64)>,
     bytes: usize,
+    /// Entries held; `fifo` is compacted when its stale entries outnumber them.
+    live: usize,
     next_seq: u64,
 }
 
@@ -59,12 +61,14 @@ impl Cache {
         }) {
             // Not contiguous (should not happen): start over for this partition.
             inner.bytes -= part.iter().map(|c| c.batch.len()).sum::<usize>();
+            inner.live -= part.len();
             part.clear();
         }
         for b in batches {
             let seq = inner.next_seq;
             inner.next_seq += 1;
             inner.bytes += b.len();
+            inner.live += 1;
             part.push_back(Cached {
                 seq,
                 batch: b.clone(),
@@ -80,7 +84,19 @@ impl Cache {
                 && let Some(c) = p.pop_front()
             {
                 inner.bytes -= c.batch.len();
+                inner.live -= 1;
             }
+        }
+        // Truncations and purges leave stale entries behind; drop them before they pile up.
+        if inner.fifo.len() > 2 * inner.live + 1024 {
+            let Inner {
+                fifo, partitions, ..
+            } = inner;
+            fifo.retain(|(pid, seq)| {
+                partitions
+                    .get(pid)
+                    .is_some_and(|p| p.binary_search_by_key(seq, |c| c.seq).is_ok())
+            });
         }
     }
 
@@ -119,6 +135,7 @@ impl Cache {
             while p.back().is_some_and(|c| c.batch.next_offset() > offset) {
                 if let Some(c) = p.pop_back() {
                     inner.bytes -= c.batch.len();
+                    inner.live -= 1;
                 }
             }
         }
@@ -132,6 +149,7 @@ impl Cache {
             while p.front().is_some_and(|c| c.batch.next_offset() <= offset) {
                 if let Some(c) = p.pop_front() {
                     inner.bytes -= c.batch.len();
+                    inner.live -= 1;
                 }
             }
         }
@@ -142,6 +160,7 @@ impl Cache {
         let mut g = self.lock();
         if let Some(p) = g.partitions.remove(&partition) {
             g.bytes -= p.iter().map(|c| c.batch.len()).sum::<usize>();
+            g.live -= p.len();
         }
     }
 
@@ -182,6 +201,19 @@ mod tests {
             cache.read(1, 2, usize::MAX, 3).expect("cached").len() == 1,
             "never past the limit"
         );
+    }
+
+    #[test]
+    fn stale_entries_left_by_purges_do_not_pile_up_under_the_budget() {
+        let cache = Cache::new(usize::MAX);
+        for i in 0..10_000 {
+            cache.insert(1, &[batch(i)]);
+            cache.purge_to(1, i + 1);
+        }
+        let inner = cache.lock();
+        assert!(inner.fifo.len() <= 2 * inner.live + 1024);
+        drop(inner);
+        assert_eq!(cache.bytes(), 0);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! write-ahead log its replay starts. One small file, replaced atomically.
 //!
 //! Invariant: for every partition, segments hold offsets `[start, end)` durably, and every
-//! batch of the partition not in them is in the write-ahead log at or after `replay_from`.
+//! later batch of the partition is either in the segments (synced directly by the WAL
+//! writer, or written and not yet synced) or in the write-ahead log at or after
+//! `replay_from`.
 
 use std::collections::BTreeMap;
 use std::path::Path;

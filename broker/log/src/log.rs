@@ -137,11 +137,9 @@ impl Log {
             policy: self.config.sync_policy,
             done: Some(Completion::new(done)),
         };
-        if let Err(e) = self.storage.wal.append(cmd) {
-            self.rollback(before);
-            return Err(e);
-        }
-        Ok(())
+        // The storage closed meanwhile: the batches stay in the segment as whole valid
+        // batches (its final checkpoint may already count them), unacknowledged.
+        self.storage.wal.append(cmd)
     }
 
     fn write_segments(&mut self, batches: &[RecordBatch]) -> Result<()> {
@@ -198,6 +196,8 @@ impl Log {
     /// Undoes a failed append in memory and on disk. If the files cannot be cut back, later
     /// appends would land behind the stale bytes: the storage is poisoned instead.
     fn rollback(&mut self, next: u64) {
+        // Under the table lock, so that a checkpoint cannot count the batches being cut.
+        let mut table = self.storage.table();
         let mut undo = Ok(());
         while self.state.segments.len() > 1
             && let Some(entry) = self.state.segments.last_entry()
@@ -208,6 +208,12 @@ impl Log {
         if let Some(active) = self.state.segments.values_mut().next_back() {
             undo = undo.and(active.truncate_from(next).map(drop));
             self.shared.reactivate(active.file().clone());
+        }
+        if let Some(entry) = table.entries.get_mut(&self.id)
+            && entry.end > next
+        {
+            entry.end = next;
+            undo = undo.and(self.storage.save_checkpoint(&table));
         }
         if let Err(e) = undo {
             self.storage.poison.set_error(&self.shared.dir, e);
@@ -301,7 +307,8 @@ impl Log {
         self.storage.check_writable()?;
         // Everything this log queued is durable in the WAL, at positions before `barrier`.
         let barrier = self.storage.wal.barrier()?;
-        let mut table = self.storage.table();
+        let storage = self.storage.clone();
+        let mut table = storage.table();
         // The segments then hold it all durably, so replay may start at `barrier`.
         self.shared.sync()?;
         // Record the new end before any file is cut or deleted: a crash in between leaves a
@@ -328,7 +335,25 @@ impl Log {
         entry.cut_pending = true;
         self.storage.save_checkpoint(&table)?;
         // The table stays locked until `shared.next` is cut too, so no checkpoint in
-        // between records the old end again.
+        // between records the old end again. Past this point a failure leaves the files
+        // and the memory apart: the storage is poisoned (recovery finishes the cut).
+        let cut = self.cut_files(offset, next, start);
+        let cut = cut.and_then(|()| {
+            if let Some(entry) = table.entries.get_mut(&self.id) {
+                entry.cut_pending = false;
+            }
+            self.storage.save_checkpoint(&table)
+        });
+        if let Err(e) = &cut {
+            self.storage
+                .poison
+                .set(&self.shared.dir, std::io::Error::other(e.to_string()));
+        }
+        cut
+    }
+
+    /// The file work of `truncate_from`: cut, sync, and move the in-memory state along.
+    fn cut_files(&mut self, offset: u64, next: u64, start: u64) -> Result<()> {
         while self.state.segments.len() > 1
             && let Some(entry) = self.state.segments.last_entry()
             && *entry.key() > offset
@@ -356,10 +381,7 @@ impl Log {
         self.state.start = start;
         self.shared.next.store(next, Ordering::Release);
         self.storage.cache.truncate_from(self.id, next);
-        if let Some(entry) = table.entries.get_mut(&self.id) {
-            entry.cut_pending = false;
-        }
-        self.storage.save_checkpoint(&table)
+        Ok(())
     }
 
     /// Makes offsets below `offset` unreadable and deletes the segments wholly below it

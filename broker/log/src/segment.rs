@@ -1,7 +1,8 @@
 //! One segment file of a partition: batches back to back, named by the base offset.
 //!
-//! Appends go to the page cache only; durability comes from the write-ahead log, and the
-//! checkpointer syncs segments before it retires the log that covers them.
+//! Appends go to the page cache; durability comes from the write-ahead log, from the WAL
+//! writer syncing the segment directly (a large stream), or from the checkpointer, which
+//! syncs segments before it retires the WAL that covers them.
 
 use std::fs::{File, OpenOptions};
 use std::io::IoSlice;

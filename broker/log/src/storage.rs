@@ -11,10 +11,13 @@
 //! partitions/<id>/<base>.log  segments, with .index and .timeindex beside sealed ones
 //! ```
 //!
-//! Recovery: each partition's segments are cut back to the checkpoint's durable end
-//! (everything after it is unsynced and also in the WAL), then the WAL is replayed from
-//! each partition's replay position. Damage inside what the checkpoint vouches for, or
-//! in the WAL before its tail, is an error naming file and byte; a torn tail is cut.
+//! Recovery first looks without changing anything: each partition's segments must hold
+//! what the checkpoint vouches for; after that, whole valid batches count (synced
+//! directly, or written and also in the WAL) up to the first damage or gap; and a replay
+//! of the WAL on paper must reach every offset a direct sync was acknowledged for. Only
+//! then are damaged or unsynced tails cut, the WAL replayed into the segments, everything
+//! synced, and a new checkpoint written. Damage other than a torn tail is an error naming
+//! file and byte, with the files left as they were (but for a torn WAL tail, cut).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -303,11 +306,13 @@ impl Storage {
     pub fn create_partition(&self, id: PartitionId, config: PartitionConfig) -> Result<Log> {
         config.validate()?;
         self.inner.poison.check()?;
-        if self.inner.table().entries.contains_key(&id) {
-            return Err(Error::PartitionExists(id));
-        }
         // WAL records before this point belong to an earlier partition of the same id.
         let replay_from = self.inner.wal.barrier()?;
+        // Held throughout, so two creations of one id cannot clobber each other's directory.
+        let mut table = self.inner.table();
+        if table.entries.contains_key(&id) {
+            return Err(Error::PartitionExists(id));
+        }
         let dir = self.inner.partition_dir(id);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io("clear", &dir, e))?;
@@ -321,23 +326,18 @@ impl Storage {
         let mut state = LogState::default();
         state.segments.insert(0, seg);
         let shared = Arc::new(PartitionShared::new(dir, &state));
-        {
-            let mut table = self.inner.table();
-            if table.entries.contains_key(&id) {
-                return Err(Error::PartitionExists(id));
-            }
-            table.entries.insert(
-                id,
-                Entry {
-                    start: 0,
-                    end: 0,
-                    replay_from,
-                    cut_pending: false,
-                },
-            );
-            self.inner.save_checkpoint(&table)?;
-            lock(&self.inner.registry).insert(id, shared.clone());
-        }
+        table.entries.insert(
+            id,
+            Entry {
+                start: 0,
+                end: 0,
+                replay_from,
+                cut_pending: false,
+            },
+        );
+        self.inner.save_checkpoint(&table)?;
+        lock(&self.inner.registry).insert(id, shared.clone());
+        drop(table);
         Ok(Log::new(id, config, state, shared, self.inner.clone()))
     }
 
@@ -556,6 +556,11 @@ impl Found {
             } else {
                 seg.seal()?;
             }
+            // The checkpoint written after recovery vouches for all of it, and the WAL
+            // that also holds some of it is about to be retired.
+            seg.file()
+                .sync_data()
+                .map_err(|e| Error::io("sync", seg.path(), e))?;
             self.state.segments.insert(seg.base, seg);
         }
         self.state.next = self.next;

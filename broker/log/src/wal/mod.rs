@@ -45,8 +45,9 @@ const CHUNK_MAGIC: u32 = 0x4B43_5750; // "PWCK"
 const FILE_VERSION: u32 = 1;
 /// Bytes of a WAL file header.
 pub(crate) const FILE_HEADER: u64 = 16;
-/// Chunk header: magic, body length, file sequence, CRC32C of sequence and body.
-const CHUNK_HEADER: usize = 20;
+/// Chunk header: magic, body length, file sequence, the position in this file that was
+/// durable when the chunk was written, CRC32C of those two fields and the body.
+const CHUNK_HEADER: usize = 28;
 const MAX_CHUNK: u32 = 1 << 30;
 /// Chunk record kinds.
 const RECORD_BATCH: u8 = 0;
@@ -74,6 +75,11 @@ pub(crate) struct Completion(Option<OnDurable>);
 impl Completion {
     pub fn new(f: OnDurable) -> Self {
         Self(Some(f))
+    }
+
+    /// Drops the callback without calling it.
+    pub fn defuse(mut self) {
+        self.0 = None;
     }
 
     pub fn complete(mut self, r: Result<()>) {
@@ -184,9 +190,19 @@ impl Wal {
         })
     }
 
-    /// Queues batches already written to their segment.
+    /// Queues batches already written to their segment. On `Err` the append's callback
+    /// is not called: the caller hears of the failure from the result alone.
     pub fn append(&self, cmd: Cmd) -> Result<()> {
-        self.tx.send(cmd).map_err(|_| Error::Closed)
+        match self.tx.send(cmd) {
+            Ok(()) => Ok(()),
+            Err(mpsc::SendError(Cmd::Append { done, .. })) => {
+                if let Some(d) = done {
+                    d.defuse();
+                }
+                Err(Error::Closed)
+            }
+            Err(_) => Err(Error::Closed),
+        }
     }
 
     /// Waits until everything queued so far is durable; returns the position after it.

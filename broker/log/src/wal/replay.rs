@@ -88,8 +88,9 @@ fn replay_file(
         });
     }
     let header_seq = le_u64(&header, 8);
-    if header_seq < seq && last {
-        // A spare renamed for reuse before its new header was written: nothing in it yet.
+    if header_seq < seq {
+        // A spare renamed for reuse before its new header was written: nothing was
+        // written to it (`new_file` syncs the header before the file is used).
         tracing::warn!(file = %path.display(), "WAL file still carries a reused file's header; it is empty");
         return Ok(());
     }
@@ -103,7 +104,7 @@ fn replay_file(
     let mut pos = FILE_HEADER;
     while pos < len {
         let body = match read_chunk(&file, path, seq, pos, len)? {
-            Chunk::Valid(body) => body,
+            Chunk::Valid { body, .. } => body,
             // Zeros of a preallocated file, or a chunk from a reused file's earlier life.
             Chunk::End => break,
             Chunk::Invalid => {
@@ -154,7 +155,8 @@ fn replay_file(
 
 /// What lies at a chunk position.
 enum Chunk {
-    Valid(Bytes),
+    /// A chunk, and the position its writer knew to be durable.
+    Valid { body: Bytes, durable: u64 },
     /// The end of the log: zeros, or a chunk of an earlier file sequence.
     End,
     /// Bytes that are not a valid chunk.
@@ -183,15 +185,20 @@ fn read_chunk(file: &File, path: &Path, seq: u64, pos: u64, len: u64) -> Result<
     let mut body = BytesMut::zeroed(body_len as usize);
     let n = fsutil::read_at_most(file, &mut body, pos + CHUNK_HEADER as u64)
         .map_err(|e| Error::io("read", path, e))?;
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&head[8..16]), &body);
-    if chunk_seq != seq || n != body.len() || crc != le_u32(&head, 16) {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&head[8..24]), &body);
+    if chunk_seq != seq || n != body.len() || crc != le_u32(&head, 24) {
         return Ok(Chunk::Invalid);
     }
-    Ok(Chunk::Valid(body.freeze()))
+    Ok(Chunk::Valid {
+        body: body.freeze(),
+        durable: le_u64(&head, 16),
+    })
 }
 
-/// Whether a valid chunk of this file starts after `pos`: then the damage at `pos` is not
-/// a torn final write but corruption in the middle. Reads the rest a window at a time.
+/// Whether the damage at `pos` is corruption rather than a torn tail: some later valid
+/// chunk of this file was written when the file was already synced past `pos`. (Unsynced
+/// chunks may survive a crash in any order; what was synced may not go missing.) Reads
+/// the rest a window at a time.
 fn valid_chunk_after(file: &File, path: &Path, seq: u64, pos: u64, len: u64) -> Result<bool> {
     const WINDOW: usize = 1 << 20;
     let magic = CHUNK_MAGIC.to_le_bytes();
@@ -205,7 +212,9 @@ fn valid_chunk_after(file: &File, path: &Path, seq: u64, pos: u64, len: u64) -> 
         }
         for (i, w) in window[..n].windows(magic.len()).enumerate() {
             if w == magic
-                && let Chunk::Valid(_) = read_chunk(file, path, seq, at + i as u64, len)?
+                && let Chunk::Valid { durable, .. } =
+                    read_chunk(file, path, seq, at + i as u64, len)?
+                && durable > pos
             {
                 return Ok(true);
             }

@@ -73,6 +73,10 @@ pub(super) struct Writer {
     marks: Vec<(PartitionId, u64)>,
     sizes: HashMap<PartitionId, usize>,
     unsynced: bool,
+    /// The position in the current file up to which it is synced. Each chunk records it,
+    /// so recovery can tell damage before it (corruption) from unsynced writes after it
+    /// that a crash left in any order (a torn tail).
+    durable: u64,
     last_sync: Instant,
     /// How long the last WAL `fdatasync` took: the scale of the linger.
     last_sync_took: Duration,
@@ -97,6 +101,7 @@ impl Writer {
             marks: Vec::new(),
             sizes: HashMap::new(),
             unsynced: false,
+            durable: FILE_HEADER,
             last_sync: Instant::now(),
             last_sync_took: Duration::ZERO,
             returning: 0,
@@ -204,7 +209,8 @@ impl Writer {
         let sync_wal = !self.waiting.is_empty()
             || !self.barriers.is_empty()
             || stopping
-            || (self.unsynced && self.last_sync.elapsed() >= self.s.interval);
+            || ((self.unsynced || !self.interval_waiting.is_empty())
+                && self.last_sync.elapsed() >= self.s.interval);
         self.sync(sync_wal, &mut direct);
         for d in direct {
             let r = d.result.and_then(|()| self.s.poison.check());
@@ -244,7 +250,9 @@ impl Writer {
         }
         let poisoned = self.s.poison.check().err();
         let mut direct: Vec<Direct> = Vec::new();
-        for p in self.pending.drain(..) {
+        // Taken out so that a long append can write chunks midway; put back to keep its capacity.
+        let mut pending = std::mem::take(&mut self.pending);
+        for p in pending.drain(..) {
             if let Some(e) = &poisoned {
                 if let Some(d) = p.done {
                     d.complete(Err(clone_error(e)));
@@ -274,6 +282,11 @@ impl Writer {
                 continue;
             }
             for b in &p.batches {
+                if self.buf.len() >= TURN_BYTES {
+                    // One append may carry more than a chunk holds: continue in the next.
+                    self.write_chunk();
+                    self.begin_chunk();
+                }
                 self.buf.push(RECORD_BATCH);
                 self.buf.extend_from_slice(&p.partition.to_le_bytes());
                 self.buf.extend_from_slice(b.as_bytes());
@@ -286,6 +299,7 @@ impl Writer {
                 }
             }
         }
+        self.pending = pending;
         direct
     }
 
@@ -305,12 +319,13 @@ impl Writer {
             return;
         }
         let body_len = (self.buf.len() - CHUNK_HEADER) as u32;
-        let seq = self.s.seq.to_le_bytes();
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&seq), &self.buf[CHUNK_HEADER..]);
         self.buf[0..4].copy_from_slice(&CHUNK_MAGIC.to_le_bytes());
         self.buf[4..8].copy_from_slice(&body_len.to_le_bytes());
-        self.buf[8..16].copy_from_slice(&seq);
-        self.buf[16..20].copy_from_slice(&crc.to_le_bytes());
+        self.buf[8..16].copy_from_slice(&self.s.seq.to_le_bytes());
+        self.buf[16..24].copy_from_slice(&self.durable.to_le_bytes());
+        let crc =
+            crc32c::crc32c_append(crc32c::crc32c(&self.buf[8..24]), &self.buf[CHUNK_HEADER..]);
+        self.buf[24..28].copy_from_slice(&crc.to_le_bytes());
         match self.s.file.write_all_at(&self.buf, self.pos) {
             Ok(()) => {
                 self.pos += self.buf.len() as u64;
@@ -390,14 +405,16 @@ impl Writer {
             }
             self.last_sync_took = started.elapsed();
             self.unsynced = false;
+            self.durable = self.pos;
         }
         self.last_sync = Instant::now();
     }
 
     fn roll(&mut self) {
-        // A reused file holds older bytes past the last chunk: end the file there, so
-        // that only the newest file ever needs its end told from a torn write.
-        if let Err(e) = self.s.file.set_len(self.pos) {
+        // A reused file holds older bytes past the last chunk: end the log there with a
+        // zeroed chunk header (keeping the file's size for its next reuse), so that only
+        // the newest file ever needs its end told from a torn write.
+        if let Err(e) = self.s.file.write_all_at(&[0u8; CHUNK_HEADER], self.pos) {
             self.s.poison.set(&self.s.path, e);
         }
         self.unsynced = true;
@@ -411,6 +428,7 @@ impl Writer {
                 self.s.file = file;
                 self.s.path = path;
                 self.pos = FILE_HEADER;
+                self.durable = FILE_HEADER;
                 self.direct_since_roll = 0;
                 let _ = self.s.rolled.send(WalPosition {
                     seq: self.s.seq,

@@ -358,8 +358,9 @@ pub struct WalChunk {
     pub marks: Vec<(PartitionId, u64)>,
 }
 
-/// The chunks of a write-ahead log file: a 16-byte file header, then chunks of a 20-byte
-/// header (magic, body length, file sequence, CRC32C of sequence and body) and a body of
+/// The chunks of a write-ahead log file: a 16-byte file header, then chunks of a 28-byte
+/// header (magic, body length, file sequence, position synced when written, CRC32C of those
+/// two and the body) and a body of
 /// records: `u8 kind`, `u64 partition`, then a batch (kind 0) or a `u64` offset synced
 /// directly (kind 1). The log ends at zeros (a preallocated file), at a chunk of an
 /// earlier sequence (a reused one), or at a chunk that is not whole and valid (torn by a
@@ -372,14 +373,14 @@ pub fn wal_chunks(path: &Path) -> Vec<WalChunk> {
     }
     let seq = &bytes[8..16];
     let mut pos = 16usize;
-    while pos + 20 <= bytes.len() && &bytes[pos + 8..pos + 16] == seq {
+    while pos + 28 <= bytes.len() && &bytes[pos + 8..pos + 16] == seq {
         let body_len =
             u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(bytes[pos + 16..pos + 20].try_into().expect("4 bytes"));
-        let Some(body) = bytes.get(pos + 20..pos + 20 + body_len) else {
+        let crc = u32::from_le_bytes(bytes[pos + 24..pos + 28].try_into().expect("4 bytes"));
+        let Some(body) = bytes.get(pos + 28..pos + 28 + body_len) else {
             break;
         };
-        if crc32c::crc32c_append(crc32c::crc32c(seq), body) != crc {
+        if crc32c::crc32c_append(crc32c::crc32c(&bytes[pos + 8..pos + 24]), body) != crc {
             break;
         }
         let mut batches = Vec::new();
@@ -403,11 +404,11 @@ pub fn wal_chunks(path: &Path) -> Vec<WalChunk> {
         }
         out.push(WalChunk {
             position: pos as u64,
-            len: 20 + body_len as u64,
+            len: 28 + body_len as u64,
             batches,
             marks,
         });
-        pos += 20 + body_len;
+        pos += 28 + body_len;
     }
     out
 }
