@@ -51,7 +51,6 @@ fn damage_followed_only_by_unsynced_chunks_is_a_torn_tail_not_corruption() {
     assert_eq!(chunks.len(), 3);
     flip_bit(&copied_wal, chunks[0].position + chunks[0].len - 1, 0);
 
-    let mut config = config;
     config.dir = copy.clone();
     let storage = Storage::open(config).expect("a torn tail of unsynced chunks opens");
     let log = storage
