@@ -19,6 +19,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::BatchError;
+use crate::fsutil::{le_u32 as u32_at, le_u64 as u64_at};
 
 /// Bytes of the fixed batch header.
 pub const HEADER_LEN: usize = 56;
@@ -96,18 +97,6 @@ impl std::fmt::Debug for RecordBatch {
             .field("term", &self.term())
             .finish()
     }
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// The length a batch starting at `buf` claims, if its length field is there.

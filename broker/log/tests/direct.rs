@@ -55,17 +55,23 @@ fn bytes(batches: &[RecordBatch]) -> usize {
     batches.iter().map(RecordBatch::len).sum()
 }
 
+/// Partition 1 takes large (direct) appends, partition 2 small ones.
+fn large_and_small(storage: &Storage) -> (Log, Log) {
+    let large = storage
+        .create_partition(1, large_partition_config())
+        .expect("create");
+    let small = storage
+        .create_partition(2, partition_config())
+        .expect("create");
+    (large, small)
+}
+
 #[test]
 fn appends_of_direct_bytes_in_one_turn_bypass_the_wal_which_records_only_a_mark() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let storage = Storage::open(one_wal_file(&data)).expect("open");
-    let mut large = storage
-        .create_partition(1, large_partition_config())
-        .expect("create");
-    let mut small = storage
-        .create_partition(2, partition_config())
-        .expect("create");
+    let (mut large, mut small) = large_and_small(&storage);
     let interval_config = PartitionConfig {
         sync_policy: SyncPolicy::Interval,
         ..large_partition_config()
@@ -198,12 +204,7 @@ fn a_truncation_of_an_in_flight_direct_append_leaves_a_directory_that_opens_afte
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let storage = Storage::open(one_wal_file(&data)).expect("open");
-    let mut large = storage
-        .create_partition(1, large_partition_config())
-        .expect("create");
-    let mut small = storage
-        .create_partition(2, partition_config())
-        .expect("create");
+    let (mut large, mut small) = large_and_small(&storage);
     let mut rng = Rng::new(9);
     let kept = large_append(0, 1, DIRECT_BYTES, &mut rng);
     append_durably(&mut large, kept.clone()).expect("append");
@@ -248,12 +249,7 @@ fn a_truncation_of_an_in_flight_direct_append_leaves_a_directory_that_opens_afte
 fn deleting_a_partition_with_a_direct_append_in_flight_leaves_the_storage_writable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = Storage::open(storage_config(dir.path())).expect("open");
-    let mut doomed = storage
-        .create_partition(1, large_partition_config())
-        .expect("create");
-    let mut small = storage
-        .create_partition(2, partition_config())
-        .expect("create");
+    let (mut doomed, mut small) = large_and_small(&storage);
     let mut rng = Rng::new(4);
 
     let stall = stall_writer(&mut small);
