@@ -22,7 +22,7 @@ use crate::shared::PartitionShared;
 /// A turn stops gathering at this many bytes, so one turn cannot hold the disk forever.
 const TURN_BYTES: usize = 8 << 20;
 /// The longest a turn waits for more appenders before it syncs.
-const MAX_LINGER: Duration = Duration::from_micros(500);
+const MAX_LINGER: Duration = Duration::from_millis(1);
 
 /// What the writer starts with.
 pub(super) struct Settings {
@@ -142,9 +142,9 @@ impl Writer {
             // The appenders the last turn completed come back a moment later. Syncing
             // without them splits the appenders into two groups that take turns, each
             // waiting for the other's sync; waiting for them merges the groups. Wait while
-            // fewer than (queued + returning) have arrived, at most half a sync's time.
+            // fewer than (queued + returning) have arrived, at most one sync's time.
             let expected = queued + self.returning;
-            let linger_until = Instant::now() + (self.last_sync_took / 2).min(MAX_LINGER);
+            let linger_until = Instant::now() + self.last_sync_took.min(MAX_LINGER);
             while stop.is_none() && self.always < expected && self.gathered < TURN_BYTES {
                 // Stragglers are not worth a whole wait: stop at the first quiet gap.
                 let gap = (self.last_sync_took / 8).max(Duration::from_micros(10));
