@@ -52,22 +52,7 @@ impl Checkpoint {
         if bytes.len() < 16 {
             return Err(bad());
         }
-        if le_u32(&bytes, 0) != MAGIC {
-            return Err(Error::corrupt(
-                path,
-                0,
-                Corruption::BadMagic {
-                    found: le_u32(&bytes, 0),
-                },
-            ));
-        }
-        if le_u32(&bytes, 4) != VERSION {
-            return Err(Error::UnsupportedFormat {
-                path: path.to_path_buf(),
-                found: le_u32(&bytes, 4),
-                supported: VERSION,
-            });
-        }
+        fsutil::check_file_header(&bytes, path, MAGIC, VERSION)?;
         let count = le_u32(&bytes, 8) as usize;
         if bytes.len() != 12 + count * ENTRY_LEN + 4 {
             return Err(bad());

@@ -32,7 +32,6 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Writes every slice to a file opened in append mode, retrying short writes.
 pub(crate) fn append_all(mut file: &File, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
-    IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
         match file.write_vectored(slices) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
@@ -57,6 +56,31 @@ pub(crate) fn read_at_most(file: &File, buf: &mut [u8], pos: u64) -> std::io::Re
         }
     }
     Ok(done)
+}
+
+/// Checks the `u32 magic, u32 version` that open every file of ours (`bytes` holds at least 8).
+pub(crate) fn check_file_header(
+    bytes: &[u8],
+    path: &Path,
+    magic: u32,
+    version: u32,
+) -> crate::error::Result<()> {
+    if le_u32(bytes, 0) != magic {
+        let found = le_u32(bytes, 0);
+        return Err(Error::corrupt(
+            path,
+            0,
+            crate::error::Corruption::BadMagic { found },
+        ));
+    }
+    if le_u32(bytes, 4) != version {
+        return Err(Error::UnsupportedFormat {
+            path: path.to_path_buf(),
+            found: le_u32(bytes, 4),
+            supported: version,
+        });
+    }
+    Ok(())
 }
 
 /// Little-endian readers over a slice the caller has already length-checked.

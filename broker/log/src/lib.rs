@@ -8,9 +8,9 @@
 //! commit path nothing more than its bytes; a partition streaming at least
 //! `DIRECT_BYTES` per group-commit turn instead has its own segment synced, so large
 //! streams are written once rather than twice. `petrel-bench log` measures it: 100
-//! partitions run at 0.8–1.0× the throughput of one with 1 and 16 appenders, and at about
-//! half with 256 appenders, where copying every byte through the WAL meets the disk's
-//! bandwidth (the one-partition case there streams directly).
+//! partitions run at 0.8–1.2× the throughput of one with 1 and 16 appenders, and at
+//! 0.5–0.75× with 256 appenders, where copying every byte through the WAL and then into
+//! its segment meets the disk's bandwidth (the one-partition case there streams directly).
 //!
 //! * [`Storage`] opens and recovers a data directory and hands out one [`Log`] per partition.
 //! * [`Log`] appends [`RecordBatch`]es (durability reported through a callback, under the

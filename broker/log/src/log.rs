@@ -344,12 +344,11 @@ impl Log {
             }
             self.storage.save_checkpoint(&table)
         });
-        if let Err(e) = &cut {
-            self.storage
-                .poison
-                .set(&self.shared.dir, std::io::Error::other(e.to_string()));
+        if let Err(e) = cut {
+            self.storage.poison.set_error(&self.shared.dir, e);
+            return self.storage.poison.check();
         }
-        cut
+        Ok(())
     }
 
     /// The file work of `truncate_from`: cut, sync, and move the in-memory state along.

@@ -26,12 +26,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
-use petrel_log::{Corruption, Error, Log, PartitionConfig, PartitionId, RecordBatch, Storage};
+use petrel_log::{
+    Corruption, DIRECT_BYTES, Error, Log, PartitionConfig, PartitionId, RecordBatch, Storage,
+};
 
 use common::{
-    DIRECT_BYTES, Rng, SegmentEntry, WAIT, append_durably, batch, copy_dir, cut, files_with,
-    flip_bit, large_append, large_partition_config, open_or_create_with, partition_config,
-    partition_dir, read_all, segment_base, segment_entries, storage_config, wal_chunks,
+    Rng, SegmentEntry, WAIT, append_durably, batch, copy_dir, cut, files_with, flip_bit,
+    large_append, large_partition_config, open_or_create_with, partition_config, partition_dir,
+    read_all, segment_base, segment_entries, storage_config, wal_chunks,
 };
 
 const CHILD: &str = "child_process_runs_a_workload_until_killed";

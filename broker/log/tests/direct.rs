@@ -14,10 +14,12 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use petrel_log::{Log, PartitionConfig, RecordBatch, Storage, StorageConfig, SyncPolicy};
+use petrel_log::{
+    DIRECT_BYTES, Log, PartitionConfig, RecordBatch, Storage, StorageConfig, SyncPolicy,
+};
 
 use common::{
-    DIRECT_BYTES, Rng, WAIT, append_durably, batch, copy_dir, durable, files_with, large_append,
+    Rng, WAIT, append_durably, batch, copy_dir, durable, files_with, large_append,
     large_partition_config, partition_config, read_all, stall_writer, storage_config, wait,
     wal_chunks,
 };

@@ -13,12 +13,14 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use petrel_log::{Error, Log, PartitionConfig, PartitionId, RecordBatch, Storage, SyncPolicy};
+use petrel_log::{
+    DIRECT_BYTES, Error, Log, PartitionConfig, PartitionId, RecordBatch, Storage, SyncPolicy,
+};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::FileFailurePersistence;
 
-use common::{DIRECT_BYTES, append_durably, batch, open, partition_config, read_all, timestamp};
+use common::{append_durably, batch, open, partition_config, read_all, timestamp};
 
 /// The partition that always exists, and the one that comes and goes.
 const FIRST: PartitionId = 1;

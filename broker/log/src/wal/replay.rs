@@ -71,22 +71,7 @@ fn replay_file(
             }),
         ));
     }
-    if le_u32(&header, 0) != FILE_MAGIC {
-        return Err(Error::corrupt(
-            path,
-            0,
-            Corruption::BadMagic {
-                found: le_u32(&header, 0),
-            },
-        ));
-    }
-    if le_u32(&header, 4) != FILE_VERSION {
-        return Err(Error::UnsupportedFormat {
-            path: path.to_path_buf(),
-            found: le_u32(&header, 4),
-            supported: FILE_VERSION,
-        });
-    }
+    fsutil::check_file_header(&header, path, FILE_MAGIC, FILE_VERSION)?;
     let header_seq = le_u64(&header, 8);
     if header_seq < seq {
         // A spare renamed for reuse before its new header was written: nothing was

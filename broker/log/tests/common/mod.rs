@@ -176,12 +176,6 @@ pub fn partition_config() -> PartitionConfig {
     }
 }
 
-/// A partition that brings this many bytes of `SyncPolicy::Always` appends to one turn of
-/// the WAL writer has its own segments synced instead of copying them into the WAL. A copy
-/// of the engine's `DIRECT_BYTES`: `direct.rs` checks that appends on either side of it
-/// take the path the tests expect.
-pub const DIRECT_BYTES: usize = 64 << 10;
-
 /// Settings of a partition taking large appends: several batches to a segment, so one
 /// append fills and seals a few segments.
 pub fn large_partition_config() -> PartitionConfig {
