@@ -187,7 +187,7 @@ pub fn large_partition_config() -> PartitionConfig {
 
 /// Batches from offset `base` holding at least `bytes` together, each of 4 to 12 records
 /// of 500 to 1200 bytes (2 to 15 KiB, under the test limit of 16 KiB a batch): one append
-/// of them at [`DIRECT_BYTES`] or more goes to its segments directly.
+/// of them at `petrel_log::DIRECT_BYTES` or more goes to its segments directly.
 pub fn large_append(base: u64, term: u64, bytes: usize, rng: &mut Rng) -> Vec<RecordBatch> {
     let mut out: Vec<RecordBatch> = Vec::new();
     let mut total = 0;
