@@ -14,6 +14,8 @@ fn log_bench_ends_with_the_documented_json_line() {
             "0.3",
             "--probe-seconds",
             "0.2",
+            "--bandwidth-seconds",
+            "0.2",
         ])
         .args(["--appenders", "1,4", "--partitions", "1,3"])
         .args(["--rss-bytes", "4000000", "--cache-mb", "1", "--wal-mb", "4"])
@@ -44,6 +46,14 @@ fn log_bench_ends_with_the_documented_json_line() {
         let p999 = r["p999_us"].as_u64().expect("p999_us");
         assert!(0 < p50 && p50 <= p99 && p99 <= p999, "{r}");
         assert!(r["peak_rss_mb"].as_f64().expect("peak_rss_mb") > 0.0, "{r}");
+        // Each case carries the disk probed around it, and its ratio to the ceiling that gives.
+        let syncs = r["disk_sync_per_s"].as_f64().expect("disk_sync_per_s");
+        let mb_s = r["disk_seq_mb_s"].as_f64().expect("disk_seq_mb_s");
+        let appenders = r["appenders"].as_f64().expect("appenders");
+        let ceiling = (appenders * syncs).min(mb_s * 1e6 / 1024.0);
+        let expected = r["msgs_per_s"].as_f64().expect("msgs_per_s") / ceiling;
+        let ratio = r["ratio_to_ceiling"].as_f64().expect("ratio_to_ceiling");
+        assert!((ratio - expected).abs() <= 0.01 * expected.max(1.0), "{r}");
     }
     let memory = &json["memory"];
     assert!(memory["appended_mb"].as_f64().expect("appended_mb") >= 4.0);

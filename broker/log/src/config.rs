@@ -59,6 +59,9 @@ pub struct StorageConfig {
     /// syncs never have to grow it. Off for file systems where zeros cost nothing and
     /// growing is free (tmpfs) or space is tight.
     pub wal_preallocate: bool,
+    /// Bytes of small appends the partitions may hold in memory, together, before writing
+    /// them to their segments (they are in the WAL meanwhile); 0 writes every append through.
+    pub write_buffer_bytes: usize,
 }
 
 impl StorageConfig {
@@ -72,6 +75,7 @@ impl StorageConfig {
             max_batch_bytes: 64 << 20,
             index_interval_bytes: 64 << 10,
             wal_preallocate: true,
+            write_buffer_bytes: 16 << 20,
         }
     }
 

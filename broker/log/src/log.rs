@@ -98,9 +98,10 @@ impl Log {
     }
 
     /// Appends batches that continue the log (the first one's base offset is
-    /// `next_offset()`). Returns once they are written; `done` is called once they are
-    /// durable under the partition's sync policy, or with the error that stopped them.
-    /// On `Err` nothing was appended and `done` is not called.
+    /// `next_offset()`). Returns once they are readable (written to the segment, or held
+    /// in its write buffer); `done` is called once they are durable under the partition's
+    /// sync policy, or with the error that stopped them. On `Err` nothing was appended
+    /// and `done` is not called.
     pub fn append(&mut self, batches: Vec<RecordBatch>, done: OnDurable) -> Result<()> {
         self.storage.check_writable()?;
         let mut expected = self.state.next;
@@ -124,10 +125,11 @@ impl Log {
             done(Ok(()));
             return Ok(());
         }
-        let before = self.state.next;
-        if let Err(e) = self.write_segments(&batches) {
-            self.rollback(before);
-            return Err(e);
+        let bytes: usize = batches.iter().map(RecordBatch::len).sum();
+        if self.rolls(batches[0].len() as u64, bytes as u64) || self.shared.write_through() {
+            self.write_through(&batches)?;
+        } else {
+            self.buffer(&batches, bytes)?;
         }
         self.storage.cache.insert(self.id, &batches);
         let cmd = Cmd::Append {
@@ -140,6 +142,36 @@ impl Log {
         // The storage closed meanwhile: the batches stay in the segment as whole valid
         // batches (its final checkpoint may already count them), unacknowledged.
         self.storage.wal.append(cmd)
+    }
+
+    /// Writes the batches to the segments at once (a roll seals a file, so nothing of it
+    /// may wait in the buffer), after what the buffer holds.
+    fn write_through(&mut self, batches: &[RecordBatch]) -> Result<()> {
+        self.shared.flush()?;
+        let before = self.state.next;
+        let written = self.write_segments(batches);
+        if written.is_err() {
+            self.rollback(before);
+        }
+        written
+    }
+
+    /// Adds the batches to the active segment's write buffer, writing out what it holds
+    /// first when that is due: a refusal leaves nothing of this append behind.
+    fn buffer(&mut self, batches: &[RecordBatch], bytes: usize) -> Result<()> {
+        if self.shared.buffer.due(bytes) {
+            self.shared.flush()?;
+        }
+        let Some(active) = self.state.segments.values_mut().next_back() else {
+            return Err(Error::Closed);
+        };
+        let pos = active.record(batches);
+        self.shared
+            .buffer
+            .push(active.file(), active.path(), pos, batches);
+        self.state.next = active.next_offset();
+        self.shared.appended(self.state.next);
+        Ok(())
     }
 
     fn write_segments(&mut self, batches: &[RecordBatch]) -> Result<()> {
@@ -168,17 +200,29 @@ impl Log {
         Ok(())
     }
 
-    fn roll_if_needed(&mut self, incoming: u64) -> Result<()> {
-        let Some(active) = self.state.active() else {
-            return Err(Error::Closed);
-        };
+    /// Whether an append of `total` bytes, starting with a batch of `first` bytes, rolls
+    /// the active segment before it or on the way.
+    fn rolls(&self, first: u64, total: u64) -> bool {
+        self.state.active().is_none_or(|active| {
+            self.roll_due(active, first) || active.size() + total > self.config.segment_bytes
+        })
+    }
+
+    fn roll_due(&self, active: &Segment, incoming: u64) -> bool {
         let full = active.size() > 0 && active.size() + incoming > self.config.segment_bytes;
         let old = self
             .config
             .segment_age
             .is_some_and(|age| active.first_append().is_some_and(|t| t.elapsed() >= age));
         let offsets = self.state.next - active.base >= u64::from(u32::MAX / 2);
-        if !(full || old || offsets) {
+        full || old || offsets
+    }
+
+    fn roll_if_needed(&mut self, incoming: u64) -> Result<()> {
+        let Some(active) = self.state.active() else {
+            return Err(Error::Closed);
+        };
+        if !self.roll_due(active, incoming) {
             return Ok(());
         }
         active.seal()?;
@@ -247,6 +291,10 @@ impl Log {
         if let Some(hit) = self.storage.cache.read(self.id, offset, max_bytes, limit) {
             return Ok(hit);
         }
+        // The active segment's file ends where its write buffer begins.
+        let mut buffered = Vec::new();
+        let written = self.shared.buffer.read_from(offset, &mut buffered);
+        let active = self.state.active().map_or(0, |s| s.base);
         let mut out = Vec::new();
         let mut gathered = 0;
         let mut at = offset;
@@ -256,7 +304,7 @@ impl Log {
             .range(..=offset)
             .next_back()
             .map_or(0, |(b, _)| *b);
-        for seg in self.state.segments.range(first..).map(|(_, s)| s) {
+        for (&base, seg) in self.state.segments.range(first..) {
             if at >= limit || (gathered >= max_bytes && !out.is_empty()) {
                 break;
             }
@@ -268,11 +316,23 @@ impl Log {
                 at,
                 max_bytes.saturating_sub(gathered).max(1),
                 limit,
+                if base == active { written } else { u64::MAX },
                 &mut out,
             )?;
             match out.last() {
                 Some(last) if out.len() > before => at = last.next_offset(),
-                _ => break, // The high watermark falls inside this segment.
+                // The high watermark or the write buffer begins inside this segment.
+                _ => break,
+            }
+        }
+        for b in buffered {
+            if b.next_offset() > limit || (gathered >= max_bytes && !out.is_empty()) {
+                break;
+            }
+            if b.next_offset() > at {
+                at = b.next_offset();
+                gathered += b.len();
+                out.push(b);
             }
         }
         Ok(out)
@@ -280,6 +340,8 @@ impl Log {
 
     /// The first readable offset whose record timestamp is ≥ `timestamp` (ms), if any.
     pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<u64>> {
+        // Rare enough to scan the files only, once they hold everything.
+        self.shared.flush()?;
         for seg in self.state.segments.values() {
             if seg.max_timestamp() >= timestamp
                 && let Some(o) = seg.offset_for_time(timestamp, self.state.start)?

@@ -188,8 +188,8 @@ impl Segment {
         self.first_append
     }
 
-    /// Appends batches, which must continue this segment's offsets. On failure the file
-    /// is cut back so nothing partial stays.
+    /// Appends batches, which must continue this segment's offsets, writing them at once.
+    /// On failure the file is cut back so nothing partial stays.
     pub fn append(&mut self, batches: &[RecordBatch]) -> Result<()> {
         let mut slices: Vec<IoSlice<'_>> =
             batches.iter().map(|b| IoSlice::new(b.as_bytes())).collect();
@@ -198,6 +198,14 @@ impl Segment {
             let _ = self.file.set_len(self.size);
             return Err(Error::io("append to", &self.path, e));
         }
+        self.record(batches);
+        Ok(())
+    }
+
+    /// Counts batches that continue this segment's offsets and are written to the file
+    /// later (from the partition's write buffer); returns their file position.
+    pub fn record(&mut self, batches: &[RecordBatch]) -> u64 {
+        let pos = self.size;
         self.first_append.get_or_insert_with(Instant::now);
         for b in batches {
             self.index.on_append(
@@ -209,23 +217,26 @@ impl Segment {
             self.size += b.len() as u64;
             self.next = b.next_offset();
         }
-        Ok(())
+        pos
     }
 
     /// Reads whole batches from the one containing `offset`, stopping before any batch that
-    /// reaches past `limit` and once `max_bytes` are gathered (at least one batch).
+    /// reaches past `limit`, once `max_bytes` are gathered (at least one batch), and at
+    /// byte `written`, where the file ends while later batches wait in the write buffer.
     pub fn read(
         &self,
         offset: u64,
         max_bytes: usize,
         limit: u64,
+        written: u64,
         out: &mut Vec<RecordBatch>,
     ) -> Result<usize> {
         let mut pos = u64::from(self.index.position_for_offset(rel(self.base, offset)));
         let mut reader = self.reader(max_bytes);
         let mut gathered = 0usize;
         let mut reached = self.base;
-        while pos < self.size {
+        let end = self.size.min(written);
+        while pos < end {
             let b = reader
                 .batch_at(pos)?
                 .map_err(|e| Error::corrupt(&self.path, pos, e))?;
@@ -245,7 +256,7 @@ impl Segment {
         // The bytes ran out. A sealed segment opened from its index is trusted to reach its
         // successor's base; if it does not, batches are missing, and skipping them would
         // hand readers a gap.
-        if reached < self.next {
+        if reached < self.next && end == self.size {
             let missing = Corruption::Missing {
                 expected: self.next,
                 found: reached,

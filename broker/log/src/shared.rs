@@ -1,11 +1,12 @@
 //! What the WAL writer and the checkpointer need of a partition while its owner keeps
-//! appending: its next offset, and the segment files that await a sync.
+//! appending: its next offset, its write buffer, and the segment files that await a sync.
 
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::buffer::{Budget, WriteBuffer};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::log::LogState;
@@ -16,7 +17,9 @@ pub(crate) struct PartitionShared {
     pub dir: PathBuf,
     /// The log's next offset: every offset below it is in a segment file.
     pub next: AtomicU64,
-    /// Set after every append; a sync clears it before it syncs.
+    /// Appended batches not yet written to the active segment's file.
+    pub buffer: WriteBuffer,
+    /// Set after every write to the segments; a sync clears it before it syncs.
     dirty: AtomicBool,
     files: Mutex<SyncSet>,
     /// The partition was deleted: there is nothing left to make durable.
@@ -31,10 +34,11 @@ struct SyncSet {
 }
 
 impl PartitionShared {
-    pub fn new(dir: PathBuf, state: &LogState) -> Self {
+    pub fn new(dir: PathBuf, state: &LogState, budget: Arc<Budget>) -> Self {
         Self {
             dir,
             next: AtomicU64::new(state.next),
+            buffer: WriteBuffer::new(budget),
             dirty: AtomicBool::new(true),
             deleted: AtomicBool::new(false),
             files: Mutex::new(SyncSet {
@@ -76,17 +80,40 @@ impl PartitionShared {
         };
     }
 
-    /// Makes every byte written to this partition's segments so far durable. The lock is
-    /// held across the syncs: a second caller (the WAL writer's direct sync and the
-    /// checkpointer) waits for a sync in flight instead of taking its cleared flag as done.
+    /// Makes every batch appended to this partition so far durable in its segments.
     pub fn sync(&self) -> Result<()> {
-        match self.sync_files() {
-            // A sync queued before the partition was deleted finds its files gone.
+        self.unless_deleted(
+            self.buffer
+                .flush(&self.dirty)
+                .and_then(|()| self.sync_files()),
+        )
+    }
+
+    /// Makes every byte written to this partition's segment files so far durable.
+    pub fn sync_written(&self) -> Result<()> {
+        self.unless_deleted(self.sync_files())
+    }
+
+    /// Writes the buffered batches to the segment file, without a sync.
+    pub fn flush(&self) -> Result<()> {
+        self.unless_deleted(self.buffer.flush(&self.dirty))
+    }
+
+    /// Buffering is off: appends write through to the segment at once.
+    pub fn write_through(&self) -> bool {
+        self.buffer.write_through()
+    }
+
+    /// Work queued before the partition was deleted finds its files gone.
+    fn unless_deleted(&self, r: Result<()>) -> Result<()> {
+        match r {
             Err(_) if self.deleted.load(Ordering::Acquire) => Ok(()),
             other => other,
         }
     }
 
+    /// The lock is held across the syncs: a second caller (the WAL writer's direct sync and
+    /// the checkpointer) waits for a sync in flight instead of taking its cleared flag as done.
     fn sync_files(&self) -> Result<()> {
         let mut f = self.files();
         let dirty = self.dirty.swap(false, Ordering::AcqRel);
@@ -107,6 +134,7 @@ impl PartitionShared {
     /// The partition is being deleted.
     pub fn mark_deleted(&self) {
         self.deleted.store(true, Ordering::Release);
+        self.buffer.discard();
     }
 
     /// Records an append to the segments: the data up to `next` is written, not yet synced.

@@ -27,6 +27,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::PartitionId;
+use crate::buffer::Budget;
 use crate::cache::Cache;
 use crate::checkpoint::{Checkpoint, Entry};
 use crate::config::{PartitionConfig, StorageConfig};
@@ -39,6 +40,8 @@ use crate::wal::{self, Poison, Wal, WalPosition, WalRecord};
 
 const MARKER: &str = "PETREL";
 const FORMAT_VERSION: u32 = 1;
+/// How often the checkpointer writes out the partitions' write buffers.
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Shared by the storage, every `Log` and the checkpointer.
 pub(crate) struct Inner {
@@ -47,6 +50,8 @@ pub(crate) struct Inner {
     pub wal: Wal,
     pub poison: Arc<Poison>,
     pub cache: Cache,
+    /// Bytes held in the partitions' write buffers.
+    budget: Arc<Budget>,
     table: Mutex<Checkpoint>,
     registry: Mutex<HashMap<PartitionId, Arc<PartitionShared>>>,
     parked: Mutex<HashMap<PartitionId, LogState>>,
@@ -110,6 +115,18 @@ impl Inner {
         std::fs::remove_dir_all(dir).map_err(|e| Error::io("delete", dir, e))
     }
 
+    /// Writes every partition's buffered batches to its segment (no sync): a buffer left
+    /// by a partition that went quiet is not held for long.
+    fn flush_buffers(&self) {
+        let registry: Vec<_> = lock(&self.registry).values().cloned().collect();
+        for shared in registry {
+            if let Err(e) = shared.flush() {
+                tracing::warn!(error = %e, "writing buffered batches failed; they stay in the WAL");
+                return;
+            }
+        }
+    }
+
     /// Makes the segments hold everything written before `boundary`, records that, and
     /// deletes the WAL files before it.
     fn checkpoint(&self, boundary: WalPosition) -> Result<()> {
@@ -127,7 +144,10 @@ impl Inner {
                     continue; // A truncation already moved it past the boundary.
                 }
                 let end = shared.next.load(std::sync::atomic::Ordering::Acquire);
-                if let Err(e) = shared.sync() {
+                // A full disk refuses the buffered batches for now: they stay in the WAL,
+                // and so do its files until a later checkpoint gets them written.
+                shared.flush()?;
+                if let Err(e) = shared.sync_written() {
                     if let Error::Io { path, source, .. } | Error::DiskFull { path, source } = e {
                         self.poison.set(&path, source);
                     }
@@ -258,17 +278,17 @@ impl Storage {
         }
         tracing::info!(dir = %root.display(), partitions = states.len(), replayed, "storage opened");
 
+        let budget = Budget::new(config.write_buffer_bytes);
         let registry = states
             .iter()
             .map(|(id, st)| {
-                (
-                    *id,
-                    Arc::new(PartitionShared::new(parts_dir.join(id.to_string()), st)),
-                )
+                let dir = parts_dir.join(id.to_string());
+                (*id, Arc::new(PartitionShared::new(dir, st, budget.clone())))
             })
             .collect();
         let inner = Arc::new(Inner {
             cache: Cache::new(config.cache_bytes),
+            budget,
             config,
             root,
             wal,
@@ -282,9 +302,15 @@ impl Storage {
         let checkpointer = std::thread::Builder::new()
             .name("petrel-checkpoint".into())
             .spawn(move || {
-                for boundary in rolled_rx {
-                    if let Err(e) = for_thread.checkpoint(boundary) {
-                        tracing::error!(error = %e, "checkpoint failed");
+                loop {
+                    match rolled_rx.recv_timeout(FLUSH_EVERY) {
+                        Ok(boundary) => {
+                            if let Err(e) = for_thread.checkpoint(boundary) {
+                                tracing::error!(error = %e, "checkpoint failed");
+                            }
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => for_thread.flush_buffers(),
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     }
                 }
             })
@@ -325,7 +351,7 @@ impl Storage {
         }
         let mut state = LogState::default();
         state.segments.insert(0, seg);
-        let shared = Arc::new(PartitionShared::new(dir, &state));
+        let shared = Arc::new(PartitionShared::new(dir, &state, self.inner.budget.clone()));
         table.entries.insert(
             id,
             Entry {

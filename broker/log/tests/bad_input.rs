@@ -7,11 +7,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use petrel_log::{Error, Log, RecordBatch, Storage};
+use petrel_log::{DIRECT_BYTES, Error, Log, RecordBatch, Storage};
 
 use common::{
     append_durably, batch, durable, files_with, open, partition_config, partition_dir, read_all,
-    storage_config, timestamp, verify,
+    storage_config, timestamp, verify, wal_chunks,
 };
 
 /// Appends `n` batches of a few records each and returns them.
@@ -558,6 +558,8 @@ fn without_rolls_on_a_full_disk(
     config.wal_max_bytes = 1 << 20;
     // Grown as written, so that it can be the one to run out.
     config.wal_preallocate = false;
+    // Every append reaches its segment file at once, so the two files can be lined up.
+    config.write_buffer_bytes = 0;
     let storage = Storage::open(config).expect("open");
     let mut partition = partition_config();
     partition.segment_bytes = 1 << 20;
@@ -594,25 +596,97 @@ fn a_full_disk_under_a_segment_refuses_appends_until_space_is_freed() {
     let (storage, mut log, mut acked) = without_rolls_on_a_full_disk(&mount, "segment");
     let (more, failures) = append_until_full(&mut log, |_| 10);
     acked.extend(more);
-    assert_eq!(failures.len(), 50);
-    for failure in &failures {
-        match failure {
-            Error::DiskFull { path, .. } => {
-                assert_eq!(path.extension().and_then(|e| e.to_str()), Some("log"))
-            }
-            other => panic!("a full segment refuses the append: {other:?}"),
-        }
-    }
+    assert_refused_by_a_segment(&failures);
     assert!(
         read_all(&log, 4096) == acked,
         "nothing of a refused append is visible"
     );
+    free_the_disk_and_check(&mount, storage, log, acked);
+}
 
+/// Every failure is a `DiskFull` naming a segment file.
+fn assert_refused_by_a_segment(failures: &[Error]) {
+    assert_eq!(failures.len(), 50);
+    for failure in failures {
+        match failure {
+            Error::DiskFull { path, .. } => {
+                assert_eq!(path.extension().and_then(|e| e.to_str()), Some("log"))
+            }
+            other => panic!("a segment that cannot be written refuses the append: {other:?}"),
+        }
+    }
+}
+
+/// Frees the disk, appends again, and checks that a reopen finds every acknowledged batch.
+fn free_the_disk_and_check(
+    mount: &Tmpfs,
+    storage: Storage,
+    mut log: Log,
+    mut acked: Vec<RecordBatch>,
+) {
     std::fs::remove_file(mount.path.join("filler")).expect("free the disk");
     acked.extend(fill(&mut log, 3));
     drop(log);
     drop(storage);
     reopen_and_check(&mount.path.join("data"), &acked);
+}
+
+#[test]
+fn a_full_disk_under_buffered_appends_refuses_them_once_they_must_be_written() {
+    let _exclusive = exclusive();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mount = Tmpfs::mount(&dir.path().join("mnt"), "4m");
+    let data = mount.path.join("data");
+    let mut config = storage_config(&data);
+    // Preallocated: the write-ahead log never needs more space, only the segments do.
+    config.wal_max_bytes = 1 << 20;
+    let storage = Storage::open(config).expect("open");
+    let mut partition = partition_config();
+    partition.segment_bytes = 1 << 20;
+    let mut log = storage.create_partition(1, partition).expect("create");
+    let mut acked = fill(&mut log, 5);
+    fill_disk(&mount.path.join("filler"), 0);
+
+    // An append big enough to have its segment synced directly: the segment cannot take
+    // it, so the WAL does, and it is acknowledged all the same.
+    let mut large: Vec<RecordBatch> = Vec::new();
+    while large.iter().map(RecordBatch::len).sum::<usize>() < DIRECT_BYTES {
+        let base = large
+            .last()
+            .map_or(log.next_offset(), RecordBatch::next_offset);
+        large.push(batch(base, 1, 15_000, 3));
+    }
+    append_durably(&mut log, large.clone()).expect("a large append goes through the WAL");
+    let wal = files_with(&data.join("wal"), "wal")
+        .pop()
+        .expect("a WAL file");
+    let in_wal: Vec<(u64, u64)> = wal_chunks(&wal)
+        .iter()
+        .flat_map(|c| c.batches.iter())
+        .map(|&(_, base, next)| (base, next))
+        .collect();
+    for b in &large {
+        assert!(
+            in_wal.contains(&(b.base_offset(), b.next_offset())),
+            "the large append's batch at {} is in the WAL",
+            b.base_offset()
+        );
+    }
+    acked.extend(large);
+
+    let (more, failures) = append_until_full(&mut log, |_| 1000);
+    assert!(
+        more.len() > 20,
+        "small appends wait in memory (and the WAL) until enough have come: {} taken",
+        more.len()
+    );
+    acked.extend(more);
+    assert_refused_by_a_segment(&failures);
+    assert!(
+        read_all(&log, 4096) == acked,
+        "the buffered batches are readable and nothing of a refused append is"
+    );
+    free_the_disk_and_check(&mount, storage, log, acked);
 }
 
 #[test]

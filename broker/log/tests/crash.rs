@@ -28,6 +28,7 @@ use std::sync::mpsc;
 
 use petrel_log::{
     Corruption, DIRECT_BYTES, Error, Log, PartitionConfig, PartitionId, RecordBatch, Storage,
+    SyncPolicy,
 };
 
 use common::{
@@ -63,7 +64,8 @@ const SMALL: PartitionId = 2;
 /// piles up past the checkpointed end; `fill:<n>` appends `n` batches to each of two
 /// partitions, closes the storage cleanly, reopens it, appends `n` more (all in one
 /// write-ahead log file, never checkpointed), reports `done` and waits to be killed;
-/// `direct-fill:<n>` is `fill` with large appends on the first partition.
+/// `direct-fill:<n>` is `fill` with large appends on the first partition; `never:<seed>`
+/// appends to both partitions under `SyncPolicy::Never` until killed.
 #[test]
 #[ignore = "run by the crash tests in a child process"]
 fn child_process_runs_a_workload_until_killed() {
@@ -100,6 +102,9 @@ fn child_process_runs_a_workload_until_killed() {
             let mut config = storage_config(&dir);
             // Large enough not to roll while filling (direct appends count towards it too).
             config.wal_max_bytes = 2 << 20;
+            // Every batch reaches its segment file at once, so that the tests cutting the
+            // WAL of a killed child can count on the segments holding all of it.
+            config.write_buffer_bytes = 0;
             let storage = Storage::open(config.clone()).expect("open");
             fill(&storage, arg, large);
             let ends: Vec<(PartitionId, u64)> = PARTITIONS
@@ -123,6 +128,29 @@ fn child_process_runs_a_workload_until_killed() {
             say("done");
             loop {
                 std::thread::park();
+            }
+        }
+        "never" => {
+            // Appends under `SyncPolicy::Never` until killed: each is acknowledged once it
+            // is written to the WAL, which a killed process's page cache keeps.
+            let storage = Storage::open(storage_config(&dir)).expect("open");
+            let config = PartitionConfig {
+                sync_policy: SyncPolicy::Never,
+                ..partition_config()
+            };
+            let mut logs: Vec<Log> = PARTITIONS
+                .iter()
+                .map(|&p| open_or_create_with(&storage, p, config.clone()))
+                .collect();
+            loop {
+                for log in &mut logs {
+                    let base = log.next_offset();
+                    let len = ((base + arg) * 37 % 600) as usize;
+                    let b = batch(base, 1 + (base % 4) as u32, len, 1);
+                    let next = b.next_offset();
+                    append_durably(log, vec![b]).expect("append");
+                    say(&format!("ack|{}|{base}|{next}", log.id()));
+                }
             }
         }
         other => panic!("unknown mode {other}"),
@@ -668,6 +696,42 @@ fn every_acknowledged_operation_survives_repeated_kills_and_none_is_half_done() 
 /// checkpoint, so a crash in between left a checkpoint vouching for offsets no file held
 /// any more, and the next open failed with `Corrupt` (`durable data missing`).
 #[test]
+fn every_append_acknowledged_under_policy_never_survives_a_kill() {
+    for seed in 0..4u64 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let child = ChildProcess::spawn(&data, &format!("never:{seed}"));
+        let mut acked: BTreeMap<PartitionId, Vec<(u64, u64)>> = BTreeMap::new();
+        let mut record = |line: &str| {
+            let ack = parse_ack(line);
+            if let Some((p, base, next)) = ack {
+                acked.entry(p).or_default().push((base, next));
+            }
+            ack.is_some()
+        };
+        let mut seen = 0;
+        while seen < 40 + seed * 150 {
+            let line = child.next_line().expect("the child exited early");
+            seen += u64::from(record(&line));
+        }
+        for line in child.kill() {
+            record(&line);
+        }
+        let storage = Storage::open(storage_config(&data)).expect("open after the kill");
+        let found = spans(&storage);
+        for (p, acked) in &acked {
+            let found = &found[p];
+            assert!(
+                found.len() >= acked.len() && found[..acked.len()] == acked[..],
+                "seed {seed}: partition {p} lost acknowledged appends ({} acknowledged, {} found)",
+                acked.len(),
+                found.len()
+            );
+        }
+    }
+}
+
+#[test]
 fn a_kill_during_truncate_from_never_leaves_a_checkpoint_vouching_for_cut_data() {
     kill_repeatedly("truncating", 24, |iteration| {
         KillAt::Truncating(Rng::new(iteration).range(3..30))
@@ -729,13 +793,11 @@ fn run_filling_child(mode: &str, n: u64) -> Filled {
     let mut closed_end = BTreeMap::new();
     loop {
         let line = child.next_line().expect("the fill child exited early");
-        let fields: Vec<&str> = line.split('|').collect();
+        if let Some((p, base, next)) = parse_ack(&line) {
+            acked.entry(p).or_default().push((base, next));
+        }
         let num = |s: &str| -> u64 { s.parse().expect("number") };
-        match fields.as_slice() {
-            ["ack", p, base, next] => acked
-                .entry(num(p))
-                .or_default()
-                .push((num(base), num(next))),
+        match line.split('|').collect::<Vec<_>>().as_slice() {
             ["closed", p, end] => {
                 closed_end.insert(num(p), num(end));
             }
@@ -748,6 +810,14 @@ fn run_filling_child(mode: &str, n: u64) -> Filled {
         dir,
         acked,
         closed_end,
+    }
+}
+
+/// An `ack|<partition>|<base>|<next>` line.
+fn parse_ack(line: &str) -> Option<(PartitionId, u64, u64)> {
+    match line.split('|').collect::<Vec<_>>().as_slice() {
+        ["ack", p, base, next] => Some((p.parse().ok()?, base.parse().ok()?, next.parse().ok()?)),
+        _ => None,
     }
 }
 

@@ -86,6 +86,12 @@ pub struct Settings {
     /// [default: the storage engine's]
     #[arg(long, env = "PETREL_CACHE_BYTES", value_name = "BYTES")]
     pub cache_bytes: Option<u64>,
+
+    /// Memory for small appends waiting to be written to their segments (they are in the
+    /// write-ahead log meanwhile), in bytes; 0 writes every append through at once
+    /// [default: the storage engine's]
+    #[arg(long, env = "PETREL_WRITE_BUFFER_BYTES", value_name = "BYTES")]
+    pub write_buffer_bytes: Option<u64>,
 }
 
 impl Settings {
@@ -110,6 +116,7 @@ impl Settings {
             segment_bytes: self.segment_bytes.or(lower.segment_bytes),
             wal_max_bytes: self.wal_max_bytes.or(lower.wal_max_bytes),
             cache_bytes: self.cache_bytes.or(lower.cache_bytes),
+            write_buffer_bytes: self.write_buffer_bytes.or(lower.write_buffer_bytes),
         }
     }
 }
@@ -164,6 +171,8 @@ pub struct StorageSettings {
     pub wal_max_bytes: Option<u64>,
     /// Read cache size in bytes.
     pub cache_bytes: Option<u64>,
+    /// Write buffer budget in bytes (0: write through).
+    pub write_buffer_bytes: Option<u64>,
 }
 
 /// The resolved configuration of one node: every default filled, every value checked.
@@ -226,6 +235,7 @@ impl Config {
                 segment_bytes: positive("segment_bytes", settings.segment_bytes)?,
                 wal_max_bytes: positive("wal_max_bytes", settings.wal_max_bytes)?,
                 cache_bytes: positive("cache_bytes", settings.cache_bytes)?,
+                write_buffer_bytes: settings.write_buffer_bytes,
             },
         };
         if config.data_dir.as_os_str().is_empty() {
@@ -253,6 +263,9 @@ impl Config {
         if let Some(bytes) = storage.cache_bytes {
             // Only a 32-bit target can overflow; the whole address space is the cap then.
             config.cache_bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+        }
+        if let Some(bytes) = storage.write_buffer_bytes {
+            config.write_buffer_bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
         }
         config
     }
@@ -390,6 +403,7 @@ sync_interval_ms: 50
 segment_bytes: 1048576
 wal_max_bytes: 2097152
 cache_bytes: 4096
+write_buffer_bytes: 0
 ";
         let config = Config::resolve(Settings::from_yaml(yaml).expect("valid")).expect("valid");
         assert_eq!(config.data_dir, PathBuf::from("/var/lib/petrel"));
@@ -408,8 +422,43 @@ cache_bytes: 4096
                 segment_bytes: Some(1_048_576),
                 wal_max_bytes: Some(2_097_152),
                 cache_bytes: Some(4096),
+                write_buffer_bytes: Some(0),
             }
         );
+    }
+
+    #[test]
+    fn the_readme_config_file_example_is_valid_and_complete() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("```yaml\n# petrel.yaml")
+            .expect("the README has the example")
+            + "```yaml\n".len();
+        let len = readme[start..].find("```").expect("the example ends");
+        let settings = Settings::from_yaml(&readme[start..start + len]).expect("valid YAML");
+        Config::resolve(settings.clone()).expect("valid settings");
+        // Destructured whole, so a new setting cannot be left out of the example unnoticed.
+        let Settings {
+            config,
+            data_dir,
+            bind,
+            http_port,
+            http_bind,
+            log_format,
+            log_level,
+            fsync_policy,
+            sync_interval_ms,
+            segment_bytes,
+            wal_max_bytes,
+            cache_bytes,
+            write_buffer_bytes,
+        } = settings;
+        // A file does not name itself, and `http_bind` is shown commented out.
+        assert!(config.is_none() && http_bind.is_none());
+        assert!(data_dir.is_some() && bind.is_some() && http_port.is_some());
+        assert!(log_format.is_some() && log_level.is_some() && fsync_policy.is_some());
+        assert!(sync_interval_ms.is_some() && segment_bytes.is_some());
+        assert!(wal_max_bytes.is_some() && cache_bytes.is_some() && write_buffer_bytes.is_some());
     }
 
     #[test]
@@ -427,6 +476,7 @@ cache_bytes: 4096
             "--segment-bytes=2",
             "--wal-max-bytes=3",
             "--cache-bytes=4",
+            "--write-buffer-bytes=5",
         ]);
         let every_field_given = Settings {
             config: Some("c.yaml".into()),
@@ -441,6 +491,7 @@ cache_bytes: 4096
             segment_bytes: Some(2),
             wal_max_bytes: Some(3),
             cache_bytes: Some(4),
+            write_buffer_bytes: Some(5),
         };
         assert_eq!(settings, every_field_given);
     }
@@ -454,6 +505,7 @@ cache_bytes: 4096
             "--segment-bytes=8192",
             "--wal-max-bytes=65536",
             "--cache-bytes=1024",
+            "--write-buffer-bytes=2048",
         ]))
         .expect("valid");
         let storage = config.storage_config();
@@ -461,6 +513,7 @@ cache_bytes: 4096
         assert_eq!(storage.wal_max_bytes, 65536);
         assert_eq!(storage.sync_interval, Duration::from_millis(7));
         assert_eq!(storage.cache_bytes, 1024);
+        assert_eq!(storage.write_buffer_bytes, 2048);
         let partition = config.partition_defaults();
         assert_eq!(partition.sync_policy, SyncPolicy::Never);
         assert_eq!(partition.segment_bytes, 8192);
@@ -474,6 +527,7 @@ cache_bytes: 4096
         assert_eq!(storage.wal_max_bytes, engine.wal_max_bytes);
         assert_eq!(storage.sync_interval, engine.sync_interval);
         assert_eq!(storage.cache_bytes, engine.cache_bytes);
+        assert_eq!(storage.write_buffer_bytes, engine.write_buffer_bytes);
         let partition = config.partition_defaults();
         assert_eq!(
             partition.segment_bytes,

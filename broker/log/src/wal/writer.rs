@@ -21,7 +21,7 @@ use crate::shared::PartitionShared;
 
 /// A turn stops gathering at this many bytes, so one turn cannot hold the disk forever.
 const TURN_BYTES: usize = 8 << 20;
-/// The longest a turn waits for more appenders before it syncs.
+/// The longest a turn ever waits for more appenders before it syncs.
 const MAX_LINGER: Duration = Duration::from_millis(1);
 
 /// What the writer starts with.
@@ -68,6 +68,8 @@ pub(super) struct Writer {
     /// Appends copied into the WAL, completed by its next sync.
     waiting: Vec<Completion>,
     interval_waiting: Vec<Completion>,
+    /// `Never` appends, completed once their chunk is written (a process crash then keeps them).
+    written: Vec<Completion>,
     barriers: Vec<mpsc::Sender<Result<WalPosition>>>,
     /// Direct syncs to record in the next chunk: partition and offset reached.
     marks: Vec<(PartitionId, u64)>,
@@ -78,8 +80,10 @@ pub(super) struct Writer {
     /// that a crash left in any order (a torn tail).
     durable: u64,
     last_sync: Instant,
-    /// How long the last WAL `fdatasync` took: the scale of the linger.
-    last_sync_took: Duration,
+    /// What a WAL `fdatasync` costs beyond its bytes, the scale of the linger: the
+    /// fastest recent sync (it creeps up by 1/64 per sync, so a slower disk shows).
+    /// Lingering longer than that would idle the disk for more than it saves.
+    sync_floor: Duration,
     /// `Always` appends the last turn completed: they are likely to come back.
     returning: usize,
     /// Bytes synced directly into segments since the last roll.
@@ -97,13 +101,14 @@ impl Writer {
             always: 0,
             waiting: Vec::new(),
             interval_waiting: Vec::new(),
+            written: Vec::new(),
             barriers: Vec::new(),
             marks: Vec::new(),
             sizes: HashMap::new(),
             unsynced: false,
             durable: FILE_HEADER,
             last_sync: Instant::now(),
-            last_sync_took: Duration::ZERO,
+            sync_floor: Duration::ZERO,
             returning: 0,
             direct_since_roll: 0,
         }
@@ -142,12 +147,12 @@ impl Writer {
             // The appenders the last turn completed come back a moment later. Syncing
             // without them splits the appenders into two groups that take turns, each
             // waiting for the other's sync; waiting for them merges the groups. Wait while
-            // fewer than (queued + returning) have arrived, at most one sync's time.
+            // fewer than (queued + returning) have arrived, at most a sync's fixed cost.
             let expected = queued + self.returning;
-            let linger_until = Instant::now() + self.last_sync_took.min(MAX_LINGER);
+            let linger_until = Instant::now() + self.sync_floor.min(MAX_LINGER);
             while stop.is_none() && self.always < expected && self.gathered < TURN_BYTES {
                 // Stragglers are not worth a whole wait: stop at the first quiet gap.
-                let gap = (self.last_sync_took / 8).max(Duration::from_micros(10));
+                let gap = (self.sync_floor / 8).max(Duration::from_micros(10));
                 let left = linger_until
                     .saturating_duration_since(Instant::now())
                     .min(gap);
@@ -206,6 +211,10 @@ impl Writer {
     fn turn(&mut self, stopping: bool) {
         let mut direct = self.route();
         self.write_chunk();
+        let written = self.s.poison.check();
+        for d in self.written.drain(..) {
+            d.complete(written.as_ref().map_err(clone_error).copied());
+        }
         let sync_wal = !self.waiting.is_empty()
             || !self.barriers.is_empty()
             || stopping
@@ -259,10 +268,19 @@ impl Writer {
                 }
                 continue;
             }
-            let big = self
+            let mut big = self
                 .sizes
                 .get(&p.partition)
                 .is_some_and(|b| *b >= DIRECT_BYTES);
+            if big
+                && p.policy == SyncPolicy::Always
+                && !direct.iter().any(|d| d.partition == p.partition)
+                && p.shared.flush().is_err()
+            {
+                // Its buffered batches cannot be written (a full disk): copy them instead.
+                self.sizes.remove(&p.partition);
+                big = false;
+            }
             if p.policy == SyncPolicy::Always && big {
                 let next = p.batches.last().map_or(0, RecordBatch::next_offset);
                 self.direct_since_roll += p.bytes as u64;
@@ -295,7 +313,7 @@ impl Writer {
                 match p.policy {
                     SyncPolicy::Always => self.waiting.push(d),
                     SyncPolicy::Interval => self.interval_waiting.push(d),
-                    SyncPolicy::Never => d.complete(Ok(())),
+                    SyncPolicy::Never => self.written.push(d),
                 }
             }
         }
@@ -348,14 +366,14 @@ impl Writer {
                     self.sync_wal();
                 }
             }
-            (false, [one]) => one.result = one.shared.sync(),
+            (false, [one]) => one.result = one.shared.sync_written(),
             (_, many) => {
                 let results: Vec<Result<()>> = std::thread::scope(|scope| {
                     let handles: Vec<_> = many
                         .iter()
                         .map(|d| {
                             let shared = d.shared.clone();
-                            scope.spawn(move || shared.sync())
+                            scope.spawn(move || shared.sync_written())
                         })
                         .collect();
                     if sync_wal {
@@ -403,7 +421,12 @@ impl Writer {
             if let Err(e) = self.s.file.sync_data() {
                 self.s.poison.set(&self.s.path, e);
             }
-            self.last_sync_took = started.elapsed();
+            let took = started.elapsed();
+            self.sync_floor = if self.sync_floor.is_zero() {
+                took
+            } else {
+                took.min(self.sync_floor + self.sync_floor / 64)
+            };
             self.unsynced = false;
             self.durable = self.pos;
         }

@@ -39,3 +39,28 @@ pub fn sequential_mb_s(dir: &Path, duration: Duration) -> anyhow::Result<f64> {
     std::fs::remove_file(&path)?;
     Ok(rate)
 }
+
+/// Both limits, as measured at one time.
+#[derive(Clone, Copy)]
+pub struct Limits {
+    /// `fdatasync` of 4 KiB writes per second.
+    pub sync_per_s: f64,
+    /// MB/s of 1 MiB writes each followed by `fdatasync`.
+    pub seq_mb_s: f64,
+}
+
+impl Limits {
+    /// Probes the sync rate for `sync`, then the bandwidth for `seq`.
+    pub fn probe(dir: &Path, sync: Duration, seq: Duration) -> anyhow::Result<Self> {
+        Ok(Self {
+            sync_per_s: sync_rate(dir, sync)?,
+            seq_mb_s: sequential_mb_s(dir, seq)?,
+        })
+    }
+
+    /// Records per second the disk allows `appenders` appenders that each wait for
+    /// durability: min(appenders × syncs/s, bandwidth ÷ record size).
+    pub fn ceiling(&self, appenders: usize, record_bytes: usize) -> f64 {
+        (appenders as f64 * self.sync_per_s).min(self.seq_mb_s * 1e6 / record_bytes as f64)
+    }
+}

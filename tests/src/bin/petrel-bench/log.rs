@@ -44,9 +44,14 @@ pub struct Args {
     /// Write-ahead log file size in MiB.
     #[arg(long, default_value_t = 256)]
     wal_mb: u64,
-    /// Seconds each disk probe runs.
-    #[arg(long, default_value_t = 2.0)]
+    /// Seconds the disk's sync rate is probed for, before every case.
+    #[arg(long, default_value_t = 1.0)]
     probe_seconds: f64,
+    /// Seconds the disk's bandwidth is probed for, before every case (default: as long as
+    /// a case runs). Many disks allow a burst at first; a probe as long as the case sees
+    /// the same mix of burst and sustained rate the case can use.
+    #[arg(long)]
+    bandwidth_seconds: Option<f64>,
     /// Bytes appended and read back by the memory test (0 skips it).
     #[arg(long, default_value_t = 2_000_000_000)]
     rss_bytes: u64,
@@ -66,7 +71,14 @@ struct Case {
     p999: u64,
     peak_rss_mb: f64,
     cpu_s: f64,
-    ceiling: f64,
+    /// The disk just before this case.
+    disk: disk::Limits,
+}
+
+impl Case {
+    fn ceiling(&self, record_bytes: usize) -> f64 {
+        self.disk.ceiling(self.appenders, record_bytes)
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -80,11 +92,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn run_in(args: &Args, base: &Path) -> anyhow::Result<()> {
-    let probe = Duration::from_secs_f64(args.probe_seconds);
-    let sync_per_s = disk::sync_rate(base, probe)?;
-    let seq_mb_s = disk::sequential_mb_s(base, probe)?;
+    let probe = (
+        Duration::from_secs_f64(args.probe_seconds),
+        Duration::from_secs_f64(args.bandwidth_seconds.unwrap_or(args.seconds)),
+    );
+    let first = disk::Limits::probe(base, probe.0, probe.1)?;
     println!(
-        "disk: {sync_per_s:.0} fdatasync/s (4 KiB writes), {seq_mb_s:.0} MB/s (1 MiB writes + fdatasync)"
+        "disk: {:.0} fdatasync/s (4 KiB writes), {:.0} MB/s (1 MiB writes + fdatasync); probed again before each case",
+        first.sync_per_s, first.seq_mb_s
     );
 
     // First, while the process is fresh, so its RSS is not the allocator's leftovers.
@@ -114,11 +129,11 @@ fn run_in(args: &Args, base: &Path) -> anyhow::Result<()> {
         for &partitions in &args.partitions {
             for &appenders in &args.appenders {
                 let dir = base.join(format!("{policy}-{partitions}-{appenders}"));
+                let disk = disk::Limits::probe(base, probe.0, probe.1)?;
                 let mut case =
                     runtime.block_on(append_case(args, &dir, appenders, partitions, policy))?;
                 let _ = std::fs::remove_dir_all(&dir);
-                case.ceiling =
-                    (appenders as f64 * sync_per_s).min(seq_mb_s * 1e6 / args.record_bytes as f64);
+                case.disk = disk;
                 cases.push(case);
             }
         }
@@ -127,7 +142,7 @@ fn run_in(args: &Args, base: &Path) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "{:>9} {:>10} {:>8} {:>11} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>10} {:>8}",
+        "{:>9} {:>10} {:>8} {:>11} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>9} {:>10} {:>6}",
         "appenders",
         "partitions",
         "policy",
@@ -138,12 +153,14 @@ fn run_in(args: &Args, base: &Path) -> anyhow::Result<()> {
         "p99.9 µs",
         "RSS MiB",
         "CPU s",
+        "syncs/s",
+        "disk MB/s",
         "ceiling",
         "ratio"
     );
     for c in &cases {
         println!(
-            "{:>9} {:>10} {:>8} {:>11.0} {:>8.1} {:>8} {:>8} {:>9} {:>8.1} {:>7.2} {:>10.0} {:>8.2}",
+            "{:>9} {:>10} {:>8} {:>11.0} {:>8.1} {:>8} {:>8} {:>9} {:>8.1} {:>7.2} {:>8.0} {:>9.0} {:>10.0} {:>6.2}",
             c.appenders,
             c.partitions,
             c.policy.to_string(),
@@ -154,12 +171,15 @@ fn run_in(args: &Args, base: &Path) -> anyhow::Result<()> {
             c.p999,
             c.peak_rss_mb,
             c.cpu_s,
-            c.ceiling,
-            c.msgs_per_s / c.ceiling
+            c.disk.sync_per_s,
+            c.disk.seq_mb_s,
+            c.ceiling(args.record_bytes),
+            c.msgs_per_s / c.ceiling(args.record_bytes)
         );
     }
+    println!("syncs/s and disk MB/s: the disk probed just before the case;");
     println!(
-        "ceiling = min(appenders × disk fdatasync/s, disk MB/s ÷ record size); ratio = msgs/s ÷ ceiling"
+        "ceiling = min(appenders × syncs/s, disk MB/s ÷ record size); ratio = msgs/s ÷ ceiling"
     );
     for &appenders in &args.appenders {
         let one = cases
@@ -193,8 +213,10 @@ fn run_in(args: &Args, base: &Path) -> anyhow::Result<()> {
                     "p999_us": c.p999,
                     "peak_rss_mb": (c.peak_rss_mb * 10.0).round() / 10.0,
                     "cpu_s": (c.cpu_s * 100.0).round() / 100.0,
-                    "ceiling_msgs_per_s": c.ceiling.round(),
-                    "ratio_to_ceiling": (c.msgs_per_s / c.ceiling * 1000.0).round() / 1000.0,
+                    "disk_sync_per_s": c.disk.sync_per_s.round(),
+                    "disk_seq_mb_s": (c.disk.seq_mb_s * 10.0).round() / 10.0,
+                    "ceiling_msgs_per_s": c.ceiling(args.record_bytes).round(),
+                    "ratio_to_ceiling": (c.msgs_per_s / c.ceiling(args.record_bytes) * 1000.0).round() / 1000.0,
                 })
             })
             .collect();
@@ -207,6 +229,12 @@ fn run_in(args: &Args, base: &Path) -> anyhow::Result<()> {
                 "cache_mb": args.cache_mb,
             })
         });
+        // The disk over the whole run: the median of every probe's figures.
+        let probes: Vec<disk::Limits> = std::iter::once(first)
+            .chain(cases.iter().map(|c| c.disk))
+            .collect();
+        let sync_per_s = stats::median(probes.iter().map(|l| l.sync_per_s));
+        let seq_mb_s = stats::median(probes.iter().map(|l| l.seq_mb_s));
         let out = json!({
             "disk_sync_per_s": sync_per_s.round(),
             "disk_seq_mb_s": (seq_mb_s * 10.0).round() / 10.0,
@@ -304,7 +332,10 @@ async fn append_case(
         p999,
         peak_rss_mb,
         cpu_s,
-        ceiling: 0.0,
+        disk: disk::Limits {
+            sync_per_s: 0.0,
+            seq_mb_s: 0.0,
+        },
     })
 }
 
