@@ -1,10 +1,10 @@
 //! Petrel's broker core: everything between a decoded protocol command and the log.
 //!
-//! Nothing lives here yet. What this crate will hold (DESIGN.md §1 and §3):
+//! What this crate holds, and will hold (DESIGN.md §1 and §3):
 //!
-//! * **partitions**: each an append-only log of message batches replicated by its own
-//!   Raft group (openraft), the Raft log being the message log stored by `petrel-log`;
-//!   one task per partition, reached through a bounded channel.
+//! * **partitions** ([`raft`], so far its storage): each an append-only log of message
+//!   batches replicated by its own Raft group (openraft), the Raft log being the message
+//!   log stored by `petrel-log`; one task per partition, reached through a bounded channel.
 //! * **subscriptions**: cursors over a partition's log kept in its state machine,
 //!   `shared` (per-message ack, redelivery, dead-lettering) or `ordered` (one consumer
 //!   per partition, cumulative commit).
@@ -16,3 +16,5 @@
 //! Arrows point one way: `petrel-protocols` calls this crate, this crate calls
 //! `petrel-log`; it knows no wire protocol and opens no socket of its own except the
 //! internal Raft transport.
+
+pub mod raft;

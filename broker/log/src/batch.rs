@@ -27,6 +27,9 @@ pub const HEADER_LEN: usize = 56;
 pub const VERSION: u8 = 1;
 /// Upper bound of any batch's length, whatever the configuration.
 pub const MAX_BATCH_BYTES: u32 = 1 << 30;
+/// Attribute bit of a control batch: the log's own entries (Raft blanks and membership
+/// changes), which consumers skip.
+const CONTROL: u8 = 0x08;
 
 /// How a batch's records section is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
@@ -142,6 +145,37 @@ impl RecordBatch {
             return Err(BatchError::MalformedRecords("offsets run past u64::MAX"));
         }
         Ok(Self { bytes })
+    }
+
+    /// Whether this is a control batch (the log's own entry, not messages).
+    pub fn is_control(&self) -> bool {
+        self.bytes[9] & CONTROL != 0
+    }
+
+    /// This batch with its base offset, Raft term and index set and its checksum
+    /// recomputed: in place when this is the only handle on its bytes, else in a copy.
+    pub fn placed(self, base_offset: u64, term: u64, raft_index: u64) -> Result<Self, BatchError> {
+        if (self.base_offset(), self.term(), self.raft_index()) == (base_offset, term, raft_index) {
+            return Ok(self);
+        }
+        if base_offset
+            .checked_add(u64::from(self.record_count()))
+            .is_none()
+        {
+            return Err(BatchError::MalformedRecords("offsets run past u64::MAX"));
+        }
+        let mut buf = self
+            .bytes
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        buf[16..24].copy_from_slice(&base_offset.to_le_bytes());
+        buf[24..32].copy_from_slice(&term.to_le_bytes());
+        buf[32..40].copy_from_slice(&raft_index.to_le_bytes());
+        let crc = crc32c::crc32c(&buf[8..]);
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        Ok(Self {
+            bytes: buf.freeze(),
+        })
     }
 
     /// Validates the batch at the start of `buf` and returns it with the bytes it spans.
@@ -317,6 +351,7 @@ fn decode_records(
 #[derive(Debug, Default)]
 pub struct BatchBuilder {
     compression: Compression,
+    control: bool,
     records: Vec<u8>,
     count: u32,
     first_ts: i64,
@@ -332,6 +367,12 @@ impl BatchBuilder {
     /// Sets the codec of the records section.
     pub fn compression(mut self, compression: Compression) -> Self {
         self.compression = compression;
+        self
+    }
+
+    /// Marks the batch as a control batch (the log's own entry, skipped by consumers).
+    pub fn control(mut self) -> Self {
+        self.control = true;
         self
     }
 
@@ -425,7 +466,7 @@ impl BatchBuilder {
         buf.put_u32_le(len as u32);
         buf.put_u32_le(0);
         buf.put_u8(VERSION);
-        buf.put_u8(self.compression.id());
+        buf.put_u8(self.compression.id() | if self.control { CONTROL } else { 0 });
         buf.put_u16_le(0);
         buf.put_u32_le(self.count);
         buf.put_u64_le(base_offset);
@@ -538,6 +579,41 @@ mod tests {
             assert_eq!(records[2].offset, 44);
             assert_eq!(records[2].value.len(), 3000);
         }
+    }
+
+    #[test]
+    fn a_placed_batch_carries_its_new_position_and_a_valid_checksum() {
+        let batch = sample(Compression::Lz4);
+        let kept = batch.clone();
+        // Shared: placed in a copy, the original untouched.
+        let placed = batch.placed(1_000, 9, 77).expect("placed");
+        assert_eq!(kept.base_offset(), 42);
+        let again = RecordBatch::from_bytes(placed.as_bytes().clone()).expect("valid");
+        assert_eq!((again.base_offset(), again.next_offset()), (1_000, 1_003));
+        assert_eq!((again.term(), again.raft_index()), (9, 77));
+        assert_eq!(again.records().expect("records")[2].offset, 1_002);
+        // The only handle: placed in place.
+        let alone = sample(Compression::None);
+        let at = alone.as_bytes().as_ptr();
+        let placed = alone.placed(5, 1, 2).expect("placed");
+        assert_eq!(placed.as_bytes().as_ptr(), at, "no copy for a sole owner");
+        assert!(RecordBatch::from_bytes(placed.as_bytes().clone()).is_ok());
+        assert!(
+            sample(Compression::None)
+                .placed(u64::MAX - 1, 1, 1)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_control_batch_says_so_and_a_message_batch_does_not() {
+        let mut b = BatchBuilder::new().control();
+        b.push(1, None, b"membership", &[]);
+        let control = b.build(0, 1, 1).expect("build");
+        let again = RecordBatch::from_bytes(control.as_bytes().clone()).expect("valid");
+        assert!(again.is_control());
+        assert_eq!(again.compression(), Compression::None);
+        assert!(!sample(Compression::Zstd).is_control());
     }
 
     #[test]

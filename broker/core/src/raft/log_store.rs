@@ -1,0 +1,268 @@
+//! `RaftLogStorage` over a partition's `petrel_log::Log`.
+//!
+//! Raft indexes and record offsets both rise along the log, one entry per batch, so the
+//! batch holding an index is found by bisecting the offsets (recent batches come from the
+//! log's cache); each reader remembers where its last read ended, so the sequential reads
+//! of replication and apply find their next batch at once.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{AnyError, Entry, LogId, LogState, RaftLogReader, StorageIOError, Vote};
+use petrel_log::{Log, RecordBatch};
+
+use super::{NodeId, PartitionRaft, RaftStoreError, StorageError, entry, files};
+
+/// Bytes a reader asks the log for at a time.
+const READ_BYTES: usize = 1 << 20;
+
+/// A partition's Raft log: its `Log`, plus the vote and purge point in small files.
+pub struct LogStore {
+    log: Arc<RwLock<Log>>,
+    dir: PathBuf,
+    vote: Option<Vote<NodeId>>,
+    purged: Option<LogId<NodeId>>,
+    last: Option<LogId<NodeId>>,
+    reader: LogReader,
+}
+
+/// Reads a partition's Raft log while its `LogStore` appends.
+#[derive(Clone)]
+pub struct LogReader {
+    log: Arc<RwLock<Log>>,
+    /// Where the last read ended: the next index and the offset of its batch.
+    hint: Option<(u64, u64)>,
+}
+
+impl LogStore {
+    /// Opens the Raft log kept in `log`, with its vote and purge point in `dir`.
+    pub fn open(log: Log, dir: impl Into<PathBuf>) -> Result<Self, RaftStoreError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|e| RaftStoreError::file("create", &dir, e))?;
+        let vote = files::read(&dir.join("vote"))?;
+        let purged = files::read(&dir.join("purged"))?;
+        let last = last_log_id(&log)?;
+        let log = Arc::new(RwLock::new(log));
+        let reader = LogReader {
+            log: log.clone(),
+            hint: None,
+        };
+        Ok(Self {
+            log,
+            dir,
+            vote,
+            purged,
+            last,
+            reader,
+        })
+    }
+}
+
+// The guards take the field, not `self`, so the other fields stay free to update.
+fn write(log: &RwLock<Log>) -> RwLockWriteGuard<'_, Log> {
+    log.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn read(log: &RwLock<Log>) -> RwLockReadGuard<'_, Log> {
+    log.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn read_err(e: &(impl std::error::Error + 'static)) -> StorageError {
+    StorageIOError::read_logs(AnyError::new(e)).into()
+}
+
+fn write_err(e: &(impl std::error::Error + 'static)) -> StorageError {
+    StorageIOError::write_logs(AnyError::new(e)).into()
+}
+
+/// The batch holding `offset`.
+fn batch_at(log: &Log, offset: u64) -> Result<RecordBatch, RaftStoreError> {
+    log.read(offset, 1, u64::MAX)?
+        .into_iter()
+        .next()
+        .ok_or(RaftStoreError::Missing(offset))
+}
+
+/// The first batch whose Raft index is at least `index`, if any; `hint` is a guess at
+/// where it starts (index, offset).
+fn seek(
+    log: &Log,
+    index: u64,
+    hint: Option<(u64, u64)>,
+) -> Result<Option<RecordBatch>, RaftStoreError> {
+    let (mut lo, mut hi) = (log.start_offset(), log.next_offset());
+    if let Some((at, offset)) = hint
+        && at == index
+        && (lo..hi).contains(&offset)
+    {
+        let b = batch_at(log, offset)?;
+        if b.raft_index() == index {
+            return Ok(Some(b));
+        }
+    }
+    let mut found = None;
+    while lo < hi {
+        let b = batch_at(log, lo + (hi - lo) / 2)?;
+        if b.raft_index() >= index {
+            hi = b.base_offset();
+            found = Some(b);
+        } else {
+            lo = b.next_offset();
+        }
+    }
+    Ok(found)
+}
+
+fn last_log_id(log: &Log) -> Result<Option<LogId<NodeId>>, RaftStoreError> {
+    if log.next_offset() <= log.start_offset() {
+        return Ok(None);
+    }
+    Ok(Some(entry::log_id(&batch_at(log, log.next_offset() - 1)?)))
+}
+
+fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&i) => i,
+        Bound::Excluded(&i) => i.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&i) => i.saturating_add(1),
+        Bound::Excluded(&i) => i,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<PartitionRaft> for LogReader {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<PartitionRaft>>, StorageError> {
+        let (start, end) = bounds(&range);
+        let mut out = Vec::new();
+        if start >= end {
+            return Ok(out);
+        }
+        let log = read(&self.log);
+        let Some(first) = seek(&log, start, self.hint).map_err(|e| read_err(&e))? else {
+            return Ok(out);
+        };
+        let mut offset = first.base_offset();
+        'read: while offset < log.next_offset() {
+            let batches = log
+                .read(offset, READ_BYTES, u64::MAX)
+                .map_err(|e| read_err(&e))?;
+            if batches.is_empty() {
+                break;
+            }
+            for b in batches {
+                if b.raft_index() >= end {
+                    break 'read;
+                }
+                offset = b.next_offset();
+                self.hint = Some((b.raft_index() + 1, offset));
+                out.push(entry::from_batch(b).map_err(|e| read_err(&e))?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogReader<PartitionRaft> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<PartitionRaft>>, StorageError> {
+        self.reader.try_get_log_entries(range).await
+    }
+}
+
+impl RaftLogStorage<PartitionRaft> for LogStore {
+    type LogReader = LogReader;
+
+    async fn get_log_state(&mut self) -> Result<LogState<PartitionRaft>, StorageError> {
+        Ok(LogState {
+            last_purged_log_id: self.purged,
+            last_log_id: self.last.max(self.purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> LogReader {
+        LogReader {
+            log: self.log.clone(),
+            hint: None,
+        }
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        files::write(&self.dir.join("vote"), vote).map_err(|e| StorageIOError::write_vote(&e))?;
+        self.vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        Ok(self.vote)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<PartitionRaft>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry<PartitionRaft>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut log = write(&self.log);
+        let mut next = log.next_offset();
+        let mut batches = Vec::new();
+        let mut last = None;
+        for e in entries {
+            last = Some(e.log_id);
+            let b = entry::to_batch(e, next).map_err(|e| write_err(&e))?;
+            next = b.next_offset();
+            batches.push(b);
+        }
+        if batches.is_empty() {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        }
+        // Completed by the storage's group commit, on its writer thread.
+        let done = Box::new(move |r: petrel_log::Result<()>| {
+            callback.log_io_completed(r.map_err(std::io::Error::other));
+        });
+        log.append(batches, done).map_err(|e| write_err(&e))?;
+        self.last = last;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        let mut log = write(&self.log);
+        if let Some(b) = seek(&log, log_id.index, None).map_err(|e| read_err(&e))? {
+            log.truncate_from(b.base_offset())
+                .map_err(|e| write_err(&e))?;
+        }
+        self.last = last_log_id(&log).map_err(|e| read_err(&e))?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        // Recorded first: a crash before the log is purged leaves entries Raft no longer
+        // asks for, never a purge point behind what is gone.
+        files::write(&self.dir.join("purged"), &log_id).map_err(|e| write_err(&e))?;
+        self.purged = Some(log_id);
+        let mut log = write(&self.log);
+        let upto =
+            match seek(&log, log_id.index.saturating_add(1), None).map_err(|e| read_err(&e))? {
+                Some(b) => b.base_offset(),
+                None => log.next_offset(),
+            };
+        log.purge_to(upto).map_err(|e| write_err(&e))
+    }
+}

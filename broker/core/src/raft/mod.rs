@@ -1,0 +1,76 @@
+//! Partitions as Raft groups: openraft's log storage and state machine on `petrel-log`.
+//!
+//! Every Raft entry is one record batch in the partition's log, so the Raft log *is* the
+//! message log and a payload is stored once (DESIGN.md §1, §4). The batch header carries
+//! the entry's term and index; the log gives each batch its record offsets, the same on
+//! every replica because every replica appends the same entries. Raft's own entries
+//! (blanks, membership changes) are control batches, which consumers skip.
+//!
+//! * [`LogStore`]: `RaftLogStorage` over a `petrel_log::Log`; an append's `LogFlushed`
+//!   callback completes from the storage's group commit.
+//! * [`PartitionMachine`]: the state machine (applied position, membership, the high
+//!   watermark); its snapshots hold that state only, never messages.
+//! * `files`: the small files beside the log (vote, purge point, snapshot), each
+//!   replaced atomically.
+
+mod entry;
+mod error;
+mod files;
+mod log_store;
+mod state_machine;
+
+use std::io::Cursor;
+
+use petrel_log::RecordBatch;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use entry::EntryError;
+pub use error::RaftStoreError;
+pub use log_store::{LogReader, LogStore};
+pub use state_machine::{PartitionMachine, PartitionState};
+
+/// Identifies a node of the cluster.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// The Raft types of a partition's group.
+    pub PartitionRaft:
+        D = Proposal,
+        R = Applied,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<PartitionRaft>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A proposed append: one batch of records, placed (offsets, term, index) by the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proposal(pub RecordBatch);
+
+impl Serialize for Proposal {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0.as_bytes())
+    }
+}
+
+impl<'de> Deserialize<'de> for Proposal {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bytes: Vec<u8> = serde::de::Deserialize::deserialize(d)?;
+        RecordBatch::from_bytes(bytes.into())
+            .map(Proposal)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// What applying an entry did: the offsets its records took (empty for Raft's own entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// Offset of the entry's first record.
+    pub base_offset: u64,
+    /// Offset after its last record: the partition's high watermark once applied.
+    pub next_offset: u64,
+}
+
+/// A storage error as openraft reports it.
+pub type StorageError = openraft::StorageError<NodeId>;

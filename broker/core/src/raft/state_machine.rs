@@ -1,0 +1,206 @@
+//! A partition's state machine: where the log has been applied to, its membership, and
+//! its high watermark. Snapshots hold this state only; the messages stay in the log.
+
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    AnyError, BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    StorageIOError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{Applied, NodeId, PartitionRaft, Proposal, RaftStoreError, StorageError, files};
+
+/// The state a partition's entries build up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionState {
+    /// The last entry applied.
+    pub applied: Option<LogId<NodeId>>,
+    /// The last membership applied.
+    pub membership: StoredMembership<NodeId, BasicNode>,
+    /// The high watermark: the offset after the last message applied.
+    pub next_offset: u64,
+}
+
+/// A snapshot as kept: its metadata and the serialized state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    data: Vec<u8>,
+}
+
+impl Stored {
+    fn to_snapshot(&self) -> Snapshot<PartitionRaft> {
+        Snapshot {
+            meta: self.meta.clone(),
+            snapshot: Box::new(Cursor::new(self.data.clone())),
+        }
+    }
+}
+
+/// The current snapshot, shared with the builders, and where it is kept.
+#[derive(Debug, Clone)]
+struct Snapshots {
+    current: Arc<Mutex<Option<Stored>>>,
+    path: PathBuf,
+}
+
+impl Snapshots {
+    /// Keeps `stored` as the current snapshot, on disk first.
+    fn keep(&self, stored: Stored) -> Result<(), RaftStoreError> {
+        files::write(&self.path, &stored)
+            .map_err(|e| RaftStoreError::file("write", &self.path, e))?;
+        *self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(stored);
+        Ok(())
+    }
+
+    fn current(&self) -> Option<Stored> {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// A partition's state machine.
+#[derive(Debug)]
+pub struct PartitionMachine {
+    state: PartitionState,
+    snapshots: Snapshots,
+}
+
+impl PartitionMachine {
+    /// Opens the state machine kept in `dir`: the state of its last snapshot, if any
+    /// (Raft applies the log after it again).
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, RaftStoreError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|e| RaftStoreError::file("create", &dir, e))?;
+        let path = dir.join("snapshot");
+        let stored: Option<Stored> = files::read(&path)?;
+        let state = match &stored {
+            Some(s) => serde_json::from_slice(&s.data)?,
+            None => PartitionState::default(),
+        };
+        Ok(Self {
+            state,
+            snapshots: Snapshots {
+                current: Arc::new(Mutex::new(stored)),
+                path,
+            },
+        })
+    }
+
+    /// The state applied so far.
+    pub fn state(&self) -> &PartitionState {
+        &self.state
+    }
+}
+
+/// Builds a snapshot of the state as it was when the builder was taken.
+pub struct SnapshotBuilder {
+    state: PartitionState,
+    snapshots: Snapshots,
+}
+
+impl RaftSnapshotBuilder<PartitionRaft> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<PartitionRaft>, StorageError> {
+        let data = serde_json::to_vec(&self.state)
+            .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)))?;
+        let index = self.state.applied.map_or(0, |l| l.index);
+        let stored = Stored {
+            meta: SnapshotMeta {
+                last_log_id: self.state.applied,
+                last_membership: self.state.membership.clone(),
+                snapshot_id: format!("{index}-{}", self.state.next_offset),
+            },
+            data,
+        };
+        let signature = stored.meta.signature();
+        self.snapshots
+            .keep(stored.clone())
+            .map_err(|e| StorageIOError::write_snapshot(Some(signature), AnyError::new(&e)))?;
+        Ok(stored.to_snapshot())
+    }
+}
+
+impl RaftStateMachine<PartitionRaft> for PartitionMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError> {
+        Ok((self.state.applied, self.state.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError>
+    where
+        I: IntoIterator<Item = Entry<PartitionRaft>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut replies = Vec::new();
+        for e in entries {
+            let s = &mut self.state;
+            s.applied = Some(e.log_id);
+            // Raft's own entries take an offset each too, but hold nothing a reader sees.
+            let mut base_offset = s.next_offset;
+            match e.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Normal(Proposal(batch)) => {
+                    base_offset = batch.base_offset();
+                    s.next_offset = batch.next_offset();
+                }
+                EntryPayload::Membership(m) => {
+                    s.membership = StoredMembership::new(Some(e.log_id), m);
+                }
+            }
+            replies.push(Applied {
+                base_offset,
+                next_offset: s.next_offset,
+            });
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        SnapshotBuilder {
+            state: self.state.clone(),
+            snapshots: self.snapshots.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let state: PartitionState = serde_json::from_slice(&data).map_err(|e| {
+            StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))
+        })?;
+        let stored = Stored {
+            meta: meta.clone(),
+            data,
+        };
+        self.snapshots.keep(stored).map_err(|e| {
+            StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
+        })?;
+        self.state = state;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<PartitionRaft>>, StorageError> {
+        Ok(self.snapshots.current().map(|s| s.to_snapshot()))
+    }
+}
