@@ -18,3 +18,4 @@
 //! internal Raft transport.
 
 pub mod raft;
+pub mod transport;

@@ -33,24 +33,32 @@ pub(crate) fn to_batch(
     entry: Entry<PartitionRaft>,
     base_offset: u64,
 ) -> Result<RecordBatch, EntryError> {
-    let batch = match entry.payload {
-        EntryPayload::Normal(Proposal(batch)) if batch.is_control() => {
-            return Err(EntryError::ControlProposal);
-        }
-        EntryPayload::Normal(Proposal(batch)) => batch,
-        EntryPayload::Blank => control(BLANK, &[])?,
-        EntryPayload::Membership(m) => control(MEMBERSHIP, &serde_json::to_vec(&m)?)?,
-    };
-    Ok(batch.placed(base_offset, entry.log_id.leader_id.term, entry.log_id.index)?)
+    let (term, index) = (entry.log_id.leader_id.term, entry.log_id.index);
+    Ok(encode(entry)?.placed(base_offset, term, index)?)
 }
 
-fn control(kind: &[u8], value: &[u8]) -> Result<RecordBatch, BatchError> {
+/// The batch carrying `entry` (between nodes): a proposal's batch as it is, Raft's own
+/// entries as control batches (placed by the log that stores them).
+pub(crate) fn encode(entry: Entry<PartitionRaft>) -> Result<RecordBatch, EntryError> {
+    match entry.payload {
+        EntryPayload::Normal(Proposal(batch)) if batch.is_control() => {
+            Err(EntryError::ControlProposal)
+        }
+        EntryPayload::Normal(Proposal(batch)) => Ok(batch),
+        EntryPayload::Blank => Ok(control(BLANK, &[], entry.log_id)?),
+        EntryPayload::Membership(m) => {
+            Ok(control(MEMBERSHIP, &serde_json::to_vec(&m)?, entry.log_id)?)
+        }
+    }
+}
+
+fn control(kind: &[u8], value: &[u8], id: LogId<u64>) -> Result<RecordBatch, BatchError> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     let mut b = BatchBuilder::new().control();
     b.push(now, Some(kind), value, &[]);
-    b.build(0, 0, 0)
+    b.build(0, id.leader_id.term, id.index)
 }
 
 /// The log id a stored batch carries.
@@ -128,7 +136,7 @@ mod tests {
 
     #[test]
     fn a_proposal_cannot_pass_for_a_raft_entry() {
-        let forged = control(BLANK, &[]).expect("control");
+        let forged = control(BLANK, &[], id(1, 1)).expect("control");
         let entry = Entry {
             log_id: id(1, 1),
             payload: EntryPayload::Normal(Proposal(forged)),

@@ -13,7 +13,7 @@
 //! * `files`: the small files beside the log (vote, purge point, snapshot), each
 //!   replaced atomically.
 
-mod entry;
+pub(crate) mod entry;
 mod error;
 mod files;
 mod log_store;

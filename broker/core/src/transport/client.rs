@@ -1,0 +1,215 @@
+//! The sending side: a `RaftNetworkFactory` per group over connections shared by all.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::BasicNode;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
+
+use super::AppendHeader;
+use super::proto::raft_transport_client::RaftTransportClient;
+use super::proto::{AppendRequest, RaftReply, RaftRequest};
+use crate::raft::{NodeId, PartitionRaft, entry};
+
+/// How long a connection attempt to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+type RpcError<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+
+/// Connections to this node's peers, one per address, shared by every group.
+#[derive(Clone, Debug, Default)]
+pub struct Peers {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// The address outgoing connections originate from (this node's internal bind).
+    local: Option<IpAddr>,
+}
+
+impl Peers {
+    /// Connections originating from `local` (any address if `None`).
+    pub fn new(local: Option<IpAddr>) -> Self {
+        Self {
+            channels: Arc::default(),
+            local,
+        }
+    }
+
+    /// The network a group's `Raft` sends through.
+    pub fn group(&self, group: u64) -> Network {
+        Network {
+            group,
+            peers: self.clone(),
+        }
+    }
+
+    /// The connection to `addr` (`host:port`), made on first use.
+    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .local_address(self.local)
+            .connect_lazy();
+        channels.insert(addr.to_owned(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// A group's `RaftNetworkFactory`.
+#[derive(Clone, Debug)]
+pub struct Network {
+    group: u64,
+    peers: Peers,
+}
+
+impl RaftNetworkFactory<PartitionRaft> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Connection {
+        let client = self
+            .peers
+            .channel(&node.addr)
+            .map(RaftTransportClient::new)
+            .map_err(|e| NetworkError::new(&e));
+        Connection {
+            group: self.group,
+            target,
+            client,
+        }
+    }
+}
+
+/// One group's link to one peer.
+pub struct Connection {
+    group: u64,
+    target: NodeId,
+    client: Result<RaftTransportClient<Channel>, NetworkError>,
+}
+
+impl Connection {
+    fn client(&self) -> Result<RaftTransportClient<Channel>, NetworkError> {
+        self.client.clone()
+    }
+
+    fn request(
+        &self,
+        body: &impl serde::Serialize,
+        option: &RPCOption,
+    ) -> Result<tonic::Request<RaftRequest>, NetworkError> {
+        let body = serde_json::to_vec(body).map_err(|e| NetworkError::new(&e))?;
+        let request = RaftRequest {
+            group: self.group,
+            body: body.into(),
+        };
+        Ok(timed(request, option))
+    }
+
+    /// openraft's error for a failed call to this connection's peer.
+    fn failed<E: std::error::Error>(&self, failure: Failure<E>) -> RpcError<E> {
+        match failure {
+            Failure::Unreachable(status) => RPCError::Unreachable(Unreachable::new(&status)),
+            Failure::Network(e) => RPCError::Network(e),
+            Failure::Remote(e) => RPCError::RemoteError(RemoteError::new(self.target, e)),
+        }
+    }
+}
+
+/// How a call failed, before it becomes openraft's (large) error.
+enum Failure<E> {
+    /// The peer is down or not listening: openraft backs off instead of retrying at once.
+    Unreachable(tonic::Status),
+    Network(NetworkError),
+    /// The peer answered with a Raft error.
+    Remote(RaftError<NodeId, E>),
+}
+
+/// The peer's result: its response, or the Raft error it answered with.
+fn decode<T, E>(
+    reply: Result<tonic::Response<RaftReply>, tonic::Status>,
+) -> Result<T, Box<Failure<E>>>
+where
+    T: DeserializeOwned,
+    E: std::error::Error + DeserializeOwned,
+{
+    let reply = reply.map_err(|status| match status.code() {
+        tonic::Code::Unavailable => Box::new(Failure::Unreachable(status)),
+        _ => Box::new(Failure::Network(NetworkError::new(&status))),
+    })?;
+    let result: Result<T, RaftError<NodeId, E>> = serde_json::from_slice(&reply.into_inner().body)
+        .map_err(|e| Box::new(Failure::Network(NetworkError::new(&e))))?;
+    result.map_err(|e| Box::new(Failure::Remote(e)))
+}
+
+fn timed<T>(message: T, option: &RPCOption) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(option.hard_ttl());
+    request
+}
+
+impl RaftNetwork<PartitionRaft> for Connection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcError> {
+        let header = AppendHeader {
+            vote: rpc.vote,
+            prev_log_id: rpc.prev_log_id,
+            leader_commit: rpc.leader_commit,
+        };
+        let header =
+            serde_json::to_vec(&header).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let entries = rpc
+            .entries
+            .into_iter()
+            .map(|e| entry::encode(e).map(|b| b.as_bytes().clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let request = AppendRequest {
+            group: self.group,
+            header: header.into(),
+            entries,
+        };
+        let mut client = self.client().map_err(RPCError::Network)?;
+        let reply = client.append_entries(timed(request, &option)).await;
+        decode(reply).map_err(|f| self.failed(*f))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcError<InstallSnapshotError>> {
+        let request = self.request(&rpc, &option).map_err(RPCError::Network)?;
+        let mut client = self.client().map_err(RPCError::Network)?;
+        let reply = client.install_snapshot(request).await;
+        decode(reply).map_err(|f| self.failed(*f))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcError> {
+        let request = self.request(&rpc, &option).map_err(RPCError::Network)?;
+        let mut client = self.client().map_err(RPCError::Network)?;
+        let reply = client.vote(request).await;
+        decode(reply).map_err(|f| self.failed(*f))
+    }
+}

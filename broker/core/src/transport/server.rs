@@ -1,0 +1,102 @@
+//! The receiving side: requests handed to this node's groups.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use openraft::Raft;
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use petrel_log::RecordBatch;
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use super::AppendHeader;
+use super::proto::raft_transport_server::{RaftTransport, RaftTransportServer};
+use super::proto::{AppendRequest, RaftReply, RaftRequest};
+use crate::raft::{NodeId, PartitionRaft, entry};
+
+/// The Raft groups this node runs, by group id.
+pub type Groups = Arc<RwLock<HashMap<u64, Raft<PartitionRaft>>>>;
+
+/// The internal transport's gRPC service.
+#[derive(Clone)]
+pub struct RaftService {
+    groups: Groups,
+}
+
+impl RaftService {
+    /// A service handing requests to `groups`.
+    pub fn new(groups: Groups) -> Self {
+        Self { groups }
+    }
+
+    /// The service, ready to add to a tonic server.
+    pub fn into_server(self) -> RaftTransportServer<Self> {
+        RaftTransportServer::new(self)
+    }
+
+    fn group(&self, id: u64) -> Result<Raft<PartitionRaft>, Status> {
+        self.groups
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no Raft group {id} on this node")))
+    }
+}
+
+fn invalid(what: &str, e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{what}: {e}"))
+}
+
+/// The Raft result as the reply body.
+fn reply<T: Serialize, E: Serialize>(result: &Result<T, E>) -> Result<Response<RaftReply>, Status> {
+    let body = serde_json::to_vec(result).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(RaftReply { body: body.into() }))
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<AppendRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let request = request.into_inner();
+        let raft = self.group(request.group)?;
+        let header: AppendHeader =
+            serde_json::from_slice(&request.header).map_err(|e| invalid("append header", e))?;
+        let entries = request
+            .entries
+            .into_iter()
+            .map(|bytes| {
+                let batch = RecordBatch::from_bytes(bytes).map_err(|e| invalid("entry", e))?;
+                entry::from_batch(batch).map_err(|e| invalid("entry", e))
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let rpc = AppendEntriesRequest::<PartitionRaft> {
+            vote: header.vote,
+            prev_log_id: header.prev_log_id,
+            leader_commit: header.leader_commit,
+            entries,
+        };
+        reply(&raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let request = request.into_inner();
+        let raft = self.group(request.group)?;
+        let rpc: VoteRequest<NodeId> =
+            serde_json::from_slice(&request.body).map_err(|e| invalid("vote request", e))?;
+        reply(&raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftRequest>,
+    ) -> Result<Response<RaftReply>, Status> {
+        let request = request.into_inner();
+        let raft = self.group(request.group)?;
+        let rpc: InstallSnapshotRequest<PartitionRaft> =
+            serde_json::from_slice(&request.body).map_err(|e| invalid("snapshot request", e))?;
+        reply(&raft.install_snapshot(rpc).await)
+    }
+}
