@@ -23,8 +23,7 @@ fn open(dir: &std::path::Path, create: bool) -> (Storage, LogStore, PartitionMac
         storage.open_partition(1, PartitionConfig::default())
     }
     .expect("partition");
-    let store = LogStore::open(log, dir.join("raft")).expect("log store");
-    let machine = PartitionMachine::open(dir.join("raft")).expect("state machine");
+    let (store, machine) = petrel_core::raft::open(log, &dir.join("raft")).expect("raft storage");
     (storage, store, machine)
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use openraft::{BasicNode, Config, Raft, RaftLogReader};
-use petrel_core::raft::{LogReader, LogStore, NodeId, PartitionMachine, PartitionRaft, Proposal};
+use petrel_core::raft::{LogReader, NodeId, PartitionRaft, Proposal};
 use petrel_core::transport::{Peers, RaftService};
 use petrel_log::{BatchBuilder, PartitionConfig, RecordBatch, Storage, StorageConfig};
 use tokio::net::TcpListener;
@@ -24,18 +24,24 @@ struct Node {
     _storage: Storage,
 }
 
-async fn start(id: NodeId, dir: &std::path::Path) -> Node {
+/// Starts node `id` on its data in `dir` (created if new), listening on `addr` if given.
+async fn start(id: NodeId, dir: &std::path::Path, addr: Option<&str>) -> Node {
     let storage = Storage::open(StorageConfig::new(dir.join("data"))).expect("storage");
-    let log = storage
-        .create_partition(GROUP, PartitionConfig::default())
-        .expect("partition");
-    let mut store = LogStore::open(log, dir.join("raft")).expect("log store");
+    let log = if storage.partitions().contains(&GROUP) {
+        storage.open_partition(GROUP, PartitionConfig::default())
+    } else {
+        storage.create_partition(GROUP, PartitionConfig::default())
+    }
+    .expect("partition");
+    let (mut store, machine) =
+        petrel_core::raft::open(log, &dir.join("raft")).expect("raft storage");
     let reader = openraft::storage::RaftLogStorage::get_log_reader(&mut store).await;
-    let machine = PartitionMachine::open(dir.join("raft")).expect("state machine");
     let config = Config {
         heartbeat_interval: 100,
         election_timeout_min: 400,
         election_timeout_max: 800,
+        // A snapshot lets the log go entirely (the tests trigger them).
+        max_in_snapshot_log_to_keep: 0,
         ..Config::default()
     }
     .validate()
@@ -50,7 +56,9 @@ async fn start(id: NodeId, dir: &std::path::Path) -> Node {
     .await
     .expect("raft");
     let groups = Arc::new(RwLock::new(HashMap::from([(GROUP, raft.clone())])));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = TcpListener::bind(addr.unwrap_or("127.0.0.1:0"))
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(
@@ -102,6 +110,64 @@ fn describe(index: u64, b: &RecordBatch) -> (u64, u64, u64, Vec<String>) {
     (index, b.base_offset(), b.next_offset(), values)
 }
 
+impl Node {
+    async fn stop(mut self) {
+        self.raft.shutdown().await.expect("shutdown");
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Starts three nodes as one group and returns them with its leader.
+async fn cluster(dir: &std::path::Path) -> (BTreeMap<NodeId, Node>, NodeId) {
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3u64 {
+        nodes.insert(id, start(id, &dir.join(id.to_string()), None).await);
+    }
+    let members: BTreeMap<NodeId, BasicNode> = nodes
+        .iter()
+        .map(|(id, n)| (*id, BasicNode::new(&n.addr)))
+        .collect();
+    nodes[&1]
+        .raft
+        .initialize(members)
+        .await
+        .expect("initialize");
+    let leader = leader_of(&nodes).await;
+    (nodes, leader)
+}
+
+/// Writes `n` proposals through the leader; returns the last index.
+async fn write(leader: &Node, tag: &str, n: u32) -> u64 {
+    let mut last = 0;
+    for i in 0..n {
+        let reply = leader
+            .raft
+            .client_write(records(&format!("{tag}{i}"), 1 + i % 3))
+            .await
+            .expect("write");
+        last = reply.log_id.index;
+    }
+    last
+}
+
+async fn stop_all(nodes: BTreeMap<NodeId, Node>) {
+    for node in nodes.into_values() {
+        node.stop().await;
+    }
+}
+
+async fn applied(nodes: &BTreeMap<NodeId, Node>, index: u64) {
+    for node in nodes.values() {
+        node.raft
+            .wait(Some(WAIT))
+            .applied_index_at_least(Some(index), "applied everywhere")
+            .await
+            .expect("applied");
+    }
+}
+
 async fn leader_of(nodes: &BTreeMap<NodeId, Node>) -> NodeId {
     let any = nodes.values().next().expect("a node");
     let metrics = any
@@ -119,38 +185,9 @@ async fn leader_of(nodes: &BTreeMap<NodeId, Node>) -> NodeId {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_replicate_with_the_same_offsets_and_survive_the_leader_stopping() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut nodes = BTreeMap::new();
-    for id in 1..=3u64 {
-        nodes.insert(id, start(id, &dir.path().join(id.to_string())).await);
-    }
-    let members: BTreeMap<NodeId, BasicNode> = nodes
-        .iter()
-        .map(|(id, n)| (*id, BasicNode::new(&n.addr)))
-        .collect();
-    nodes[&1]
-        .raft
-        .initialize(members)
-        .await
-        .expect("initialize");
-
-    let leader = leader_of(&nodes).await;
-    let mut written = Vec::new();
-    for (i, n) in [3u32, 1, 2].into_iter().enumerate() {
-        let reply = nodes[&leader]
-            .raft
-            .client_write(records(&format!("a{i}"), n))
-            .await
-            .expect("write");
-        written.push(reply.log_id.index);
-    }
-    let last = *written.last().expect("written");
-    for node in nodes.values() {
-        node.raft
-            .wait(Some(WAIT))
-            .applied_index_at_least(Some(last), "applied everywhere")
-            .await
-            .expect("applied");
-    }
+    let (mut nodes, leader) = cluster(dir.path()).await;
+    // Proposals of 1, 2 and 3 records.
+    applied(&nodes, write(&nodes[&leader], "a", 3).await).await;
     let mut logs = Vec::new();
     for node in nodes.values_mut() {
         logs.push(messages(node).await);
@@ -161,14 +198,10 @@ async fn entries_replicate_with_the_same_offsets_and_survive_the_leader_stopping
         "the same batches at the same offsets: {logs:#?}"
     );
     let values: Vec<String> = logs[0].iter().flat_map(|b| b.3.clone()).collect();
-    assert_eq!(values, ["a0-0", "a0-1", "a0-2", "a1-0", "a2-0", "a2-1"]);
+    assert_eq!(values, ["a0-0", "a1-0", "a1-1", "a2-0", "a2-1", "a2-2"]);
 
     // The leader stops: the other two elect a new one and keep taking writes.
-    let mut old = nodes.remove(&leader).expect("leader");
-    old.raft.shutdown().await.expect("shutdown");
-    if let Some(stop) = old.stop.take() {
-        let _ = stop.send(());
-    }
+    nodes.remove(&leader).expect("leader").stop().await;
     let started = std::time::Instant::now();
     let new_leader = leader_of(&nodes).await;
     assert_ne!(new_leader, leader);
@@ -177,18 +210,7 @@ async fn entries_replicate_with_the_same_offsets_and_survive_the_leader_stopping
         "failover took {:?}",
         started.elapsed()
     );
-    let reply = nodes[&new_leader]
-        .raft
-        .client_write(records("b", 2))
-        .await
-        .expect("write after failover");
-    for node in nodes.values() {
-        node.raft
-            .wait(Some(WAIT))
-            .applied_index_at_least(Some(reply.log_id.index), "applied after failover")
-            .await
-            .expect("applied");
-    }
+    applied(&nodes, write(&nodes[&new_leader], "b", 1).await).await;
     let mut after = Vec::new();
     for node in nodes.values_mut() {
         after.push(messages(node).await);
@@ -200,9 +222,7 @@ async fn entries_replicate_with_the_same_offsets_and_survive_the_leader_stopping
         "nothing acknowledged before the failover is lost"
     );
     assert_eq!(&after[0][..3], &logs[0][..]);
-    for node in nodes.values() {
-        node.raft.shutdown().await.expect("shutdown");
-    }
+    stop_all(nodes).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,7 +232,7 @@ async fn the_transport_answers_garbage_and_strangers_with_clear_errors_and_keeps
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut node = start(1, dir.path()).await;
+    let mut node = start(1, dir.path(), None).await;
 
     // Not HTTP/2 at all: the connection is dropped, the server is not.
     let mut raw = tokio::net::TcpStream::connect(&node.addr)
@@ -265,4 +285,50 @@ async fn the_transport_answers_garbage_and_strangers_with_clear_errors_and_keeps
     );
     assert!(messages(&mut node).await.is_empty());
     node.raft.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_wiped_behind_a_purged_log_is_refilled_from_a_snapshot_at_the_same_offsets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut nodes, leader) = cluster(dir.path()).await;
+    let follower = *nodes.keys().find(|id| **id != leader).expect("a follower");
+    applied(&nodes, write(&nodes[&leader], "a", 4).await).await;
+
+    // The follower stops; the others go on, snapshot, and purge their logs entirely.
+    let gone = nodes.remove(&follower).expect("follower");
+    let addr = gone.addr.clone();
+    gone.stop().await;
+    let last = write(&nodes[&leader], "b", 4).await;
+    applied(&nodes, last).await;
+    let raft = &nodes[&leader].raft;
+    raft.trigger().snapshot().await.expect("snapshot");
+    raft.wait(Some(WAIT))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= last),
+            "snapshot taken",
+        )
+        .await
+        .expect("snapshot");
+    raft.trigger().purge_log(last).await.expect("purge");
+    raft.wait(Some(WAIT))
+        .metrics(|m| m.purged.is_some_and(|p| p.index >= last), "log purged")
+        .await
+        .expect("purged");
+
+    // It comes back with nothing: the snapshot refills it, and new entries land at the
+    // leader's offsets.
+    let home = dir.path().join(follower.to_string());
+    std::fs::remove_dir_all(&home).expect("wipe");
+    nodes.insert(follower, start(follower, &home, Some(&addr)).await);
+    let more = write(&nodes[&leader], "c", 3).await;
+    applied(&nodes, more).await;
+    let refilled = messages(nodes.get_mut(&follower).expect("follower")).await;
+    let on_leader = messages(nodes.get_mut(&leader).expect("leader")).await;
+    assert_eq!(
+        refilled.len(),
+        3,
+        "only what came after the snapshot: {refilled:?}"
+    );
+    assert_eq!(&on_leader[on_leader.len() - 3..], &refilled[..]);
+    stop_all(nodes).await;
 }

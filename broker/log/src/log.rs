@@ -485,6 +485,58 @@ impl Log {
         Ok(())
     }
 
+    /// Moves an empty log (everything purged) forward, so that its next append starts at
+    /// `offset`: a replica that caught up from a snapshot goes on at its leader's offsets.
+    /// Durable when it returns.
+    pub fn skip_to(&mut self, offset: u64) -> Result<()> {
+        let (start, next) = (self.state.start, self.state.next);
+        if offset == next {
+            return Ok(());
+        }
+        if start != next || offset < next {
+            return Err(Error::OffsetOutOfRange {
+                partition: self.id,
+                offset,
+                start,
+                next,
+            });
+        }
+        self.storage.check_writable()?;
+        self.shared.flush()?;
+        // Earlier WAL records of this partition are all below `offset`: replay skips them.
+        let barrier = self.storage.wal.barrier()?;
+        let seg = Segment::create(
+            &self.shared.dir,
+            offset,
+            self.storage.config.index_interval_bytes,
+        )?;
+        fsutil::sync_dir(&self.shared.dir)?;
+        // A crash before the checkpoint names `offset` leaves the new segment after a gap,
+        // which recovery deletes; after it, the old segments lie wholly below the start,
+        // which recovery deletes too.
+        let old = {
+            let mut table = self.storage.table();
+            let entry = table
+                .entries
+                .get_mut(&self.id)
+                .ok_or(Error::UnknownPartition(self.id))?;
+            entry.start = offset;
+            entry.end = offset;
+            entry.replay_from = barrier;
+            self.storage.save_checkpoint(&table)?;
+            self.shared.reset(Some(seg.file().clone()));
+            self.shared.next.store(offset, Ordering::Release);
+            self.state.start = offset;
+            self.state.next = offset;
+            std::mem::replace(&mut self.state.segments, BTreeMap::from([(offset, seg)]))
+        };
+        self.storage.cache.purge_to(self.id, offset);
+        for seg in old.into_values() {
+            seg.delete()?;
+        }
+        Ok(())
+    }
+
     /// Deletes the partition and all its data.
     pub fn delete(mut self) -> Result<()> {
         self.storage.check_open()?;

@@ -8,13 +8,16 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
-use openraft::{AnyError, Entry, LogId, LogState, RaftLogReader, StorageIOError, Vote};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, LogState, RaftLogReader, StorageIOError, Vote,
+};
 use petrel_log::{Log, RecordBatch};
 
-use super::{NodeId, PartitionRaft, RaftStoreError, StorageError, entry, files};
+use super::{NodeId, PartitionRaft, Proposal, RaftStoreError, StorageError, entry, files};
 
 /// Bytes a reader asks the log for at a time.
 const READ_BYTES: usize = 1 << 20;
@@ -27,6 +30,9 @@ pub struct LogStore {
     purged: Option<LogId<NodeId>>,
     last: Option<LogId<NodeId>>,
     reader: LogReader,
+    /// Where the log goes on once emptied: the offset after the last entry of the state
+    /// the state machine holds (set when it installs a snapshot).
+    resume: Arc<AtomicU64>,
 }
 
 /// Reads a partition's Raft log while its `LogStore` appends.
@@ -39,7 +45,11 @@ pub struct LogReader {
 
 impl LogStore {
     /// Opens the Raft log kept in `log`, with its vote and purge point in `dir`.
-    pub fn open(log: Log, dir: impl Into<PathBuf>) -> Result<Self, RaftStoreError> {
+    pub(super) fn open(
+        log: Log,
+        dir: impl Into<PathBuf>,
+        resume: Arc<AtomicU64>,
+    ) -> Result<Self, RaftStoreError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|e| RaftStoreError::file("create", &dir, e))?;
         let vote = files::read(&dir.join("vote"))?;
@@ -57,6 +67,7 @@ impl LogStore {
             purged,
             last,
             reader,
+            resume,
         })
     }
 }
@@ -123,6 +134,19 @@ fn last_log_id(log: &Log) -> Result<Option<LogId<NodeId>>, RaftStoreError> {
         return Ok(None);
     }
     Ok(Some(entry::log_id(&batch_at(log, log.next_offset() - 1)?)))
+}
+
+/// Where a replicated message entry sits in its leader's log (a new proposal is not
+/// placed yet: its header holds no Raft index).
+fn placed_at(e: &Entry<PartitionRaft>) -> Option<u64> {
+    match &e.payload {
+        EntryPayload::Normal(Proposal(b))
+            if b.raft_index() == e.log_id.index && b.raft_index() != 0 =>
+        {
+            Some(b.base_offset())
+        }
+        _ => None,
+    }
 }
 
 fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
@@ -220,14 +244,31 @@ impl RaftLogStorage<PartitionRaft> for LogStore {
         I::IntoIter: Send,
     {
         let mut log = write(&self.log);
-        let mut next = log.next_offset();
         let mut batches = Vec::new();
         let mut last = None;
         for e in entries {
+            if batches.is_empty() && log.start_offset() == log.next_offset() {
+                // An emptied log (a snapshot replaced it) goes on at its leader's offsets.
+                let resume = placed_at(&e).unwrap_or(self.resume.load(Ordering::Acquire));
+                if resume > log.next_offset() {
+                    log.skip_to(resume).map_err(|e| write_err(&e))?;
+                }
+            }
+            let next = batches
+                .last()
+                .map_or(log.next_offset(), RecordBatch::next_offset);
+            if let Some(at) = placed_at(&e)
+                && at != next
+            {
+                let e = RaftStoreError::Diverged {
+                    index: e.log_id.index,
+                    leader: at,
+                    here: next,
+                };
+                return Err(write_err(&e));
+            }
             last = Some(e.log_id);
-            let b = entry::to_batch(e, next).map_err(|e| write_err(&e))?;
-            next = b.next_offset();
-            batches.push(b);
+            batches.push(entry::to_batch(e, next).map_err(|e| write_err(&e))?);
         }
         if batches.is_empty() {
             callback.log_io_completed(Ok(()));

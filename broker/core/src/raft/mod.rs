@@ -12,6 +12,13 @@
 //!   watermark); its snapshots hold that state only, never messages.
 //! * `files`: the small files beside the log (vote, purge point, snapshot), each
 //!   replaced atomically.
+//!
+//! A replica that catches up from a snapshot has its log emptied; its next entry must
+//! land at the offset it has on the leader. The state machine counts every entry's
+//! offsets (Raft's own entries take one each), so an installed state says where the log
+//! goes on, and the store moves the emptied log there (`Log::skip_to`); a replicated
+//! message entry carries its leader's offsets too, and a store that would place it
+//! elsewhere refuses it as diverged.
 
 pub(crate) mod entry;
 mod error;
@@ -28,6 +35,19 @@ pub use entry::EntryError;
 pub use error::RaftStoreError;
 pub use log_store::{LogReader, LogStore};
 pub use state_machine::{PartitionMachine, PartitionState};
+
+/// Opens a partition's Raft storage: its log store over `log`, and its state machine,
+/// with the vote, purge point and snapshot kept in `dir`.
+pub fn open(
+    log: petrel_log::Log,
+    dir: &std::path::Path,
+) -> Result<(LogStore, PartitionMachine), RaftStoreError> {
+    // The state machine tells the store where an emptied log goes on.
+    let resume = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let machine = PartitionMachine::open(dir, resume.clone())?;
+    let store = LogStore::open(log, dir, resume)?;
+    Ok((store, machine))
+}
 
 /// Identifies a node of the cluster.
 pub type NodeId = u64;

@@ -3,6 +3,7 @@
 
 use std::io::Cursor;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::RaftStateMachine;
@@ -23,6 +24,9 @@ pub struct PartitionState {
     pub membership: StoredMembership<NodeId, BasicNode>,
     /// The high watermark: the offset after the last message applied.
     pub next_offset: u64,
+    /// The offset after the last entry applied, Raft's own entries (one record each)
+    /// included: where a replica that installs this state goes on appending.
+    pub log_next: u64,
 }
 
 /// A snapshot as kept: its metadata and the serialized state.
@@ -73,12 +77,17 @@ impl Snapshots {
 pub struct PartitionMachine {
     state: PartitionState,
     snapshots: Snapshots,
+    /// Tells the log store where an emptied log goes on: the installed state's `log_next`.
+    resume: Arc<AtomicU64>,
 }
 
 impl PartitionMachine {
     /// Opens the state machine kept in `dir`: the state of its last snapshot, if any
     /// (Raft applies the log after it again).
-    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, RaftStoreError> {
+    pub(super) fn open(
+        dir: impl Into<PathBuf>,
+        resume: Arc<AtomicU64>,
+    ) -> Result<Self, RaftStoreError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|e| RaftStoreError::file("create", &dir, e))?;
         let path = dir.join("snapshot");
@@ -87,7 +96,9 @@ impl PartitionMachine {
             Some(s) => serde_json::from_slice(&s.data)?,
             None => PartitionState::default(),
         };
+        resume.store(state.log_next, Ordering::Release);
         Ok(Self {
+            resume,
             state,
             snapshots: Snapshots {
                 current: Arc::new(Mutex::new(stored)),
@@ -150,13 +161,15 @@ impl RaftStateMachine<PartitionRaft> for PartitionMachine {
             // Raft's own entries take an offset each too, but hold nothing a reader sees.
             let mut base_offset = s.next_offset;
             match e.payload {
-                EntryPayload::Blank => {}
+                EntryPayload::Blank => s.log_next += 1,
                 EntryPayload::Normal(Proposal(batch)) => {
                     base_offset = batch.base_offset();
                     s.next_offset = batch.next_offset();
+                    s.log_next = batch.next_offset();
                 }
                 EntryPayload::Membership(m) => {
                     s.membership = StoredMembership::new(Some(e.log_id), m);
+                    s.log_next += 1;
                 }
             }
             replies.push(Applied {
@@ -194,6 +207,7 @@ impl RaftStateMachine<PartitionRaft> for PartitionMachine {
         self.snapshots.keep(stored).map_err(|e| {
             StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
         })?;
+        self.resume.store(state.log_next, Ordering::Release);
         self.state = state;
         Ok(())
     }
