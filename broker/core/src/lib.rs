@@ -10,12 +10,14 @@
 //!   per partition, cumulative commit).
 //! * **routing**: exchanges (direct, fanout, topic, headers) and bindings that send a
 //!   published message to queues and topics, for every protocol alike.
-//! * **metadata**: the node-wide metadata Raft group (vhosts, exchanges, bindings,
-//!   destinations, placement, users), and forwarding to partition leaders.
+//! * **metadata** ([`meta`], so far destinations, placement and nodes): the node-wide
+//!   metadata Raft group (vhosts, exchanges, bindings, destinations, placement, users),
+//!   and forwarding to partition leaders.
 //!
 //! Arrows point one way: `petrel-protocols` calls this crate, this crate calls
 //! `petrel-log`; it knows no wire protocol and opens no socket of its own except the
 //! internal Raft transport.
 
+pub mod meta;
 pub mod raft;
 pub mod transport;

@@ -7,11 +7,12 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use openraft::{BasicNode, Config, Raft, RaftLogReader};
-use petrel_core::raft::{LogReader, NodeId, PartitionRaft, Proposal};
+use petrel_core::meta::{self, Command, Kind, MetaError, Metadata, Outcome, Spec};
+use petrel_core::raft::{Application, LogReader, NodeId, Partition, PartitionRaft, Proposal};
 use petrel_core::transport::{Peers, RaftService};
 use petrel_log::{BatchBuilder, PartitionConfig, RecordBatch, Storage, StorageConfig};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 const GROUP: u64 = 7;
 const WAIT: Duration = Duration::from_secs(10);
@@ -24,17 +25,29 @@ struct Node {
     _storage: Storage,
 }
 
-/// Starts node `id` on its data in `dir` (created if new), listening on `addr` if given.
+/// Starts node `id` of the partition group on its data in `dir` (created if new),
+/// listening on `addr` if given.
 async fn start(id: NodeId, dir: &std::path::Path, addr: Option<&str>) -> Node {
+    start_group::<Partition>(id, dir, addr, GROUP).await.0
+}
+
+/// Starts node `id` of `group` with application `A`, whose state it publishes.
+async fn start_group<A: Application>(
+    id: NodeId,
+    dir: &std::path::Path,
+    addr: Option<&str>,
+    group: u64,
+) -> (Node, watch::Receiver<A>) {
     let storage = Storage::open(StorageConfig::new(dir.join("data"))).expect("storage");
-    let log = if storage.partitions().contains(&GROUP) {
-        storage.open_partition(GROUP, PartitionConfig::default())
+    let log = if storage.partitions().contains(&group) {
+        storage.open_partition(group, PartitionConfig::default())
     } else {
-        storage.create_partition(GROUP, PartitionConfig::default())
+        storage.create_partition(group, PartitionConfig::default())
     }
     .expect("partition");
+    let (publish, published) = watch::channel(A::default());
     let (mut store, machine) =
-        petrel_core::raft::open(log, &dir.join("raft")).expect("raft storage");
+        petrel_core::raft::open_group(log, &dir.join("raft"), Some(publish)).expect("raft storage");
     let reader = openraft::storage::RaftLogStorage::get_log_reader(&mut store).await;
     let config = Config {
         heartbeat_interval: 100,
@@ -49,13 +62,13 @@ async fn start(id: NodeId, dir: &std::path::Path, addr: Option<&str>) -> Node {
     let raft = Raft::new(
         id,
         Arc::new(config),
-        Peers::new(None).group(GROUP),
+        Peers::new(None).group(group),
         store,
         machine,
     )
     .await
     .expect("raft");
-    let groups = Arc::new(RwLock::new(HashMap::from([(GROUP, raft.clone())])));
+    let groups = Arc::new(RwLock::new(HashMap::from([(group, raft.clone())])));
     let listener = TcpListener::bind(addr.unwrap_or("127.0.0.1:0"))
         .await
         .expect("bind");
@@ -71,13 +84,14 @@ async fn start(id: NodeId, dir: &std::path::Path, addr: Option<&str>) -> Node {
                 },
             ),
     );
-    Node {
+    let node = Node {
         raft,
         reader,
         addr,
         stop: Some(stop),
         _storage: storage,
-    }
+    };
+    (node, published)
 }
 
 fn records(tag: &str, n: u32) -> Proposal {
@@ -330,5 +344,87 @@ async fn a_replica_wiped_behind_a_purged_log_is_refilled_from_a_snapshot_at_the_
         "only what came after the snapshot: {refilled:?}"
     );
     assert_eq!(&on_leader[on_leader.len() - 3..], &refilled[..]);
+    stop_all(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metadata_group_applies_the_same_commands_on_every_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nodes = BTreeMap::new();
+    let mut views = Vec::new();
+    for id in 1..=3u64 {
+        let home = dir.path().join(id.to_string());
+        let (node, view) = start_group::<Metadata>(id, &home, None, meta::METADATA_GROUP).await;
+        nodes.insert(id, node);
+        views.push(view);
+    }
+    let members: BTreeMap<NodeId, BasicNode> = nodes
+        .iter()
+        .map(|(id, n)| (*id, BasicNode::new(&n.addr)))
+        .collect();
+    nodes[&1]
+        .raft
+        .initialize(members)
+        .await
+        .expect("initialize");
+    let leader = &nodes[&leader_of(&nodes).await].raft;
+    let run = |command: Command| async move {
+        let proposal = meta::proposal(&command).expect("proposal");
+        let reply = leader.client_write(proposal).await.expect("write");
+        meta::outcome(&reply.data)
+    };
+    for (id, node) in &nodes {
+        let joined = run(Command::AddNode {
+            id: *id,
+            addr: node.addr.clone(),
+        })
+        .await;
+        assert_eq!(joined, Ok(Outcome::Nodes));
+    }
+    let spec = Spec {
+        kind: Kind::Topic,
+        name: "orders".into(),
+        partitions: 3,
+        replication_factor: 3,
+        durability: meta::Durability::Always,
+        retention: meta::Retention::default(),
+    };
+    let created = run(Command::Create(spec.clone())).await.expect("created");
+    let Outcome::Destination(orders) = created else {
+        panic!("{created:?}")
+    };
+    assert_eq!(orders.partitions.len(), 3);
+    assert_eq!(
+        run(Command::Create(spec.clone())).await,
+        Err(MetaError::AlreadyExists {
+            kind: Kind::Topic,
+            name: "orders".into()
+        })
+    );
+    let too_many = run(Command::Create(Spec {
+        name: "wide".into(),
+        replication_factor: 4,
+        ..spec
+    }))
+    .await;
+    assert!(
+        matches!(too_many, Err(MetaError::InvalidArgument(_))),
+        "{too_many:?}"
+    );
+
+    // Every node applied the same commands to the same metadata.
+    for view in &mut views {
+        let seen = tokio::time::timeout(
+            WAIT,
+            view.wait_for(|m| m.destination(Kind::Topic, "orders").is_some()),
+        )
+        .await
+        .expect("in time")
+        .expect("published")
+        .clone();
+        assert_eq!(seen.destination(Kind::Topic, "orders"), Some(&orders));
+        assert_eq!(seen.nodes.len(), 3);
+        assert!(seen.destination(Kind::Topic, "wide").is_none());
+    }
     stop_all(nodes).await;
 }

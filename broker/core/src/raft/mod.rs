@@ -34,7 +34,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub use entry::EntryError;
 pub use error::RaftStoreError;
 pub use log_store::{LogReader, LogStore};
-pub use state_machine::{PartitionMachine, PartitionState};
+pub use state_machine::{Application, GroupState, Machine, Partition, PartitionMachine};
 
 /// Opens a partition's Raft storage: its log store over `log`, and its state machine,
 /// with the vote, purge point and snapshot kept in `dir`.
@@ -42,9 +42,18 @@ pub fn open(
     log: petrel_log::Log,
     dir: &std::path::Path,
 ) -> Result<(LogStore, PartitionMachine), RaftStoreError> {
+    open_group(log, dir, None)
+}
+
+/// Opens a group's Raft storage for application `A`, publishing its state to `publish`.
+pub fn open_group<A: Application>(
+    log: petrel_log::Log,
+    dir: &std::path::Path,
+    publish: Option<tokio::sync::watch::Sender<A>>,
+) -> Result<(LogStore, Machine<A>), RaftStoreError> {
     // The state machine tells the store where an emptied log goes on.
     let resume = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let machine = PartitionMachine::open(dir, resume.clone())?;
+    let machine = Machine::open(dir, resume.clone(), publish)?;
     let store = LogStore::open(log, dir, resume)?;
     Ok((store, machine))
 }
@@ -83,13 +92,16 @@ impl<'de> Deserialize<'de> for Proposal {
     }
 }
 
-/// What applying an entry did: the offsets its records took (empty for Raft's own entries).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What applying an entry did: the offsets its records took (none for Raft's own
+/// entries), and the application's answer to the proposer, if it has one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Applied {
     /// Offset of the entry's first record.
     pub base_offset: u64,
-    /// Offset after its last record: the partition's high watermark once applied.
+    /// Offset after its last record: the group's high watermark once applied.
     pub next_offset: u64,
+    /// The application's answer (the metadata group's command results), as JSON.
+    pub reply: Option<serde_json::Value>,
 }
 
 /// A storage error as openraft reports it.

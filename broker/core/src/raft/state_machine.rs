@@ -1,5 +1,6 @@
-//! A partition's state machine: where the log has been applied to, its membership, and
-//! its high watermark. Snapshots hold this state only; the messages stay in the log.
+//! A group's state machine: where its log has been applied to, its membership, its high
+//! watermark, and what its application (a partition's cursors, the cluster's metadata)
+//! builds from the messages. Snapshots hold this state only; the messages stay in the log.
 
 use std::io::Cursor;
 use std::path::PathBuf;
@@ -11,13 +12,34 @@ use openraft::{
     AnyError, BasicNode, Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
     StorageIOError, StoredMembership,
 };
+use petrel_log::RecordBatch;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use super::{Applied, NodeId, PartitionRaft, Proposal, RaftStoreError, StorageError, files};
 
-/// The state a partition's entries build up.
+/// What a group does with its message entries, beyond counting them.
+pub trait Application:
+    std::fmt::Debug + Clone + Default + Serialize + DeserializeOwned + Send + Sync + 'static
+{
+    /// Applies one message batch; returns the answer for whoever proposed it.
+    fn apply(&mut self, batch: &RecordBatch) -> Option<serde_json::Value>;
+}
+
+/// A partition's application: nothing yet beyond the offsets every group counts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartitionState {
+pub struct Partition {}
+
+impl Application for Partition {
+    fn apply(&mut self, _batch: &RecordBatch) -> Option<serde_json::Value> {
+        None
+    }
+}
+
+/// The state a group's entries build up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupState<A> {
     /// The last entry applied.
     pub applied: Option<LogId<NodeId>>,
     /// The last membership applied.
@@ -27,6 +49,8 @@ pub struct PartitionState {
     /// The offset after the last entry applied, Raft's own entries (one record each)
     /// included: where a replica that installs this state goes on appending.
     pub log_next: u64,
+    /// What the application built.
+    pub app: A,
 }
 
 /// A snapshot as kept: its metadata and the serialized state.
@@ -72,33 +96,43 @@ impl Snapshots {
     }
 }
 
-/// A partition's state machine.
+/// A group's state machine.
 #[derive(Debug)]
-pub struct PartitionMachine {
-    state: PartitionState,
+pub struct Machine<A> {
+    state: GroupState<A>,
     snapshots: Snapshots,
     /// Tells the log store where an emptied log goes on: the installed state's `log_next`.
     resume: Arc<AtomicU64>,
+    /// Where the application's state is published after each change, if anyone watches.
+    publish: Option<watch::Sender<A>>,
 }
 
-impl PartitionMachine {
+/// A partition's state machine.
+pub type PartitionMachine = Machine<Partition>;
+
+impl<A: Application> Machine<A> {
     /// Opens the state machine kept in `dir`: the state of its last snapshot, if any
     /// (Raft applies the log after it again).
     pub(super) fn open(
         dir: impl Into<PathBuf>,
         resume: Arc<AtomicU64>,
+        publish: Option<watch::Sender<A>>,
     ) -> Result<Self, RaftStoreError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|e| RaftStoreError::file("create", &dir, e))?;
         let path = dir.join("snapshot");
         let stored: Option<Stored> = files::read(&path)?;
-        let state = match &stored {
+        let state: GroupState<A> = match &stored {
             Some(s) => serde_json::from_slice(&s.data)?,
-            None => PartitionState::default(),
+            None => GroupState::default(),
         };
         resume.store(state.log_next, Ordering::Release);
+        if let Some(p) = &publish {
+            p.send_replace(state.app.clone());
+        }
         Ok(Self {
             resume,
+            publish,
             state,
             snapshots: Snapshots {
                 current: Arc::new(Mutex::new(stored)),
@@ -108,18 +142,24 @@ impl PartitionMachine {
     }
 
     /// The state applied so far.
-    pub fn state(&self) -> &PartitionState {
+    pub fn state(&self) -> &GroupState<A> {
         &self.state
+    }
+
+    fn published(&self) {
+        if let Some(p) = &self.publish {
+            p.send_replace(self.state.app.clone());
+        }
     }
 }
 
 /// Builds a snapshot of the state as it was when the builder was taken.
-pub struct SnapshotBuilder {
-    state: PartitionState,
+pub struct SnapshotBuilder<A> {
+    state: GroupState<A>,
     snapshots: Snapshots,
 }
 
-impl RaftSnapshotBuilder<PartitionRaft> for SnapshotBuilder {
+impl<A: Application> RaftSnapshotBuilder<PartitionRaft> for SnapshotBuilder<A> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<PartitionRaft>, StorageError> {
         let data = serde_json::to_vec(&self.state)
             .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)))?;
@@ -140,8 +180,8 @@ impl RaftSnapshotBuilder<PartitionRaft> for SnapshotBuilder {
     }
 }
 
-impl RaftStateMachine<PartitionRaft> for PartitionMachine {
-    type SnapshotBuilder = SnapshotBuilder;
+impl<A: Application> RaftStateMachine<PartitionRaft> for Machine<A> {
+    type SnapshotBuilder = SnapshotBuilder<A>;
 
     async fn applied_state(
         &mut self,
@@ -160,12 +200,14 @@ impl RaftStateMachine<PartitionRaft> for PartitionMachine {
             s.applied = Some(e.log_id);
             // Raft's own entries take an offset each too, but hold nothing a reader sees.
             let mut base_offset = s.next_offset;
+            let mut reply = None;
             match e.payload {
                 EntryPayload::Blank => s.log_next += 1,
                 EntryPayload::Normal(Proposal(batch)) => {
                     base_offset = batch.base_offset();
                     s.next_offset = batch.next_offset();
                     s.log_next = batch.next_offset();
+                    reply = s.app.apply(&batch);
                 }
                 EntryPayload::Membership(m) => {
                     s.membership = StoredMembership::new(Some(e.log_id), m);
@@ -175,12 +217,14 @@ impl RaftStateMachine<PartitionRaft> for PartitionMachine {
             replies.push(Applied {
                 base_offset,
                 next_offset: s.next_offset,
+                reply,
             });
         }
+        self.published();
         Ok(replies)
     }
 
-    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder<A> {
         SnapshotBuilder {
             state: self.state.clone(),
             snapshots: self.snapshots.clone(),
@@ -197,7 +241,7 @@ impl RaftStateMachine<PartitionRaft> for PartitionMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let state: PartitionState = serde_json::from_slice(&data).map_err(|e| {
+        let state: GroupState<A> = serde_json::from_slice(&data).map_err(|e| {
             StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))
         })?;
         let stored = Stored {
@@ -209,6 +253,7 @@ impl RaftStateMachine<PartitionRaft> for PartitionMachine {
         })?;
         self.resume.store(state.log_next, Ordering::Release);
         self.state = state;
+        self.published();
         Ok(())
     }
 

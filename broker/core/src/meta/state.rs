@@ -1,0 +1,684 @@
+//! The metadata itself and the commands that change it: a pure state machine, the same
+//! on every node because every node applies the same commands in the same order.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::raft::NodeId;
+
+/// Longest destination name, in bytes (RabbitMQ's limit for queue names).
+pub const MAX_NAME_BYTES: usize = 255;
+/// Most partitions one destination may have.
+pub const MAX_PARTITIONS: u32 = 10_000;
+
+/// A queue (kept until acknowledged) or a topic (kept by retention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Point-to-point: one implicit shared subscription.
+    Queue,
+    /// Publish-subscribe: retention and named subscriptions.
+    Topic,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Queue => "queue",
+            Kind::Topic => "topic",
+        })
+    }
+}
+
+/// When an append is acknowledged (DESIGN.md §4).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After an fsync on a majority.
+    #[default]
+    Always,
+    /// At the next periodic sync.
+    Interval,
+    /// At once: relies on replication.
+    Never,
+}
+
+/// How long a topic keeps its messages; `None` keeps them forever.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Longest time a message is kept, in milliseconds.
+    pub ms: Option<u64>,
+    /// Most bytes a partition keeps.
+    pub bytes: Option<u64>,
+}
+
+/// What a user asks for when creating a destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spec {
+    /// Queue or topic.
+    pub kind: Kind,
+    /// Unique among destinations of its kind.
+    pub name: String,
+    /// Number of partitions (each its own Raft group).
+    pub partitions: u32,
+    /// Replicas of each partition.
+    pub replication_factor: u32,
+    /// When appends are acknowledged.
+    pub durability: Durability,
+    /// How long messages are kept (topics).
+    pub retention: Retention,
+}
+
+/// One partition of a destination: its Raft group and the nodes holding its replicas,
+/// the first being its preferred leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partition {
+    /// The partition's Raft group, unique in the cluster and never reused.
+    pub group: u64,
+    /// Nodes holding a replica; the first is the preferred leader.
+    pub replicas: Vec<NodeId>,
+}
+
+/// A destination as the cluster knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Destination {
+    /// What was asked for (as last updated).
+    pub spec: Spec,
+    /// Where each partition lives, by partition number.
+    pub partitions: Vec<Partition>,
+}
+
+/// A node's part in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Takes replicas.
+    Active,
+    /// Being drained: takes no new replicas and hands its own to others.
+    Draining,
+}
+
+/// A member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Address of its internal (Raft) listener, `host:port`.
+    pub addr: String,
+    /// Whether it takes replicas.
+    pub state: NodeState,
+}
+
+/// A change to the metadata, proposed through the metadata group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// A node joins (or changes its address).
+    AddNode { id: NodeId, addr: String },
+    /// A node starts draining: its replicas are placed elsewhere.
+    DecommissionNode { id: NodeId },
+    /// A drained node leaves.
+    RemoveNode { id: NodeId },
+    /// A new queue or topic.
+    Create(Spec),
+    /// New partitions (more only), durability or retention for a destination.
+    Update {
+        kind: Kind,
+        name: String,
+        partitions: Option<u32>,
+        durability: Option<Durability>,
+        retention: Option<Retention>,
+    },
+    /// A destination goes, with all its partitions.
+    Delete { kind: Kind, name: String },
+}
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The node list changed.
+    Nodes,
+    /// The destination as it now is.
+    Destination(Destination),
+    /// The destination that was deleted.
+    Deleted(Destination),
+}
+
+/// Why a command was refused; refusals change nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum MetaError {
+    /// A destination of that kind and name exists.
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists { kind: Kind, name: String },
+    /// No destination of that kind and name.
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: Kind, name: String },
+    /// No such node.
+    #[error("node {0} is not a member of the cluster")]
+    UnknownNode(NodeId),
+    /// A value out of range, with what is allowed.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+/// The cluster's metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// Members, by node id.
+    pub nodes: BTreeMap<NodeId, Node>,
+    /// Destinations, by kind and name.
+    pub destinations: BTreeMap<Kind, BTreeMap<String, Destination>>,
+    /// The next partition group id (group 0 is the metadata group itself).
+    pub next_group: u64,
+}
+
+fn invalid(message: impl Into<String>) -> MetaError {
+    MetaError::InvalidArgument(message.into())
+}
+
+impl Metadata {
+    /// The destination of `kind` named `name`.
+    pub fn destination(&self, kind: Kind, name: &str) -> Option<&Destination> {
+        self.destinations.get(&kind)?.get(name)
+    }
+
+    /// Carries out `command`; a refusal leaves the metadata as it was.
+    pub fn execute(&mut self, command: Command) -> Result<Outcome, MetaError> {
+        match command {
+            Command::AddNode { id, addr } => {
+                if addr.is_empty() {
+                    return Err(invalid("a node needs an address"));
+                }
+                let node = self.nodes.entry(id).or_insert(Node {
+                    addr: String::new(),
+                    state: NodeState::Active,
+                });
+                node.addr = addr;
+                Ok(Outcome::Nodes)
+            }
+            Command::DecommissionNode { id } => {
+                let node = self.nodes.get_mut(&id).ok_or(MetaError::UnknownNode(id))?;
+                node.state = NodeState::Draining;
+                self.move_replicas_off(id);
+                Ok(Outcome::Nodes)
+            }
+            Command::RemoveNode { id } => {
+                if !self.nodes.contains_key(&id) {
+                    return Err(MetaError::UnknownNode(id));
+                }
+                if self.replicas_on(id) > 0 {
+                    return Err(invalid(format!(
+                        "node {id} still holds replicas: decommission it first"
+                    )));
+                }
+                self.nodes.remove(&id);
+                Ok(Outcome::Nodes)
+            }
+            Command::Create(spec) => self.create(spec),
+            Command::Update {
+                kind,
+                name,
+                partitions,
+                durability,
+                retention,
+            } => self.update(kind, &name, partitions, durability, retention),
+            Command::Delete { kind, name } => {
+                let removed = self
+                    .destinations
+                    .get_mut(&kind)
+                    .and_then(|d| d.remove(&name))
+                    .ok_or(MetaError::NotFound { kind, name })?;
+                Ok(Outcome::Deleted(removed))
+            }
+        }
+    }
+
+    fn create(&mut self, spec: Spec) -> Result<Outcome, MetaError> {
+        validate_name(&spec.name)?;
+        validate_partitions(spec.partitions)?;
+        let active = self.active_nodes().len();
+        if spec.replication_factor == 0 || spec.replication_factor as usize > active {
+            return Err(invalid(format!(
+                "replication factor {} must be between 1 and the {active} active nodes",
+                spec.replication_factor
+            )));
+        }
+        if self.destination(spec.kind, &spec.name).is_some() {
+            return Err(MetaError::AlreadyExists {
+                kind: spec.kind,
+                name: spec.name,
+            });
+        }
+        let mut partitions = Vec::new();
+        for _ in 0..spec.partitions {
+            let p = self.place(spec.replication_factor as usize, &partitions);
+            partitions.push(p);
+        }
+        let destination = Destination {
+            spec: spec.clone(),
+            partitions,
+        };
+        self.destinations
+            .entry(spec.kind)
+            .or_default()
+            .insert(spec.name, destination.clone());
+        Ok(Outcome::Destination(destination))
+    }
+
+    fn update(
+        &mut self,
+        kind: Kind,
+        name: &str,
+        partitions: Option<u32>,
+        durability: Option<Durability>,
+        retention: Option<Retention>,
+    ) -> Result<Outcome, MetaError> {
+        let not_found = || MetaError::NotFound {
+            kind,
+            name: name.to_owned(),
+        };
+        let current = self.destination(kind, name).ok_or_else(not_found)?.clone();
+        let mut updated = current.clone();
+        if let Some(n) = partitions {
+            validate_partitions(n)?;
+            if n < current.spec.partitions {
+                return Err(invalid(format!(
+                    "partitions can only grow: {kind} {name:?} has {}",
+                    current.spec.partitions
+                )));
+            }
+            let rf = current.spec.replication_factor as usize;
+            if (n > current.spec.partitions) && rf > self.active_nodes().len() {
+                return Err(invalid(format!(
+                    "replication factor {rf} is above the active nodes"
+                )));
+            }
+            let mut added = Vec::new();
+            for _ in current.spec.partitions..n {
+                let p = self.place(rf, &added);
+                added.push(p);
+            }
+            updated.partitions.extend(added);
+            updated.spec.partitions = n;
+        }
+        if let Some(d) = durability {
+            updated.spec.durability = d;
+        }
+        if let Some(r) = retention {
+            updated.spec.retention = r;
+        }
+        self.destinations
+            .entry(kind)
+            .or_default()
+            .insert(name.to_owned(), updated.clone());
+        Ok(Outcome::Destination(updated))
+    }
+
+    fn active_nodes(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.state == NodeState::Active)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn partitions(&self) -> impl Iterator<Item = &Partition> {
+        self.destinations
+            .values()
+            .flat_map(|d| d.values())
+            .flat_map(|d| d.partitions.iter())
+    }
+
+    /// Replicas on `node`, and how many of them it is the preferred leader of, counting
+    /// `pending` partitions not yet recorded too.
+    fn load_with(&self, node: NodeId, pending: &[Partition]) -> (usize, usize) {
+        self.partitions()
+            .chain(pending)
+            .fold((0, 0), |(all, led), p| {
+                (
+                    all + usize::from(p.replicas.contains(&node)),
+                    led + usize::from(p.replicas.first() == Some(&node)),
+                )
+            })
+    }
+
+    fn load(&self, node: NodeId) -> (usize, usize) {
+        self.load_with(node, &[])
+    }
+
+    fn replicas_on(&self, node: NodeId) -> usize {
+        self.load(node).0
+    }
+
+    /// A new partition led by the active node leading fewest, its other replicas on the
+    /// nodes holding fewest (of equals, those leading most, keeping the others free to
+    /// lead later): replicas and leadership spread evenly.
+    fn place(&mut self, rf: usize, pending: &[Partition]) -> Partition {
+        let mut nodes: Vec<(NodeId, (usize, usize))> = self
+            .active_nodes()
+            .into_iter()
+            .map(|n| (n, self.load_with(n, pending)))
+            .collect();
+        nodes.sort_by_key(|(n, (all, led))| (*led, *all, *n));
+        let mut others = nodes.split_off(nodes.len().min(1));
+        others.sort_by_key(|(n, (all, led))| (*all, std::cmp::Reverse(*led), *n));
+        let replicas = nodes
+            .into_iter()
+            .chain(others.into_iter().take(rf.saturating_sub(1)))
+            .map(|(n, _)| n)
+            .collect();
+        self.next_group += 1;
+        Partition {
+            group: self.next_group,
+            replicas,
+        }
+    }
+
+    /// Gives each replica on `node` to the least loaded active node not yet holding
+    /// one of that partition; a replica with nowhere to go stays until a node joins.
+    fn move_replicas_off(&mut self, node: NodeId) {
+        let active = self.active_nodes();
+        let kinds: Vec<Kind> = self.destinations.keys().copied().collect();
+        for kind in kinds {
+            let names: Vec<String> = self.destinations[&kind].keys().cloned().collect();
+            for name in names {
+                let count = self.destinations[&kind][&name].partitions.len();
+                for i in 0..count {
+                    let replicas = self.destinations[&kind][&name].partitions[i]
+                        .replicas
+                        .clone();
+                    let Some(at) = replicas.iter().position(|r| *r == node) else {
+                        continue;
+                    };
+                    let target = active
+                        .iter()
+                        .filter(|n| !replicas.contains(n))
+                        .min_by_key(|n| (self.load(**n), **n))
+                        .copied();
+                    if let Some(target) = target
+                        && let Some(d) = self
+                            .destinations
+                            .get_mut(&kind)
+                            .and_then(|d| d.get_mut(&name))
+                    {
+                        d.partitions[i].replicas[at] = target;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), MetaError> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(invalid(format!(
+            "a name has 1 to {MAX_NAME_BYTES} bytes, not {}",
+            name.len()
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(invalid("a name may not contain control characters"));
+    }
+    Ok(())
+}
+
+fn validate_partitions(n: u32) -> Result<(), MetaError> {
+    if n == 0 || n > MAX_PARTITIONS {
+        return Err(invalid(format!(
+            "partitions must be between 1 and {MAX_PARTITIONS}, not {n}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(nodes: u64) -> Metadata {
+        let mut m = Metadata::default();
+        for id in 1..=nodes {
+            m.execute(Command::AddNode {
+                id,
+                addr: format!("127.0.0.{id}:7000"),
+            })
+            .expect("add node");
+        }
+        m
+    }
+
+    fn spec(kind: Kind, name: &str, partitions: u32, rf: u32) -> Spec {
+        Spec {
+            kind,
+            name: name.to_owned(),
+            partitions,
+            replication_factor: rf,
+            durability: Durability::Always,
+            retention: Retention::default(),
+        }
+    }
+
+    fn create(m: &mut Metadata, kind: Kind, name: &str, partitions: u32, rf: u32) -> Destination {
+        match m.execute(Command::Create(spec(kind, name, partitions, rf))) {
+            Ok(Outcome::Destination(d)) => d,
+            other => panic!("create {name}: {other:?}"),
+        }
+    }
+
+    /// Most minus fewest replicas, and preferred leaderships, across the nodes.
+    fn spread(m: &Metadata) -> (usize, usize) {
+        let loads: Vec<(usize, usize)> = m.nodes.keys().map(|n| m.load(*n)).collect();
+        let range = |f: fn(&(usize, usize)) -> usize| {
+            loads.iter().map(f).max().unwrap_or(0) - loads.iter().map(f).min().unwrap_or(0)
+        };
+        (range(|l| l.0), range(|l| l.1))
+    }
+
+    #[test]
+    fn replicas_and_preferred_leaders_spread_evenly_over_the_nodes() {
+        let mut m = cluster(3);
+        create(&mut m, Kind::Topic, "orders", 6, 3);
+        create(&mut m, Kind::Queue, "jobs", 3, 2);
+        for node in 1..=3 {
+            assert_eq!(
+                m.load(node),
+                (8, 3),
+                "node {node}: replicas, preferred leaderships"
+            );
+        }
+        let jobs = m.destination(Kind::Queue, "jobs").expect("jobs");
+        for p in &jobs.partitions {
+            assert_eq!(p.replicas.len(), 2);
+            assert_ne!(p.replicas[0], p.replicas[1], "one replica per node");
+        }
+        let mut m = cluster(4);
+        for (i, (partitions, rf)) in [(7, 2), (5, 3), (1, 1), (9, 4), (3, 2)]
+            .into_iter()
+            .enumerate()
+        {
+            create(&mut m, Kind::Topic, &format!("t{i}"), partitions, rf);
+            let (replicas, leaders) = spread(&m);
+            assert!(
+                replicas <= 1 && leaders <= 1,
+                "after t{i}: spread {replicas}, {leaders}"
+            );
+        }
+    }
+
+    #[test]
+    fn groups_are_unique_and_never_reused() {
+        let mut m = cluster(1);
+        let first = create(&mut m, Kind::Topic, "t", 2, 1);
+        m.execute(Command::Delete {
+            kind: Kind::Topic,
+            name: "t".into(),
+        })
+        .expect("delete");
+        let again = create(&mut m, Kind::Topic, "t", 2, 1);
+        let groups: Vec<u64> = first
+            .partitions
+            .iter()
+            .chain(&again.partitions)
+            .map(|p| p.group)
+            .collect();
+        assert_eq!(groups, [1, 2, 3, 4], "group 0 is the metadata group's");
+    }
+
+    #[test]
+    fn refused_commands_name_the_problem_and_change_nothing() {
+        let mut m = cluster(3);
+        create(&mut m, Kind::Topic, "t", 1, 3);
+        let before = m.clone();
+        let refusals = [
+            (
+                Command::Create(spec(Kind::Topic, "t", 1, 1)),
+                MetaError::AlreadyExists {
+                    kind: Kind::Topic,
+                    name: "t".into(),
+                },
+            ),
+            (
+                Command::Delete {
+                    kind: Kind::Queue,
+                    name: "t".into(),
+                },
+                MetaError::NotFound {
+                    kind: Kind::Queue,
+                    name: "t".into(),
+                },
+            ),
+            (
+                Command::DecommissionNode { id: 9 },
+                MetaError::UnknownNode(9),
+            ),
+        ];
+        for (command, expected) in refusals {
+            assert_eq!(m.execute(command), Err(expected));
+        }
+        let invalid = [
+            Command::Create(spec(Kind::Topic, "u", 1, 4)),
+            Command::Create(spec(Kind::Topic, "u", 1, 0)),
+            Command::Create(spec(Kind::Topic, "u", 0, 1)),
+            Command::Create(spec(Kind::Topic, "u", MAX_PARTITIONS + 1, 1)),
+            Command::Create(spec(Kind::Topic, "", 1, 1)),
+            Command::Create(spec(Kind::Topic, &"x".repeat(MAX_NAME_BYTES + 1), 1, 1)),
+            Command::Create(spec(Kind::Topic, "bad\nname", 1, 1)),
+            Command::Update {
+                kind: Kind::Topic,
+                name: "t".into(),
+                partitions: Some(0),
+                durability: None,
+                retention: None,
+            },
+            Command::AddNode {
+                id: 4,
+                addr: String::new(),
+            },
+            Command::RemoveNode { id: 1 },
+        ];
+        for command in invalid {
+            let refused = m.execute(command.clone());
+            assert!(
+                matches!(refused, Err(MetaError::InvalidArgument(_))),
+                "{command:?}: {refused:?}"
+            );
+        }
+        let rf = m.execute(Command::Create(spec(Kind::Topic, "u", 1, 4)));
+        assert!(
+            rf.as_ref()
+                .is_err_and(|e| e.to_string().contains("replication factor 4")),
+            "{rf:?}"
+        );
+        assert_eq!(m, before);
+    }
+
+    #[test]
+    fn names_are_any_text_up_to_255_bytes_per_kind() {
+        let mut m = cluster(1);
+        create(&mut m, Kind::Queue, "same", 1, 1);
+        create(&mut m, Kind::Topic, "same", 1, 1);
+        create(&mut m, Kind::Queue, "amq.gen-Ää/€ 1", 1, 1);
+        create(&mut m, Kind::Queue, &"y".repeat(MAX_NAME_BYTES), 1, 1);
+    }
+
+    #[test]
+    fn an_update_only_adds_partitions_and_changes_what_it_names() {
+        let mut m = cluster(2);
+        create(&mut m, Kind::Topic, "t", 2, 2);
+        let retention = Retention {
+            ms: Some(60_000),
+            bytes: None,
+        };
+        let updated = m
+            .execute(Command::Update {
+                kind: Kind::Topic,
+                name: "t".into(),
+                partitions: Some(4),
+                durability: None,
+                retention: Some(retention),
+            })
+            .expect("update");
+        let Outcome::Destination(d) = updated else {
+            panic!("{updated:?}")
+        };
+        assert_eq!(d.partitions.len(), 4);
+        assert_eq!(d.spec.retention, retention);
+        assert_eq!(d.spec.durability, Durability::Always);
+        assert_eq!(
+            d.partitions.iter().map(|p| p.group).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        let shrink = m.execute(Command::Update {
+            kind: Kind::Topic,
+            name: "t".into(),
+            partitions: Some(3),
+            durability: None,
+            retention: None,
+        });
+        assert!(shrink.is_err_and(|e| e.to_string().contains("only grow")));
+    }
+
+    #[test]
+    fn a_decommissioned_node_hands_its_replicas_over_and_may_then_leave() {
+        let mut m = cluster(4);
+        create(&mut m, Kind::Topic, "t", 8, 3);
+        assert!(m.replicas_on(2) > 0);
+        m.execute(Command::DecommissionNode { id: 2 })
+            .expect("decommission");
+        assert_eq!(m.replicas_on(2), 0);
+        for p in m.partitions() {
+            let mut r = p.replicas.clone();
+            r.sort_unstable();
+            r.dedup();
+            assert_eq!(r.len(), 3, "still three distinct replicas: {p:?}");
+        }
+        let later = create(&mut m, Kind::Queue, "q", 3, 3);
+        assert!(later.partitions.iter().all(|p| !p.replicas.contains(&2)));
+        m.execute(Command::RemoveNode { id: 2 }).expect("remove");
+        assert!(!m.nodes.contains_key(&2));
+    }
+
+    #[test]
+    fn a_replica_with_nowhere_to_go_stays_until_a_node_joins() {
+        let mut m = cluster(3);
+        create(&mut m, Kind::Topic, "t", 1, 3);
+        m.execute(Command::DecommissionNode { id: 3 })
+            .expect("decommission");
+        assert_eq!(m.replicas_on(3), 1, "no fourth node to take it");
+        assert!(m.execute(Command::RemoveNode { id: 3 }).is_err());
+    }
+
+    #[test]
+    fn commands_and_outcomes_keep_their_json_shape() {
+        let command = Command::Create(spec(Kind::Queue, "q", 1, 1));
+        let json = serde_json::to_value(&command).expect("json");
+        assert_eq!(json["op"], "create");
+        assert_eq!(json["kind"], "queue");
+        let back: Command = serde_json::from_value(json).expect("back");
+        assert_eq!(back, command);
+        let refusal: Result<Outcome, MetaError> = Err(MetaError::UnknownNode(3));
+        let json = serde_json::to_string(&refusal).expect("json");
+        let back: Result<Outcome, MetaError> = serde_json::from_str(&json).expect("back");
+        assert_eq!(back, refusal);
+    }
+}
