@@ -18,6 +18,7 @@
 //! `petrel-log`; it knows no wire protocol and opens no socket of its own except the
 //! internal Raft transport.
 
+pub mod cluster;
 pub mod meta;
 pub mod raft;
 pub mod transport;

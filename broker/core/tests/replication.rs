@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use openraft::{BasicNode, Config, Raft, RaftLogReader};
 use petrel_core::meta::{self, Command, Kind, MetaError, Metadata, Outcome, Spec};
-use petrel_core::raft::{Application, LogReader, NodeId, Partition, PartitionRaft, Proposal};
+use petrel_core::raft::{Application, LogReader, NodeId, PartitionApp, PartitionRaft, Proposal};
 use petrel_core::transport::{Peers, RaftService};
 use petrel_log::{BatchBuilder, PartitionConfig, RecordBatch, Storage, StorageConfig};
 use tokio::net::TcpListener;
@@ -28,7 +28,7 @@ struct Node {
 /// Starts node `id` of the partition group on its data in `dir` (created if new),
 /// listening on `addr` if given.
 async fn start(id: NodeId, dir: &std::path::Path, addr: Option<&str>) -> Node {
-    start_group::<Partition>(id, dir, addr, GROUP).await.0
+    start_group::<PartitionApp>(id, dir, addr, GROUP).await.0
 }
 
 /// Starts node `id` of `group` with application `A`, whose state it publishes.

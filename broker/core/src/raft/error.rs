@@ -27,6 +27,9 @@ pub enum RaftStoreError {
     /// A replicated entry's offsets differ from this log's: the replicas diverged.
     #[error("entry {index} sits at offset {leader} on its leader but would sit at {here} here")]
     Diverged { index: u64, leader: u64, here: u64 },
+    /// The group stopped: its log is closed.
+    #[error("the group stopped")]
+    Stopped,
     /// A snapshot's state does not decode.
     #[error("snapshot state: {0}")]
     Snapshot(#[from] serde_json::Error),

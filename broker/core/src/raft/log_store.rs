@@ -9,7 +9,7 @@ use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{
@@ -35,10 +35,12 @@ pub struct LogStore {
     resume: Arc<AtomicU64>,
 }
 
-/// Reads a partition's Raft log while its `LogStore` appends.
+/// Reads a partition's Raft log while its `LogStore` appends. It does not keep the log:
+/// once the store is dropped (the group stopped), reads fail and the log returns to the
+/// storage.
 #[derive(Clone)]
 pub struct LogReader {
-    log: Arc<RwLock<Log>>,
+    log: Weak<RwLock<Log>>,
     /// Where the last read ended: the next index and the offset of its batch.
     hint: Option<(u64, u64)>,
 }
@@ -57,7 +59,7 @@ impl LogStore {
         let last = last_log_id(&log)?;
         let log = Arc::new(RwLock::new(log));
         let reader = LogReader {
-            log: log.clone(),
+            log: Arc::downgrade(&log),
             hint: None,
         };
         Ok(Self {
@@ -173,7 +175,10 @@ impl RaftLogReader<PartitionRaft> for LogReader {
         if start >= end {
             return Ok(out);
         }
-        let log = read(&self.log);
+        let Some(log) = self.log.upgrade() else {
+            return Err(read_err(&RaftStoreError::Stopped));
+        };
+        let log = read(&log);
         let Some(first) = seek(&log, start, self.hint).map_err(|e| read_err(&e))? else {
             return Ok(out);
         };
@@ -219,7 +224,7 @@ impl RaftLogStorage<PartitionRaft> for LogStore {
 
     async fn get_log_reader(&mut self) -> LogReader {
         LogReader {
-            log: self.log.clone(),
+            log: Arc::downgrade(&self.log),
             hint: None,
         }
     }

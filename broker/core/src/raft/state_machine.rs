@@ -29,9 +29,9 @@ pub trait Application:
 
 /// A partition's application: nothing yet beyond the offsets every group counts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Partition {}
+pub struct PartitionApp {}
 
-impl Application for Partition {
+impl Application for PartitionApp {
     fn apply(&mut self, _batch: &RecordBatch) -> Option<serde_json::Value> {
         None
     }
@@ -108,7 +108,7 @@ pub struct Machine<A> {
 }
 
 /// A partition's state machine.
-pub type PartitionMachine = Machine<Partition>;
+pub type PartitionMachine = Machine<PartitionApp>;
 
 impl<A: Application> Machine<A> {
     /// Opens the state machine kept in `dir`: the state of its last snapshot, if any

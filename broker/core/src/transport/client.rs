@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use openraft::BasicNode;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::ClientWriteResponse;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -20,7 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 use super::AppendHeader;
 use super::proto::raft_transport_client::RaftTransportClient;
 use super::proto::{AppendRequest, RaftReply, RaftRequest};
-use crate::raft::{NodeId, PartitionRaft, entry};
+use crate::raft::{NodeId, PartitionRaft, Proposal, entry};
 
 /// How long a connection attempt to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -68,6 +70,60 @@ impl Peers {
             .connect_lazy();
         channels.insert(addr.to_owned(), channel.clone());
         Ok(channel)
+    }
+}
+
+/// Why a proposal forwarded to a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// The peer could not be reached, or refused the request.
+    #[error("forwarding to {addr}: {status}")]
+    Transport { addr: String, status: tonic::Status },
+    /// The peer's Raft refused it (not the leader, or shutting down).
+    #[error("{0}")]
+    Raft(Box<RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>),
+    /// The peer's answer did not decode.
+    #[error("unreadable answer from {addr}: {error}")]
+    Decode {
+        addr: String,
+        error: serde_json::Error,
+    },
+}
+
+impl Peers {
+    /// Proposes `proposal` to `group` through the node at `addr` (its leader, as far as
+    /// this node knows).
+    pub async fn propose(
+        &self,
+        addr: &str,
+        group: u64,
+        proposal: &Proposal,
+    ) -> Result<ClientWriteResponse<PartitionRaft>, ProposeError> {
+        let transport = |status| ProposeError::Transport {
+            addr: addr.to_owned(),
+            status,
+        };
+        let channel = self
+            .channel(addr)
+            .map_err(|e| transport(tonic::Status::unavailable(e.to_string())))?;
+        let request = RaftRequest {
+            group,
+            body: proposal.0.as_bytes().clone(),
+        };
+        let reply = RaftTransportClient::new(channel)
+            .propose(request)
+            .await
+            .map_err(transport)?;
+        let result: Result<
+            ClientWriteResponse<PartitionRaft>,
+            RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+        > = serde_json::from_slice(&reply.into_inner().body).map_err(|error| {
+            ProposeError::Decode {
+                addr: addr.to_owned(),
+                error,
+            }
+        })?;
+        result.map_err(|e| ProposeError::Raft(Box::new(e)))
     }
 }
 

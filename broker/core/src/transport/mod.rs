@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::raft::NodeId;
 
-pub use client::{Connection, Network, Peers};
+pub use client::{Connection, Network, Peers, ProposeError};
 pub use server::{Groups, RaftService};
 
 /// The generated `petrel.internal.v1` code (messages, client and server).

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use super::AppendHeader;
 use super::proto::raft_transport_server::{RaftTransport, RaftTransportServer};
 use super::proto::{AppendRequest, RaftReply, RaftRequest};
-use crate::raft::{NodeId, PartitionRaft, entry};
+use crate::raft::{NodeId, PartitionRaft, Proposal, entry};
 
 /// The Raft groups this node runs, by group id.
 pub type Groups = Arc<RwLock<HashMap<u64, Raft<PartitionRaft>>>>;
@@ -98,5 +98,12 @@ impl RaftTransport for RaftService {
         let rpc: InstallSnapshotRequest<PartitionRaft> =
             serde_json::from_slice(&request.body).map_err(|e| invalid("snapshot request", e))?;
         reply(&raft.install_snapshot(rpc).await)
+    }
+
+    async fn propose(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let request = request.into_inner();
+        let raft = self.group(request.group)?;
+        let batch = RecordBatch::from_bytes(request.body).map_err(|e| invalid("proposal", e))?;
+        reply(&raft.client_write(Proposal(batch)).await)
     }
 }

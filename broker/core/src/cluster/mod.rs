@@ -1,0 +1,403 @@
+//! A node of the cluster (DESIGN.md §3): its storage, the internal gRPC server, the
+//! metadata group, and the partition groups the metadata places on it.
+//!
+//! * Start: the node opens its storage and serves the internal transport; the metadata
+//!   group is initialised once, by the lowest node id of a fresh cluster (a restarted
+//!   node never initialises again); then the node adds itself to the metadata.
+//! * `partitions`: whenever the metadata changes, the node starts the groups of the
+//!   partitions it holds (the preferred leader initialises a new one) and stops and
+//!   deletes those it no longer holds.
+//! * [`ClusterNode::write`] proposes through any node: to the local group if this node
+//!   leads it, else forwarded to the leader over the internal transport.
+
+mod partitions;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::ClientWriteResponse;
+use openraft::{BasicNode, Raft};
+use petrel_log::{PartitionConfig, Storage, StorageConfig};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::meta::{self, Command, METADATA_GROUP, MetaError, Metadata, Outcome};
+use crate::raft::{self, NodeId, PartitionRaft, Proposal};
+use crate::transport::{Groups, Peers, ProposeError, RaftService};
+
+/// Metadata voters at most; further nodes follow the metadata as learners.
+pub const MAX_VOTERS: usize = 5;
+/// Pause between attempts to join the metadata (each waits for a leader itself).
+const JOIN_RETRY: Duration = Duration::from_millis(200);
+/// Pause before asking again after a peer failed to answer.
+const FORWARD_RETRY: Duration = Duration::from_millis(50);
+/// How long a write may spend finding its group's leader.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a node runs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id, unique in the cluster.
+    pub id: NodeId,
+    /// The storage engine's settings (its directory holds the Raft state too).
+    pub storage: StorageConfig,
+    /// Every node of a new cluster, this one included: id → internal address.
+    pub peers: BTreeMap<NodeId, String>,
+    /// Raft timings for every group.
+    pub raft: openraft::Config,
+}
+
+/// Why a node could not start or serve a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The storage could not be opened or written.
+    #[error(transparent)]
+    Storage(#[from] petrel_log::Error),
+    /// A group's Raft state could not be opened.
+    #[error(transparent)]
+    RaftStore(#[from] raft::RaftStoreError),
+    /// The Raft settings are invalid.
+    #[error("raft settings: {0}")]
+    RaftConfig(#[from] openraft::ConfigError),
+    /// A group's Raft stopped.
+    #[error("raft group {group}: {message}")]
+    Raft { group: u64, message: String },
+    /// The internal listener failed.
+    #[error("internal listener: {0}")]
+    Listen(std::io::Error),
+    /// No such group on this node or its peers.
+    #[error("no raft group {0}")]
+    NoGroup(u64),
+    /// No leader answered in time.
+    #[error("no leader for raft group {group} within {timeout:?}: {last}")]
+    NoLeader {
+        group: u64,
+        timeout: Duration,
+        last: String,
+    },
+    /// The metadata refused the command.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+}
+
+/// A running node.
+pub struct ClusterNode {
+    id: NodeId,
+    addr: String,
+    storage: Arc<Storage>,
+    root: PathBuf,
+    groups: Groups,
+    peers: Peers,
+    metadata: Raft<PartitionRaft>,
+    view: watch::Receiver<Metadata>,
+    raft_config: Arc<openraft::Config>,
+    stop_server: Option<oneshot::Sender<()>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl ClusterNode {
+    /// Starts a node serving the internal transport on `listener`.
+    pub async fn start(
+        config: NodeConfig,
+        listener: TcpListener,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let addr = listener.local_addr().map_err(ClusterError::Listen)?;
+        let root = config.storage.dir.clone();
+        let storage = Arc::new(Storage::open(config.storage)?);
+        let groups: Groups = Arc::new(RwLock::new(HashMap::new()));
+        let peers = Peers::new(Some(addr.ip()));
+        let raft_config = Arc::new(config.raft.validate()?);
+
+        let fresh = !storage.partitions().contains(&METADATA_GROUP);
+        let log = if fresh {
+            storage.create_partition(METADATA_GROUP, PartitionConfig::default())?
+        } else {
+            storage.open_partition(METADATA_GROUP, PartitionConfig::default())?
+        };
+        let (publish, view) = watch::channel(Metadata::default());
+        let (store, machine) =
+            raft::open_group(log, &raft_dir(&root, METADATA_GROUP), Some(publish))?;
+        let metadata = Raft::new(
+            config.id,
+            raft_config.clone(),
+            peers.group(METADATA_GROUP),
+            store,
+            machine,
+        )
+        .await
+        .map_err(|e| raft_error(METADATA_GROUP, e))?;
+        groups
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(METADATA_GROUP, metadata.clone());
+        let stop_server = serve(listener, groups.clone());
+
+        let node = Arc::new(Self {
+            id: config.id,
+            addr: advertised(addr, &config.peers, config.id),
+            storage,
+            root,
+            groups,
+            peers,
+            metadata,
+            view,
+            raft_config,
+            stop_server: Some(stop_server),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let first = config.peers.keys().next().copied().unwrap_or(config.id);
+        if fresh && first == config.id {
+            node.initialize_metadata(&config.peers).await?;
+        }
+        let joining = node.clone();
+        let reconciling = node.clone();
+        let mut tasks = vec![
+            tokio::spawn(async move { joining.join().await }),
+            tokio::spawn(async move { partitions::reconcile(reconciling).await }),
+        ];
+        node.tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .append(&mut tasks);
+        Ok(node)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The address peers reach this node at.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The metadata as this node last applied it.
+    pub fn metadata(&self) -> watch::Receiver<Metadata> {
+        self.view.clone()
+    }
+
+    /// The metadata group's Raft.
+    pub fn metadata_raft(&self) -> &Raft<PartitionRaft> {
+        &self.metadata
+    }
+
+    /// The local Raft of `group`, if this node holds a replica.
+    pub fn group(&self, group: u64) -> Option<Raft<PartitionRaft>> {
+        self.groups
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&group)
+            .cloned()
+    }
+
+    /// Runs a metadata command through the metadata group's leader.
+    pub async fn command(&self, command: &Command) -> Result<Outcome, ClusterError> {
+        let proposal =
+            meta::proposal(command).map_err(|e| MetaError::InvalidArgument(e.to_string()))?;
+        let reply = self.write(METADATA_GROUP, proposal).await?;
+        Ok(meta::outcome(&reply.data)?)
+    }
+
+    /// Proposes to `group` through its leader, wherever it is; returns once committed
+    /// and applied. A group this node neither holds nor finds in its copy of the
+    /// metadata is `NoGroup` (a node that just joined may not know it yet).
+    pub async fn write(
+        &self,
+        group: u64,
+        proposal: Proposal,
+    ) -> Result<ClientWriteResponse<PartitionRaft>, ClusterError> {
+        let deadline = Instant::now() + FORWARD_TIMEOUT;
+        // Where to propose: this node first if it holds the group, else its leader.
+        let mut target: Option<String> = None;
+        loop {
+            let result = match (&target, self.group(group)) {
+                (None, Some(raft)) => raft
+                    .client_write(proposal.clone())
+                    .await
+                    .map_err(Box::new)
+                    .map_err(ProposeError::Raft),
+                (None, None) => match self.leader_of(group) {
+                    Some(addr) => {
+                        target = Some(addr);
+                        continue;
+                    }
+                    None => return Err(ClusterError::NoGroup(group)),
+                },
+                (Some(addr), _) => self.peers.propose(addr, group, &proposal).await,
+            };
+            let last = match result {
+                Ok(reply) => return Ok(reply),
+                Err(ProposeError::Raft(e)) => match *e {
+                    RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                        target = f.leader_node.map(|n| n.addr).filter(|a| *a != self.addr);
+                        if target.is_none() {
+                            self.await_leader(group, deadline).await;
+                        }
+                        "no leader known".to_owned()
+                    }
+                    other => {
+                        return Err(ClusterError::Raft {
+                            group,
+                            message: other.to_string(),
+                        });
+                    }
+                },
+                // The peer is down or lost leadership meanwhile: ask again from here.
+                Err(e) => {
+                    target = None;
+                    tokio::time::sleep(FORWARD_RETRY).await;
+                    e.to_string()
+                }
+            };
+            if Instant::now() >= deadline {
+                return Err(ClusterError::NoLeader {
+                    group,
+                    timeout: FORWARD_TIMEOUT,
+                    last,
+                });
+            }
+        }
+    }
+
+    /// Waits (until `deadline`) for the local replica of `group` to know a leader, or a
+    /// moment if this node holds none.
+    async fn await_leader(&self, group: u64, deadline: Instant) {
+        match self.group(group) {
+            Some(raft) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let _ = raft
+                    .wait(Some(left))
+                    .metrics(|m| m.current_leader.is_some(), "a leader")
+                    .await;
+            }
+            None => tokio::time::sleep(FORWARD_RETRY).await,
+        }
+    }
+
+    /// Where the metadata says a group not held here is led: its preferred leader.
+    fn leader_of(&self, group: u64) -> Option<String> {
+        let view = self.view.borrow();
+        let partition = view
+            .destinations
+            .values()
+            .flat_map(|d| d.values())
+            .flat_map(|d| &d.partitions)
+            .find(|p| p.group == group)?;
+        let node = partition.replicas.first()?;
+        view.nodes.get(node).map(|n| n.addr.clone())
+    }
+
+    async fn initialize_metadata(
+        &self,
+        peers: &BTreeMap<NodeId, String>,
+    ) -> Result<(), ClusterError> {
+        let mut voters: BTreeMap<NodeId, BasicNode> = peers
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr)))
+            .collect();
+        if voters.is_empty() {
+            voters.insert(self.id, BasicNode::new(&self.addr));
+        }
+        let voters: BTreeMap<_, _> = voters.into_iter().take(MAX_VOTERS).collect();
+        match self.metadata.initialize(voters).await {
+            Ok(()) => Ok(()),
+            // Already initialised (a restart found a vote or a log): nothing to do.
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(ClusterError::Raft {
+                group: METADATA_GROUP,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Adds this node to the metadata, retrying until the metadata group answers.
+    async fn join(&self) {
+        let command = Command::AddNode {
+            id: self.id,
+            addr: self.addr.clone(),
+        };
+        loop {
+            match self.command(&command).await {
+                Ok(_) => return,
+                Err(e) => tracing::debug!(error = %e, "joining the metadata; trying again"),
+            }
+            tokio::time::sleep(JOIN_RETRY).await;
+        }
+    }
+
+    /// Stops every group and the internal server.
+    pub async fn shutdown(&self) {
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+        {
+            task.abort();
+        }
+        let groups: Vec<Raft<PartitionRaft>> = self
+            .groups
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain()
+            .map(|(_, raft)| raft)
+            .collect();
+        for raft in groups {
+            let _ = raft.shutdown().await;
+        }
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop_server.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Where a group's vote, purge point and snapshot live.
+fn raft_dir(root: &std::path::Path, group: u64) -> PathBuf {
+    root.join("raft").join(group.to_string())
+}
+
+fn raft_error(group: u64, e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Raft {
+        group,
+        message: e.to_string(),
+    }
+}
+
+/// The address peers know this node by: its entry in the peer list, else where it listens.
+fn advertised(listening: SocketAddr, peers: &BTreeMap<NodeId, String>, id: NodeId) -> String {
+    peers
+        .get(&id)
+        .cloned()
+        .unwrap_or_else(|| listening.to_string())
+}
+
+/// Serves the internal transport until the returned sender fires or is dropped.
+fn serve(listener: TcpListener, groups: Groups) -> oneshot::Sender<()> {
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(RaftService::new(groups).into_server())
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "internal transport stopped");
+        }
+    });
+    stop
+}

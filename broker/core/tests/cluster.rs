@@ -1,0 +1,212 @@
+//! Three cluster nodes in one process, each with its own storage and internal listener
+//! on loopback: they form the metadata group from a static peer list, join it, start the
+//! partition groups the metadata places on them, and take writes through any node.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use petrel_core::cluster::{ClusterError, ClusterNode, NodeConfig};
+use petrel_core::meta::{
+    Command, Destination, Durability, Kind, MetaError, Outcome, Retention, Spec,
+};
+use petrel_core::raft::{NodeId, Proposal};
+use petrel_log::{BatchBuilder, StorageConfig};
+use tokio::net::TcpListener;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn cluster(dir: &std::path::Path, n: u64) -> BTreeMap<NodeId, Arc<ClusterNode>> {
+    let mut listeners = BTreeMap::new();
+    for id in 1..=n {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        listeners.insert(id, listener);
+    }
+    let peers: BTreeMap<NodeId, String> = listeners
+        .iter()
+        .map(|(id, l)| (*id, l.local_addr().expect("addr").to_string()))
+        .collect();
+    let mut nodes = BTreeMap::new();
+    for (id, listener) in listeners {
+        let config = NodeConfig {
+            id,
+            storage: StorageConfig::new(dir.join(id.to_string())),
+            peers: peers.clone(),
+            raft: openraft::Config {
+                heartbeat_interval: 100,
+                election_timeout_min: 400,
+                election_timeout_max: 800,
+                ..openraft::Config::default()
+            },
+        };
+        nodes.insert(
+            id,
+            ClusterNode::start(config, listener).await.expect("start"),
+        );
+    }
+    nodes
+}
+
+/// Waits until `check` holds, looking again every few milliseconds.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn spec(name: &str, partitions: u32, rf: u32) -> Spec {
+    Spec {
+        kind: Kind::Topic,
+        name: name.to_owned(),
+        partitions,
+        replication_factor: rf,
+        durability: Durability::Always,
+        retention: Retention::default(),
+    }
+}
+
+async fn create(node: &ClusterNode, spec: Spec) -> Result<Destination, ClusterError> {
+    match node.command(&Command::Create(spec)).await? {
+        Outcome::Destination(d) => Ok(d),
+        other => panic!("unexpected outcome {other:?}"),
+    }
+}
+
+fn proposal(value: &str) -> Proposal {
+    let mut b = BatchBuilder::new();
+    b.push(1, None, value.as_bytes(), &[]);
+    Proposal(b.build(0, 0, 0).expect("build"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_form_a_cluster_place_topics_and_take_writes_through_any_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = cluster(dir.path(), 3).await;
+    for node in nodes.values() {
+        let mut view = node.metadata();
+        tokio::time::timeout(WAIT, view.wait_for(|m| m.nodes.len() == 3))
+            .await
+            .expect("every node joined in time")
+            .expect("metadata");
+    }
+
+    // Any node takes a metadata command: it goes to the metadata group's leader.
+    let orders = create(&nodes[&3], spec("orders", 3, 3))
+        .await
+        .expect("create");
+    let duplicate = create(&nodes[&2], spec("orders", 1, 1)).await;
+    assert!(
+        matches!(
+            duplicate,
+            Err(ClusterError::Meta(MetaError::AlreadyExists { .. }))
+        ),
+        "{duplicate:?}"
+    );
+    let too_wide = create(&nodes[&1], spec("wide", 1, 4)).await;
+    assert!(
+        matches!(&too_wide, Err(ClusterError::Meta(MetaError::InvalidArgument(m))) if m.contains("replication factor 4")),
+        "{too_wide:?}"
+    );
+    let leaders: Vec<NodeId> = orders.partitions.iter().map(|p| p.replicas[0]).collect();
+    assert_eq!(leaders.len(), 3);
+    assert!(
+        leaders
+            .iter()
+            .all(|l| leaders.iter().filter(|m| *m == l).count() == 1),
+        "preferred leaders spread: {leaders:?}"
+    );
+
+    // Every node runs a replica of every partition, and each group elects a leader.
+    for p in &orders.partitions {
+        for node in nodes.values() {
+            eventually("the partition group to start", || {
+                node.group(p.group).is_some()
+            })
+            .await;
+            let raft = node.group(p.group).expect("group");
+            raft.wait(Some(WAIT))
+                .metrics(|m| m.current_leader.is_some(), "a partition leader")
+                .await
+                .expect("leader");
+        }
+    }
+
+    // A write through any node is committed and applied on every replica.
+    for (i, p) in orders.partitions.iter().enumerate() {
+        let via = &nodes[&(1 + (i as u64 + 1) % 3)];
+        let reply = via
+            .write(p.group, proposal(&format!("order-{i}")))
+            .await
+            .expect("write");
+        // Raft's own entries (the first membership, each leader's blank) came first.
+        assert!(reply.data.base_offset >= 2, "{:?}", reply.data);
+        assert_eq!(reply.data.next_offset, reply.data.base_offset + 1);
+        for node in nodes.values() {
+            node.group(p.group)
+                .expect("group")
+                .wait(Some(WAIT))
+                .applied_index_at_least(Some(reply.log_id.index), "applied on every replica")
+                .await
+                .expect("applied");
+        }
+    }
+
+    // A partition on one node only is reached from the others by forwarding.
+    let single = create(&nodes[&1], spec("single", 1, 1))
+        .await
+        .expect("create");
+    let holder = single.partitions[0].replicas[0];
+    let other = nodes
+        .keys()
+        .copied()
+        .find(|id| *id != holder)
+        .expect("another node");
+    let group = single.partitions[0].group;
+    eventually("the single replica to start", || {
+        nodes[&holder].group(group).is_some()
+    })
+    .await;
+    assert!(nodes[&other].group(group).is_none());
+    // The other node learns where the partition is from its own copy of the metadata.
+    let mut view = nodes[&other].metadata();
+    tokio::time::timeout(
+        WAIT,
+        view.wait_for(|m| m.destination(Kind::Topic, "single").is_some()),
+    )
+    .await
+    .expect("the metadata reached the other node in time")
+    .expect("metadata");
+    let reply = nodes[&other]
+        .write(group, proposal("forwarded"))
+        .await
+        .expect("forwarded write");
+    nodes[&holder]
+        .group(group)
+        .expect("group")
+        .wait(Some(WAIT))
+        .applied_index_at_least(Some(reply.log_id.index), "applied on the holder")
+        .await
+        .expect("applied");
+
+    // Deleting the topic stops and deletes its groups everywhere.
+    nodes[&2]
+        .command(&Command::Delete {
+            kind: Kind::Topic,
+            name: "orders".into(),
+        })
+        .await
+        .expect("delete");
+    for p in &orders.partitions {
+        for node in nodes.values() {
+            eventually("the partition group to stop", || {
+                node.group(p.group).is_none()
+            })
+            .await;
+        }
+    }
+    for node in nodes.values() {
+        node.shutdown().await;
+    }
+}
