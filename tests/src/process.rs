@@ -42,8 +42,9 @@ impl Serve {
             .arg(data_dir))
     }
 
-    /// `petrel serve` with no setting at all: the test must get [`Serve::http_port`] to
-    /// the process itself (flag, environment or config file) to reach it.
+    /// `petrel serve` with no setting but `PETREL_INTERNAL_PORT=0`: the test must get
+    /// [`Serve::http_port`] to the process itself (flag, environment or config file) to
+    /// reach it.
     pub fn bare() -> anyhow::Result<Serve> {
         let workdir = tempfile::Builder::new()
             .prefix("petrel-test-")
@@ -52,7 +53,8 @@ impl Serve {
         let http_port = free_port().context("cannot find a free port")?;
         Ok(Serve {
             args: vec!["serve".into()],
-            envs: Vec::new(),
+            // Any free internal port unless a test picks one, so that nodes run in parallel.
+            envs: vec![("PETREL_INTERNAL_PORT".into(), "0".into())],
             workdir,
             http_port,
         })
@@ -160,6 +162,8 @@ pub enum Signal {
     Term,
     /// What Ctrl-C sends.
     Int,
+    /// A crash: no chance to clean up.
+    Kill,
 }
 
 /// How a process ended, and everything it printed.
@@ -250,6 +254,7 @@ impl PetrelProcess {
         let number = match signal {
             Signal::Term => libc::SIGTERM,
             Signal::Int => libc::SIGINT,
+            Signal::Kill => libc::SIGKILL,
         };
         let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
         // SAFETY: kill(2) takes plain integers and touches no memory of ours; `pid` is our

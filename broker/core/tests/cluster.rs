@@ -11,7 +11,7 @@ use petrel_core::meta::{
     Command, Destination, Durability, Kind, MetaError, Outcome, Retention, Spec,
 };
 use petrel_core::raft::{NodeId, Proposal};
-use petrel_log::{BatchBuilder, StorageConfig};
+use petrel_log::{BatchBuilder, Storage, StorageConfig};
 use tokio::net::TcpListener;
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -28,9 +28,11 @@ async fn cluster(dir: &std::path::Path, n: u64) -> BTreeMap<NodeId, Arc<ClusterN
         .collect();
     let mut nodes = BTreeMap::new();
     for (id, listener) in listeners {
+        let data_dir = dir.join(id.to_string());
+        let storage = Storage::open(StorageConfig::new(&data_dir)).expect("storage");
         let config = NodeConfig {
             id,
-            storage: StorageConfig::new(dir.join(id.to_string())),
+            data_dir,
             peers: peers.clone(),
             raft: openraft::Config {
                 heartbeat_interval: 100,
@@ -39,10 +41,10 @@ async fn cluster(dir: &std::path::Path, n: u64) -> BTreeMap<NodeId, Arc<ClusterN
                 ..openraft::Config::default()
             },
         };
-        nodes.insert(
-            id,
-            ClusterNode::start(config, listener).await.expect("start"),
-        );
+        let node = ClusterNode::start(config, storage, listener)
+            .await
+            .expect("start");
+        nodes.insert(id, node);
     }
     nodes
 }
@@ -206,7 +208,7 @@ async fn three_nodes_form_a_cluster_place_topics_and_take_writes_through_any_nod
             .await;
         }
     }
-    for node in nodes.values() {
-        node.shutdown().await;
+    for node in nodes.into_values() {
+        node.close().await.expect("close");
     }
 }

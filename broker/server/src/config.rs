@@ -8,6 +8,7 @@
 //!
 //! A key in the file that is not a setting is an error naming the key.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,6 +22,10 @@ pub const DEFAULT_DATA_DIR: &str = "./data";
 pub const DEFAULT_BIND: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 /// Default port of the HTTP listener (health and metrics).
 pub const DEFAULT_HTTP_PORT: u16 = 9464;
+/// Default port of the internal listener (Raft between nodes).
+pub const DEFAULT_INTERNAL_PORT: u16 = 9470;
+/// Default node id of a single node.
+pub const DEFAULT_NODE_ID: u64 = 1;
 /// Log filter used when neither a log level setting nor `RUST_LOG` is given.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 
@@ -52,6 +57,26 @@ pub struct Settings {
     /// IP address of the HTTP listener [default: the value of --bind]
     #[arg(long, env = "PETREL_HTTP_BIND", value_name = "IP")]
     pub http_bind: Option<IpAddr>,
+
+    /// This node's id, unique in its cluster [default: 1]
+    #[arg(long, env = "PETREL_NODE_ID", value_name = "ID")]
+    pub node_id: Option<u64>,
+
+    /// Every node of a new cluster, this one included: `id=host:port` of each internal
+    /// listener, comma-separated, e.g. `1=10.0.0.1:9470,2=10.0.0.2:9470` [default: this
+    /// node alone]
+    #[arg(long, env = "PETREL_PEERS", value_name = "PEERS")]
+    pub peers: Option<String>,
+
+    /// Port of the internal listener (Raft between nodes); 0 picks a free port
+    /// [default: 9470]
+    #[arg(long, env = "PETREL_INTERNAL_PORT", value_name = "PORT")]
+    pub internal_port: Option<u16>,
+
+    /// IP address of the internal listener, and the address connections to peers leave
+    /// from [default: the value of --bind]
+    #[arg(long, env = "PETREL_INTERNAL_BIND", value_name = "IP")]
+    pub internal_bind: Option<IpAddr>,
 
     /// Log line format [default: text]
     #[arg(long, env = "PETREL_LOG_FORMAT", value_name = "FORMAT")]
@@ -109,6 +134,10 @@ impl Settings {
             bind: self.bind.or(lower.bind),
             http_port: self.http_port.or(lower.http_port),
             http_bind: self.http_bind.or(lower.http_bind),
+            node_id: self.node_id.or(lower.node_id),
+            peers: self.peers.or(lower.peers),
+            internal_port: self.internal_port.or(lower.internal_port),
+            internal_bind: self.internal_bind.or(lower.internal_bind),
             log_format: self.log_format.or(lower.log_format),
             log_level: self.log_level.or(lower.log_level),
             fsync_policy: self.fsync_policy.or(lower.fsync_policy),
@@ -186,6 +215,15 @@ pub struct Config {
     pub http_port: u16,
     /// Address of the HTTP listener, overriding [`Config::bind`].
     pub http_bind: Option<IpAddr>,
+    /// This node's id.
+    pub node_id: u64,
+    /// The nodes of a new cluster (this one included) by id, at their internal
+    /// addresses; empty for a single node.
+    pub peers: BTreeMap<u64, String>,
+    /// Port of the internal listener; 0 picks a free one.
+    pub internal_port: u16,
+    /// Address of the internal listener, overriding [`Config::bind`].
+    pub internal_bind: Option<IpAddr>,
     /// Log line format.
     pub log_format: LogFormat,
     /// Log filter directives; `None` means `RUST_LOG`, else [`DEFAULT_LOG_LEVEL`].
@@ -201,6 +239,10 @@ impl Default for Config {
             bind: DEFAULT_BIND,
             http_port: DEFAULT_HTTP_PORT,
             http_bind: None,
+            node_id: DEFAULT_NODE_ID,
+            peers: BTreeMap::new(),
+            internal_port: DEFAULT_INTERNAL_PORT,
+            internal_bind: None,
             log_format: LogFormat::default(),
             log_level: None,
             storage: StorageSettings::default(),
@@ -227,6 +269,13 @@ impl Config {
             bind: settings.bind.unwrap_or(defaults.bind),
             http_port: settings.http_port.unwrap_or(defaults.http_port),
             http_bind: settings.http_bind,
+            node_id: settings.node_id.unwrap_or(defaults.node_id),
+            peers: match &settings.peers {
+                Some(text) => parse_peers(text)?,
+                None => defaults.peers,
+            },
+            internal_port: settings.internal_port.unwrap_or(defaults.internal_port),
+            internal_bind: settings.internal_bind,
             log_format: settings.log_format.unwrap_or(defaults.log_format),
             log_level: settings.log_level,
             storage: StorageSettings {
@@ -241,7 +290,17 @@ impl Config {
         if config.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::EmptyDataDir);
         }
+        if !config.peers.is_empty() && !config.peers.contains_key(&config.node_id) {
+            return Err(ConfigError::NodeNotInPeers {
+                node_id: config.node_id,
+            });
+        }
         Ok(config)
+    }
+
+    /// The address the internal listener binds.
+    pub fn internal_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.internal_bind.unwrap_or(self.bind), self.internal_port)
     }
 
     /// The address the HTTP listener binds.
@@ -282,6 +341,35 @@ impl Config {
         }
         config
     }
+}
+
+/// Parses `id=host:port,…`.
+fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let invalid = |reason: String| ConfigError::Peers {
+        value: text.to_owned(),
+        reason,
+    };
+    let mut peers = BTreeMap::new();
+    for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (id, addr) = entry
+            .split_once('=')
+            .ok_or_else(|| invalid(format!("`{entry}` is not id=host:port")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| invalid(format!("`{id}` is not a node id")))?;
+        let addr = addr.trim();
+        let port = addr
+            .rsplit_once(':')
+            .map(|(host, port)| (host, port.parse::<u16>()));
+        if !matches!(port, Some((host, Ok(_))) if !host.is_empty()) {
+            return Err(invalid(format!("`{addr}` is not host:port")));
+        }
+        if peers.insert(id, addr.to_owned()).is_some() {
+            return Err(invalid(format!("node {id} is listed twice")));
+        }
+    }
+    Ok(peers)
 }
 
 /// Rejects a zero for a setting that must be positive.
@@ -335,6 +423,20 @@ pub enum ConfigError {
     /// `data_dir` is the empty string.
     #[error("setting `data_dir` must not be empty")]
     EmptyDataDir,
+    /// `peers` does not parse.
+    #[error("setting `peers` is invalid ({reason}): {value:?}")]
+    Peers {
+        /// The setting as given.
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `peers` lists other nodes but not this one.
+    #[error("setting `peers` does not list this node (node_id {node_id})")]
+    NodeNotInPeers {
+        /// This node's id.
+        node_id: u64,
+    },
 }
 
 #[cfg(test)]
@@ -396,6 +498,10 @@ data_dir: /var/lib/petrel
 bind: '::'
 http_port: 9000
 http_bind: 127.0.0.1
+node_id: 2
+peers: 1=10.0.0.1:9470, 2=10.0.0.2:9470
+internal_port: 9471
+internal_bind: 10.0.0.2
 log_format: json
 log_level: debug
 fsync_policy: interval
@@ -411,6 +517,18 @@ write_buffer_bytes: 0
         assert_eq!(
             config.http_addr(),
             "127.0.0.1:9000".parse().expect("literal")
+        );
+        assert_eq!(config.node_id, 2);
+        assert_eq!(
+            config.peers,
+            BTreeMap::from([
+                (1, "10.0.0.1:9470".to_owned()),
+                (2, "10.0.0.2:9470".to_owned())
+            ])
+        );
+        assert_eq!(
+            config.internal_addr(),
+            "10.0.0.2:9471".parse().expect("literal")
         );
         assert_eq!(config.log_format, LogFormat::Json);
         assert_eq!(config.log_level.as_deref(), Some("debug"));
@@ -444,6 +562,10 @@ write_buffer_bytes: 0
             bind,
             http_port,
             http_bind,
+            node_id,
+            peers,
+            internal_port,
+            internal_bind,
             log_format,
             log_level,
             fsync_policy,
@@ -453,12 +575,37 @@ write_buffer_bytes: 0
             cache_bytes,
             write_buffer_bytes,
         } = settings;
-        // A file does not name itself, and `http_bind` is shown commented out.
+        // A file does not name itself; `http_bind`, `peers` and `internal_bind` are shown
+        // commented out.
         assert!(config.is_none() && http_bind.is_none());
+        assert!(peers.is_none() && internal_bind.is_none());
+        assert!(node_id.is_some() && internal_port.is_some());
         assert!(data_dir.is_some() && bind.is_some() && http_port.is_some());
         assert!(log_format.is_some() && log_level.is_some() && fsync_policy.is_some());
         assert!(sync_interval_ms.is_some() && segment_bytes.is_some());
         assert!(wal_max_bytes.is_some() && cache_bytes.is_some() && write_buffer_bytes.is_some());
+    }
+
+    #[test]
+    fn peers_are_checked_and_must_include_this_node() {
+        let resolve =
+            |peers: &str, id: &str| Config::resolve(flags(&["--peers", peers, "--node-id", id]));
+        let config = resolve(" 1=a:1 , 3=[::1]:9,2=b.example:65535,", "3").expect("valid");
+        assert_eq!(config.peers.len(), 3);
+        assert_eq!(config.peers[&3], "[::1]:9");
+        for bad in ["1", "x=a:1", "1=a", "1=:5", "1=a:99999", "1=a:1,1=b:2"] {
+            let err = resolve(bad, "1").expect_err(bad);
+            assert!(matches!(err, ConfigError::Peers { .. }), "{bad}: {err}");
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+        let err = resolve("1=a:1,2=b:2", "3").expect_err("not listed");
+        assert_eq!(
+            err.to_string(),
+            "setting `peers` does not list this node (node_id 3)"
+        );
+        let single = Config::resolve(flags(&[])).expect("valid");
+        assert!(single.peers.is_empty());
+        assert_eq!((single.node_id, single.internal_port), (1, 9470));
     }
 
     #[test]
@@ -469,6 +616,10 @@ write_buffer_bytes: 0
             "--bind=127.0.0.1",
             "--http-port=1",
             "--http-bind=::1",
+            "--node-id=6",
+            "--peers=6=a:1",
+            "--internal-port=7",
+            "--internal-bind=::2",
             "--log-format=json",
             "--log-level=warn",
             "--fsync-policy=never",
@@ -484,6 +635,10 @@ write_buffer_bytes: 0
             bind: Some("127.0.0.1".parse().expect("literal")),
             http_port: Some(1),
             http_bind: Some("::1".parse().expect("literal")),
+            node_id: Some(6),
+            peers: Some("6=a:1".to_owned()),
+            internal_port: Some(7),
+            internal_bind: Some("::2".parse().expect("literal")),
             log_format: Some(LogFormat::Json),
             log_level: Some("warn".to_owned()),
             fsync_policy: Some(FsyncPolicy::Never),

@@ -2,8 +2,9 @@
 //!
 //! * `config`: [`Settings`] of `petrel serve` from flags, environment and YAML file,
 //!   resolved into a [`Config`].
-//! * [`Server`] / [`run`] (here): the node's life: bind the HTTP listener, open storage,
-//!   report ready, wait for shutdown, drain, close storage.
+//! * [`Server`] / [`run`] (here): the node's life: bind the HTTP and internal listeners,
+//!   open storage, join the cluster (`petrel_core::cluster`), report ready, wait for
+//!   shutdown, drain, leave, close storage.
 //! * `http`: `/healthz`, `/readyz` and `/metrics`.
 //! * [`Metrics`]: the Prometheus registry later subsystems extend.
 //! * [`Readiness`]: the node's phase (starting, ready, stopping).
@@ -25,12 +26,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use petrel_core::cluster::{ClusterError, ClusterNode, NodeConfig};
 use petrel_log::Storage;
 use tokio::net::TcpListener;
 
 pub use config::{
-    Config, ConfigError, DEFAULT_BIND, DEFAULT_DATA_DIR, DEFAULT_HTTP_PORT, DEFAULT_LOG_LEVEL,
-    FsyncPolicy, LogFormat, Settings, StorageSettings,
+    Config, ConfigError, DEFAULT_BIND, DEFAULT_DATA_DIR, DEFAULT_HTTP_PORT, DEFAULT_INTERNAL_PORT,
+    DEFAULT_LOG_LEVEL, DEFAULT_NODE_ID, FsyncPolicy, LogFormat, Settings, StorageSettings,
 };
 pub use logging::{LoggingError, init as init_logging};
 pub use metrics::Metrics;
@@ -52,6 +56,24 @@ pub enum Error {
         /// The I/O error.
         #[source]
         source: std::io::Error,
+    },
+    /// The internal listener's address could not be bound.
+    #[error("cannot listen for peers on {addr}")]
+    BindInternal {
+        /// The address from the configuration.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The node could not start or leave its cluster.
+    #[error("cluster node {node_id}")]
+    Cluster {
+        /// This node's id.
+        node_id: u64,
+        /// What failed.
+        #[source]
+        source: Box<ClusterError>,
     },
     /// The storage under the data directory could not be opened or recovered.
     #[error("cannot open storage in {}", dir.display())]
@@ -90,10 +112,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Server::bind(config).await?.run(shutdown).await
 }
 
-/// A node whose HTTP listener is bound and answering, with storage not yet open.
+/// A node whose HTTP listener is bound and answering and whose internal listener is
+/// bound, with storage not yet open.
 pub struct Server {
     config: Config,
     http: http::HttpServer,
+    internal: TcpListener,
     readiness: Readiness,
     metrics: Metrics,
 }
@@ -109,13 +133,23 @@ impl Server {
         let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
         let local = listener.local_addr().map_err(bind_error)?;
         tracing::info!(addr = %local, "http listener bound");
+        let addr = config.internal_addr();
+        let bind_error = |source| Error::BindInternal { addr, source };
+        let internal = TcpListener::bind(addr).await.map_err(bind_error)?;
+        tracing::info!(addr = %internal.local_addr().map_err(bind_error)?, "internal listener bound");
         let http = http::HttpServer::start(listener, local, readiness.clone(), metrics.clone());
         Ok(Server {
             config,
             http,
+            internal,
             readiness,
             metrics,
         })
+    }
+
+    /// The address the internal listener actually bound (useful with port 0).
+    pub fn internal_addr(&self) -> std::io::Result<SocketAddr> {
+        self.internal.local_addr()
     }
 
     /// The address the HTTP listener actually bound (useful with port 0).
@@ -140,6 +174,7 @@ impl Server {
         let Server {
             config,
             http,
+            internal,
             readiness,
             metrics,
         } = self;
@@ -165,15 +200,27 @@ impl Server {
                 return Err(err);
             }
             Some(Ok(storage)) => {
+                let node = match join_cluster(&config, storage, internal).await {
+                    Ok(node) => node,
+                    Err(err) => {
+                        readiness.advance(Phase::Stopping);
+                        http.stop(HTTP_DRAIN).await;
+                        return Err(err);
+                    }
+                };
+                let watching = metrics.watch_cluster(node.metadata());
                 readiness.advance(Phase::Ready);
                 metrics.set_up(true);
                 tracing::info!(
                     http = %http.local_addr(),
+                    internal = %node.addr(),
+                    node_id = node.id(),
                     version = env!("CARGO_PKG_VERSION"),
                     "petrel is ready"
                 );
                 shutdown.await;
-                Some(storage)
+                watching.abort();
+                Some(node)
             }
             None => None,
         };
@@ -182,17 +229,57 @@ impl Server {
         readiness.advance(Phase::Stopping);
         metrics.set_up(false);
         http.stop(HTTP_DRAIN).await;
-        let storage = match storage {
-            Some(storage) => storage,
+        match storage {
+            Some(node) => {
+                tracing::info!(data_dir = %dir.display(), "leaving the cluster and closing storage");
+                let node_id = node.id();
+                node.close().await.map_err(|source| match source {
+                    ClusterError::Storage(source) => Error::CloseStorage { dir, source },
+                    source => Error::Cluster {
+                        node_id,
+                        source: Box::new(source),
+                    },
+                })?;
+            }
             None => {
                 tracing::info!("waiting for storage to finish opening before closing it");
-                opened_storage(opening.await, &dir)?
+                close_storage(opened_storage(opening.await, &dir)?, dir).await?;
             }
-        };
-        close_storage(storage, dir).await?;
+        }
         tracing::info!("petrel stopped");
         Ok(())
     }
+}
+
+/// Raft timings of every group: heartbeats every 250 ms, a new leader 0.75–1.5 s after
+/// the old one went silent.
+fn raft_config() -> openraft::Config {
+    openraft::Config {
+        heartbeat_interval: 250,
+        election_timeout_min: 750,
+        election_timeout_max: 1500,
+        ..openraft::Config::default()
+    }
+}
+
+/// Starts this node's part of the cluster on its opened storage.
+async fn join_cluster(
+    config: &Config,
+    storage: Storage,
+    internal: TcpListener,
+) -> Result<Arc<ClusterNode>, Error> {
+    let node = NodeConfig {
+        id: config.node_id,
+        data_dir: config.data_dir.clone(),
+        peers: config.peers.clone(),
+        raft: raft_config(),
+    };
+    ClusterNode::start(node, storage, internal)
+        .await
+        .map_err(|source| Error::Cluster {
+            node_id: config.node_id,
+            source: Box::new(source),
+        })
 }
 
 /// Unpacks the result of the blocking open task.

@@ -7,6 +7,8 @@ use prometheus::{Encoder, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 pub struct Metrics {
     registry: Registry,
     up: IntGauge,
+    cluster_nodes: IntGauge,
+    destinations: IntGauge,
 }
 
 impl Metrics {
@@ -30,7 +32,43 @@ impl Metrics {
             "1 while the node is ready (storage open, listeners bound), else 0.",
         )?;
         registry.register(Box::new(up.clone()))?;
-        Ok(Metrics { registry, up })
+        let cluster_nodes = IntGauge::new(
+            "petrel_cluster_nodes",
+            "Nodes in the cluster's metadata, as this node last applied it.",
+        )?;
+        registry.register(Box::new(cluster_nodes.clone()))?;
+        let destinations = IntGauge::new(
+            "petrel_destinations",
+            "Queues and topics in the cluster's metadata, as this node last applied it.",
+        )?;
+        registry.register(Box::new(destinations.clone()))?;
+        Ok(Metrics {
+            registry,
+            up,
+            cluster_nodes,
+            destinations,
+        })
+    }
+
+    /// Keeps the cluster gauges up to date with the metadata until the task is aborted.
+    pub(crate) fn watch_cluster(
+        &self,
+        mut metadata: tokio::sync::watch::Receiver<petrel_core::meta::Metadata>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (nodes, destinations) = (self.cluster_nodes.clone(), self.destinations.clone());
+        tokio::spawn(async move {
+            loop {
+                {
+                    let m = metadata.borrow_and_update();
+                    nodes.set(i64::try_from(m.nodes.len()).unwrap_or(i64::MAX));
+                    let count: usize = m.destinations.values().map(|d| d.len()).sum();
+                    destinations.set(i64::try_from(count).unwrap_or(i64::MAX));
+                }
+                if metadata.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
     }
 
     /// The registry, for subsystems that add their own metrics.

@@ -15,6 +15,7 @@ fn loopback_config(data_dir: std::path::PathBuf) -> Config {
         data_dir,
         bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
         http_port: 0,
+        internal_port: 0,
         ..Config::default()
     }
 }

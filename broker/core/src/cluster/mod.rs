@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::raft::ClientWriteResponse;
 use openraft::{BasicNode, Raft};
-use petrel_log::{PartitionConfig, Storage, StorageConfig};
+use petrel_log::{PartitionConfig, Storage};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -44,9 +44,10 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct NodeConfig {
     /// This node's id, unique in the cluster.
     pub id: NodeId,
-    /// The storage engine's settings (its directory holds the Raft state too).
-    pub storage: StorageConfig,
-    /// Every node of a new cluster, this one included: id → internal address.
+    /// The data directory the storage was opened on (it holds the Raft state too).
+    pub data_dir: PathBuf,
+    /// Every node of a new cluster, this one included: id → internal address. Empty
+    /// for a single node.
     pub peers: BTreeMap<NodeId, String>,
     /// Raft timings for every group.
     pub raft: openraft::Config,
@@ -96,19 +97,20 @@ pub struct ClusterNode {
     metadata: Raft<PartitionRaft>,
     view: watch::Receiver<Metadata>,
     raft_config: Arc<openraft::Config>,
-    stop_server: Option<oneshot::Sender<()>>,
+    _server: ServerGuard,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl ClusterNode {
-    /// Starts a node serving the internal transport on `listener`.
+    /// Starts a node on its opened `storage`, serving the internal transport on `listener`.
     pub async fn start(
         config: NodeConfig,
+        storage: Storage,
         listener: TcpListener,
     ) -> Result<Arc<Self>, ClusterError> {
         let addr = listener.local_addr().map_err(ClusterError::Listen)?;
-        let root = config.storage.dir.clone();
-        let storage = Arc::new(Storage::open(config.storage)?);
+        let root = config.data_dir.clone();
+        let storage = Arc::new(storage);
         let groups: Groups = Arc::new(RwLock::new(HashMap::new()));
         let peers = Peers::new(Some(addr.ip()));
         let raft_config = Arc::new(config.raft.validate()?);
@@ -147,7 +149,7 @@ impl ClusterNode {
             metadata,
             view,
             raft_config,
-            stop_server: Some(stop_server),
+            _server: ServerGuard(Some(stop_server)),
             tasks: Mutex::new(Vec::new()),
         });
         let first = config.peers.keys().next().copied().unwrap_or(config.id);
@@ -331,15 +333,41 @@ impl ClusterNode {
         }
     }
 
-    /// Stops every group and the internal server.
+    /// Stops every group and the internal server, then closes the storage (which makes
+    /// everything durable and checkpointed).
+    pub async fn close(self: Arc<Self>) -> Result<(), ClusterError> {
+        self.shutdown().await;
+        let Ok(node) = Arc::try_unwrap(self) else {
+            // Still referenced: the storage closes when the last holder drops it.
+            return Ok(());
+        };
+        let ClusterNode {
+            storage,
+            _server: server,
+            ..
+        } = node;
+        drop(server);
+        let Ok(storage) = Arc::try_unwrap(storage) else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || storage.close())
+            .await
+            .map_err(|e| raft_error(METADATA_GROUP, e))??;
+        Ok(())
+    }
+
+    /// Stops every group and the node's tasks; the storage stays open.
     pub async fn shutdown(&self) {
-        for task in self
+        let tasks: Vec<JoinHandle<()>> = self
             .tasks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .drain(..)
-        {
+            .collect();
+        for task in tasks {
             task.abort();
+            // Awaited, so that the task's hold on the node is gone when this returns.
+            let _ = task.await;
         }
         let groups: Vec<Raft<PartitionRaft>> = self
             .groups
@@ -354,9 +382,12 @@ impl ClusterNode {
     }
 }
 
-impl Drop for ClusterNode {
+/// Stops the internal server when dropped.
+struct ServerGuard(Option<oneshot::Sender<()>>);
+
+impl Drop for ServerGuard {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop_server.take() {
+        if let Some(stop) = self.0.take() {
             let _ = stop.send(());
         }
     }
