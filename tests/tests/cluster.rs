@@ -58,32 +58,16 @@ fn node(
 
 #[test]
 fn three_processes_form_a_cluster_and_a_killed_node_comes_back_a_member() -> anyhow::Result<()> {
-    let mut ports = Vec::new();
-    for _ in 0..3 {
-        ports.push(free_port_other_than(&ports)?);
-    }
-    let peers = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut nodes = Vec::new();
-    let mut dirs = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let (serve, dir) = node(i as u64 + 1, &peers, *port, None)?;
-        nodes.push(serve.start()?);
-        dirs.push(dir);
-    }
-    for node in &mut nodes {
-        node.wait_ready(READY)?;
-    }
-    members(&nodes.iter().collect::<Vec<_>>(), 3.0)?;
+    let Cluster {
+        mut nodes,
+        ports,
+        peers,
+        dirs,
+    } = three_nodes()?;
 
     // Node 3 crashes; the other two keep the cluster; it restarts on its data.
-    let crashed = nodes.pop().context("node 3")?;
+    let mut crashed = nodes.pop().context("node 3")?;
     crashed.signal(Signal::Kill)?;
-    let mut crashed = crashed;
     crashed.wait_exit(EXIT)?;
     let (serve, _) = node(3, &peers, ports[2], Some(&dirs[2]))?;
     let mut back = serve.start()?;
@@ -126,4 +110,177 @@ fn an_internal_port_in_use_fails_naming_the_address() -> anyhow::Result<()> {
     let expected = format!("cannot listen for peers on 127.0.0.1:{port}");
     ensure!(exited.stderr.contains(&expected), "{}", exited.stderr);
     Ok(())
+}
+
+/// Three running nodes of one cluster.
+struct Cluster {
+    nodes: Vec<PetrelProcess>,
+    /// Their internal ports, by node id - 1.
+    ports: Vec<u16>,
+    /// The `--peers` they were given.
+    peers: String,
+    /// Their data directories.
+    dirs: Vec<std::path::PathBuf>,
+}
+
+/// Starts three nodes, ready and joined.
+fn three_nodes() -> anyhow::Result<Cluster> {
+    let mut ports = Vec::new();
+    for _ in 0..3 {
+        ports.push(free_port_other_than(&ports)?);
+    }
+    let peers = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes = Vec::new();
+    let mut dirs = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let (serve, dir) = node(i as u64 + 1, &peers, *port, None)?;
+        nodes.push(serve.start()?);
+        dirs.push(dir);
+    }
+    for node in &mut nodes {
+        node.wait_ready(READY)?;
+    }
+    members(&nodes.iter().collect::<Vec<_>>(), 3.0)?;
+    Ok(Cluster {
+        nodes,
+        ports,
+        peers,
+        dirs,
+    })
+}
+
+#[test]
+fn the_admin_api_manages_topics_through_any_node_with_clear_errors() -> anyhow::Result<()> {
+    use petrel_api::admin::v1::admin_client::AdminClient;
+    use petrel_api::admin::v1::{
+        CreateDestinationRequest, DestinationRef, DestinationSpec, GetClusterStatusRequest, Kind,
+        ListDestinationsRequest,
+    };
+
+    let Cluster {
+        nodes: _nodes,
+        ports,
+        ..
+    } = three_nodes()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let connect = |port: u16| AdminClient::connect(format!("http://127.0.0.1:{port}"));
+        let (mut one, mut two, mut three) = (
+            connect(ports[0]).await?,
+            connect(ports[1]).await?,
+            connect(ports[2]).await?,
+        );
+        let status = three
+            .get_cluster_status(GetClusterStatusRequest {})
+            .await?
+            .into_inner();
+        ensure!(
+            status.nodes.len() == 3 && status.answered_by == 3,
+            "{status:?}"
+        );
+
+        let spec = |name: &str, partitions, rf| DestinationSpec {
+            kind: Kind::Topic.into(),
+            name: name.to_owned(),
+            partitions,
+            replication_factor: rf,
+            ..DestinationSpec::default()
+        };
+        let create = |spec| CreateDestinationRequest { spec: Some(spec) };
+        let orders = two
+            .create_destination(create(spec("orders", 3, 3)))
+            .await?
+            .into_inner();
+        ensure!(orders.partitions.len() == 3, "{orders:?}");
+        ensure!(
+            orders.partitions.iter().all(|p| p.replicas.len() == 3),
+            "{orders:?}"
+        );
+
+        let again = one.create_destination(create(spec("orders", 1, 1))).await;
+        ensure!(
+            again
+                .as_ref()
+                .is_err_and(|s| s.code() == tonic::Code::AlreadyExists),
+            "{again:?}"
+        );
+        let wide = one.create_destination(create(spec("wide", 1, 4))).await;
+        ensure!(
+            wide.as_ref()
+                .is_err_and(|s| s.code() == tonic::Code::InvalidArgument
+                    && s.message().contains("replication factor 4")),
+            "{wide:?}"
+        );
+        let empty = one
+            .create_destination(CreateDestinationRequest { spec: None })
+            .await;
+        ensure!(
+            empty
+                .as_ref()
+                .is_err_and(|s| s.code() == tonic::Code::InvalidArgument),
+            "{empty:?}"
+        );
+        let no_kind = one
+            .get_destination(DestinationRef {
+                kind: 0,
+                name: "orders".into(),
+            })
+            .await;
+        ensure!(
+            no_kind
+                .as_ref()
+                .is_err_and(|s| s.code() == tonic::Code::InvalidArgument),
+            "{no_kind:?}"
+        );
+
+        // Every node knows it (reads come from each node's copy of the metadata).
+        let orders_ref = || DestinationRef {
+            kind: Kind::Topic.into(),
+            name: "orders".into(),
+        };
+        let deadline = Instant::now() + FORM;
+        loop {
+            let listed = three
+                .list_destinations(ListDestinationsRequest {
+                    kind: Kind::Topic.into(),
+                })
+                .await?
+                .into_inner();
+            if listed
+                .destinations
+                .iter()
+                .any(|d| d.spec.as_ref().is_some_and(|s| s.name == "orders"))
+            {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "node 3 never listed the topic");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let seen = three.get_destination(orders_ref()).await?.into_inner();
+        let groups = |d: &petrel_api::admin::v1::Destination| {
+            d.partitions.iter().map(|p| p.group).collect::<Vec<_>>()
+        };
+        ensure!(groups(&seen) == groups(&orders), "{seen:?} vs {orders:?}");
+
+        one.delete_destination(orders_ref()).await?;
+        let gone = one.get_destination(orders_ref()).await;
+        ensure!(
+            gone.as_ref()
+                .is_err_and(|s| s.code() == tonic::Code::NotFound),
+            "{gone:?}"
+        );
+        let twice = two.delete_destination(orders_ref()).await;
+        ensure!(
+            twice
+                .as_ref()
+                .is_err_and(|s| s.code() == tonic::Code::NotFound),
+            "{twice:?}"
+        );
+        anyhow::Ok(())
+    })
 }

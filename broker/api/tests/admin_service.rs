@@ -3,7 +3,7 @@
 
 use petrel_api::admin::v1::admin_client::AdminClient;
 use petrel_api::admin::v1::admin_server::{Admin, AdminServer};
-use petrel_api::admin::v1::{GetNodeStatusRequest, GetNodeStatusResponse};
+use petrel_api::admin::v1::{self, GetNodeStatusRequest, GetNodeStatusResponse};
 use prost::Message;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -19,6 +19,48 @@ impl Admin for FixedNode {
         _request: Request<GetNodeStatusRequest>,
     ) -> Result<Response<GetNodeStatusResponse>, Status> {
         Ok(Response::new(self.0.clone()))
+    }
+
+    async fn get_cluster_status(
+        &self,
+        _request: Request<v1::GetClusterStatusRequest>,
+    ) -> Result<Response<v1::ClusterStatus>, Status> {
+        Err(Status::unimplemented("a fixed node has no cluster"))
+    }
+
+    async fn create_destination(
+        &self,
+        _request: Request<v1::CreateDestinationRequest>,
+    ) -> Result<Response<v1::Destination>, Status> {
+        Err(Status::unimplemented("a fixed node has no destinations"))
+    }
+
+    async fn update_destination(
+        &self,
+        _request: Request<v1::UpdateDestinationRequest>,
+    ) -> Result<Response<v1::Destination>, Status> {
+        Err(Status::unimplemented("a fixed node has no destinations"))
+    }
+
+    async fn get_destination(
+        &self,
+        _request: Request<v1::DestinationRef>,
+    ) -> Result<Response<v1::Destination>, Status> {
+        Err(Status::unimplemented("a fixed node has no destinations"))
+    }
+
+    async fn list_destinations(
+        &self,
+        _request: Request<v1::ListDestinationsRequest>,
+    ) -> Result<Response<v1::ListDestinationsResponse>, Status> {
+        Ok(Response::new(v1::ListDestinationsResponse::default()))
+    }
+
+    async fn delete_destination(
+        &self,
+        _request: Request<v1::DestinationRef>,
+    ) -> Result<Response<v1::Destination>, Status> {
+        Err(Status::unimplemented("a fixed node has no destinations"))
     }
 }
 

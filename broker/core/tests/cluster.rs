@@ -41,7 +41,7 @@ async fn cluster(dir: &std::path::Path, n: u64) -> BTreeMap<NodeId, Arc<ClusterN
                 ..openraft::Config::default()
             },
         };
-        let node = ClusterNode::start(config, storage, listener)
+        let node = ClusterNode::start(config, storage, listener, Default::default())
             .await
             .expect("start");
         nodes.insert(id, node);

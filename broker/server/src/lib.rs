@@ -14,6 +14,7 @@
 //! `main.rs` only parses the command line and calls [`run`]; tests call [`Server`]
 //! directly. Protocol listeners and the admin gRPC service will be started from here.
 
+mod admin;
 mod config;
 mod http;
 mod logging;
@@ -200,7 +201,9 @@ impl Server {
                 return Err(err);
             }
             Some(Ok(storage)) => {
-                let node = match join_cluster(&config, storage, internal).await {
+                let admin =
+                    admin::AdminService::new(config.node_id, &config.data_dir, readiness.clone());
+                let node = match join_cluster(&config, storage, internal, &admin).await {
                     Ok(node) => node,
                     Err(err) => {
                         readiness.advance(Phase::Stopping);
@@ -208,6 +211,7 @@ impl Server {
                         return Err(err);
                     }
                 };
+                admin.started(node.clone());
                 let watching = metrics.watch_cluster(node.metadata());
                 readiness.advance(Phase::Ready);
                 metrics.set_up(true);
@@ -267,6 +271,7 @@ async fn join_cluster(
     config: &Config,
     storage: Storage,
     internal: TcpListener,
+    admin: &admin::AdminService,
 ) -> Result<Arc<ClusterNode>, Error> {
     let node = NodeConfig {
         id: config.node_id,
@@ -274,7 +279,8 @@ async fn join_cluster(
         peers: config.peers.clone(),
         raft: raft_config(),
     };
-    ClusterNode::start(node, storage, internal)
+    let services = tonic::service::Routes::new(admin.server());
+    ClusterNode::start(node, storage, internal, services)
         .await
         .map_err(|source| Error::Cluster {
             node_id: config.node_id,

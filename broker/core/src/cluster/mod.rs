@@ -102,11 +102,13 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
-    /// Starts a node on its opened `storage`, serving the internal transport on `listener`.
+    /// Starts a node on its opened `storage`, serving the internal transport on
+    /// `listener` together with `services` (the admin API).
     pub async fn start(
         config: NodeConfig,
         storage: Storage,
         listener: TcpListener,
+        services: tonic::service::Routes,
     ) -> Result<Arc<Self>, ClusterError> {
         let addr = listener.local_addr().map_err(ClusterError::Listen)?;
         let root = config.data_dir.clone();
@@ -137,7 +139,10 @@ impl ClusterNode {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(METADATA_GROUP, metadata.clone());
-        let stop_server = serve(listener, groups.clone());
+        let stop_server = serve(
+            listener,
+            services.add_service(RaftService::new(groups.clone()).into_server()),
+        );
 
         let node = Arc::new(Self {
             id: config.id,
@@ -189,6 +194,11 @@ impl ClusterNode {
         &self.metadata
     }
 
+    /// The leader of `group` as this node's replica knows it (`None` if it holds none).
+    pub fn leader(&self, group: u64) -> Option<NodeId> {
+        self.group(group)?.metrics().borrow().current_leader
+    }
+
     /// The local Raft of `group`, if this node holds a replica.
     pub fn group(&self, group: u64) -> Option<Raft<PartitionRaft>> {
         self.groups
@@ -203,6 +213,12 @@ impl ClusterNode {
         let proposal =
             meta::proposal(command).map_err(|e| MetaError::InvalidArgument(e.to_string()))?;
         let reply = self.write(METADATA_GROUP, proposal).await?;
+        // Read-your-writes on this node: its own copy catches up before the answer.
+        let _ = self
+            .metadata
+            .wait(Some(FORWARD_TIMEOUT))
+            .applied_index_at_least(Some(reply.log_id.index), "the command applied here")
+            .await;
         Ok(meta::outcome(&reply.data)?)
     }
 
@@ -413,12 +429,12 @@ fn advertised(listening: SocketAddr, peers: &BTreeMap<NodeId, String>, id: NodeI
         .unwrap_or_else(|| listening.to_string())
 }
 
-/// Serves the internal transport until the returned sender fires or is dropped.
-fn serve(listener: TcpListener, groups: Groups) -> oneshot::Sender<()> {
+/// Serves `services` until the returned sender fires or is dropped.
+fn serve(listener: TcpListener, services: tonic::service::Routes) -> oneshot::Sender<()> {
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
-            .add_service(RaftService::new(groups).into_server())
+            .add_routes(services)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener),
                 async {

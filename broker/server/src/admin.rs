@@ -1,0 +1,281 @@
+//! The admin API (`petrel.admin.v1`) on the internal listener: this node's status from
+//! here; the cluster and its queues and topics from the metadata, through
+//! `petrel_core::cluster` (changes go to the metadata leader, reads come from this
+//! node's copy).
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use petrel_api::admin::v1::{self as api, admin_server::Admin, admin_server::AdminServer};
+use petrel_core::cluster::{ClusterError, ClusterNode};
+use petrel_core::meta::{self, Command, Kind, MetaError, Outcome};
+use tonic::{Request, Response, Status};
+
+use crate::readiness::{Phase, Readiness};
+
+/// The admin service; it answers `UNAVAILABLE` until the node has started.
+#[derive(Clone)]
+pub(crate) struct AdminService {
+    node: Arc<OnceLock<Arc<ClusterNode>>>,
+    node_id: u64,
+    data_dir: String,
+    readiness: Readiness,
+}
+
+impl AdminService {
+    pub fn new(node_id: u64, data_dir: &Path, readiness: Readiness) -> Self {
+        Self {
+            node: Arc::default(),
+            node_id,
+            data_dir: data_dir.display().to_string(),
+            readiness,
+        }
+    }
+
+    /// The service, ready to add to the internal listener's routes.
+    pub fn server(&self) -> AdminServer<Self> {
+        AdminServer::new(self.clone())
+    }
+
+    /// Hands the service its node once it has started.
+    pub fn started(&self, node: Arc<ClusterNode>) {
+        let _ = self.node.set(node);
+    }
+
+    fn node(&self) -> Result<&Arc<ClusterNode>, Status> {
+        self.node
+            .get()
+            .ok_or_else(|| Status::unavailable("the node is still starting"))
+    }
+
+    async fn command(&self, command: Command) -> Result<Response<api::Destination>, Status> {
+        let node = self.node()?;
+        match node.command(&command).await.map_err(status)? {
+            Outcome::Destination(d) | Outcome::Deleted(d) => {
+                Ok(Response::new(destination(&d, node)))
+            }
+            Outcome::Nodes => Err(Status::internal(
+                "the command changed nodes, not a destination",
+            )),
+        }
+    }
+}
+
+/// A cluster error as a gRPC status with its message.
+fn status(e: ClusterError) -> Status {
+    let message = e.to_string();
+    match e {
+        ClusterError::Meta(MetaError::AlreadyExists { .. }) => Status::already_exists(message),
+        ClusterError::Meta(MetaError::NotFound { .. } | MetaError::UnknownNode(_)) => {
+            Status::not_found(message)
+        }
+        ClusterError::Meta(MetaError::InvalidArgument(_)) => Status::invalid_argument(message),
+        ClusterError::NoLeader { .. } => Status::unavailable(message),
+        ClusterError::NoGroup(_) => Status::not_found(message),
+        _ => Status::internal(message),
+    }
+}
+
+fn kind(value: i32) -> Result<Option<Kind>, Status> {
+    match api::Kind::try_from(value) {
+        Ok(api::Kind::Unspecified) => Ok(None),
+        Ok(api::Kind::Queue) => Ok(Some(Kind::Queue)),
+        Ok(api::Kind::Topic) => Ok(Some(Kind::Topic)),
+        Err(_) => Err(Status::invalid_argument(format!("unknown kind {value}"))),
+    }
+}
+
+fn required_kind(value: i32) -> Result<Kind, Status> {
+    kind(value)?.ok_or_else(|| Status::invalid_argument("kind is required (queue or topic)"))
+}
+
+fn durability(value: i32) -> Result<Option<meta::Durability>, Status> {
+    match api::Durability::try_from(value) {
+        Ok(api::Durability::Unspecified) => Ok(None),
+        Ok(api::Durability::Always) => Ok(Some(meta::Durability::Always)),
+        Ok(api::Durability::Interval) => Ok(Some(meta::Durability::Interval)),
+        Ok(api::Durability::Never) => Ok(Some(meta::Durability::Never)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "unknown durability {value}"
+        ))),
+    }
+}
+
+fn api_kind(kind: Kind) -> api::Kind {
+    match kind {
+        Kind::Queue => api::Kind::Queue,
+        Kind::Topic => api::Kind::Topic,
+    }
+}
+
+fn api_durability(d: meta::Durability) -> api::Durability {
+    match d {
+        meta::Durability::Always => api::Durability::Always,
+        meta::Durability::Interval => api::Durability::Interval,
+        meta::Durability::Never => api::Durability::Never,
+    }
+}
+
+/// A destination as the API shows it, with the leaders this node knows.
+fn destination(d: &meta::Destination, node: &ClusterNode) -> api::Destination {
+    let spec = &d.spec;
+    api::Destination {
+        spec: Some(api::DestinationSpec {
+            kind: api_kind(spec.kind).into(),
+            name: spec.name.clone(),
+            partitions: spec.partitions,
+            replication_factor: spec.replication_factor,
+            durability: api_durability(spec.durability).into(),
+            retention_ms: spec.retention.ms,
+            retention_bytes: spec.retention.bytes,
+        }),
+        partitions: d
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(i, p)| api::PartitionStatus {
+                number: u32::try_from(i).unwrap_or(u32::MAX),
+                group: p.group,
+                replicas: p.replicas.clone(),
+                leader: node.leader(p.group),
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn get_node_status(
+        &self,
+        _request: Request<api::GetNodeStatusRequest>,
+    ) -> Result<Response<api::GetNodeStatusResponse>, Status> {
+        Ok(Response::new(api::GetNodeStatusResponse {
+            node_id: self.node_id,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            data_dir: self.data_dir.clone(),
+            ready: self.readiness.phase() == Phase::Ready,
+        }))
+    }
+
+    async fn get_cluster_status(
+        &self,
+        _request: Request<api::GetClusterStatusRequest>,
+    ) -> Result<Response<api::ClusterStatus>, Status> {
+        let node = self.node()?;
+        let metadata = node.metadata().borrow().clone();
+        let nodes = metadata
+            .nodes
+            .iter()
+            .map(|(id, n)| api::ClusterNode {
+                id: *id,
+                addr: n.addr.clone(),
+                state: match n.state {
+                    meta::NodeState::Active => "active",
+                    meta::NodeState::Draining => "draining",
+                }
+                .to_owned(),
+            })
+            .collect();
+        Ok(Response::new(api::ClusterStatus {
+            nodes,
+            metadata_leader: node.metadata_raft().metrics().borrow().current_leader,
+            answered_by: node.id(),
+        }))
+    }
+
+    async fn create_destination(
+        &self,
+        request: Request<api::CreateDestinationRequest>,
+    ) -> Result<Response<api::Destination>, Status> {
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec is required"))?;
+        let spec = meta::Spec {
+            kind: required_kind(spec.kind)?,
+            name: spec.name,
+            partitions: spec.partitions,
+            replication_factor: spec.replication_factor,
+            durability: durability(spec.durability)?.unwrap_or_default(),
+            retention: meta::Retention {
+                ms: spec.retention_ms,
+                bytes: spec.retention_bytes,
+            },
+        };
+        self.command(Command::Create(spec)).await
+    }
+
+    async fn update_destination(
+        &self,
+        request: Request<api::UpdateDestinationRequest>,
+    ) -> Result<Response<api::Destination>, Status> {
+        let request = request.into_inner();
+        let target = request
+            .destination
+            .ok_or_else(|| Status::invalid_argument("destination is required"))?;
+        let retention = (request.retention_ms.is_some() || request.retention_bytes.is_some())
+            .then_some(meta::Retention {
+                ms: request.retention_ms,
+                bytes: request.retention_bytes,
+            });
+        self.command(Command::Update {
+            kind: required_kind(target.kind)?,
+            name: target.name,
+            partitions: request.partitions,
+            durability: durability(request.durability)?,
+            retention,
+        })
+        .await
+    }
+
+    async fn get_destination(
+        &self,
+        request: Request<api::DestinationRef>,
+    ) -> Result<Response<api::Destination>, Status> {
+        let target = request.into_inner();
+        let kind = required_kind(target.kind)?;
+        let node = self.node()?;
+        let metadata = node.metadata().borrow().clone();
+        let found = metadata.destination(kind, &target.name).ok_or_else(|| {
+            Status::not_found(
+                MetaError::NotFound {
+                    kind,
+                    name: target.name,
+                }
+                .to_string(),
+            )
+        })?;
+        Ok(Response::new(destination(found, node)))
+    }
+
+    async fn list_destinations(
+        &self,
+        request: Request<api::ListDestinationsRequest>,
+    ) -> Result<Response<api::ListDestinationsResponse>, Status> {
+        let wanted = kind(request.into_inner().kind)?;
+        let node = self.node()?;
+        let metadata = node.metadata().borrow().clone();
+        let destinations = metadata
+            .destinations
+            .iter()
+            .filter(|(k, _)| wanted.is_none_or(|w| w == **k))
+            .flat_map(|(_, by_name)| by_name.values())
+            .map(|d| destination(d, node))
+            .collect();
+        Ok(Response::new(api::ListDestinationsResponse {
+            destinations,
+        }))
+    }
+
+    async fn delete_destination(
+        &self,
+        request: Request<api::DestinationRef>,
+    ) -> Result<Response<api::Destination>, Status> {
+        let target = request.into_inner();
+        self.command(Command::Delete {
+            kind: required_kind(target.kind)?,
+            name: target.name,
+        })
+        .await
+    }
+}
