@@ -284,3 +284,122 @@ fn the_admin_api_manages_topics_through_any_node_with_clear_errors() -> anyhow::
         anyhow::Ok(())
     })
 }
+
+/// Runs `petrel <args> --server 127.0.0.1:<port>`.
+fn petrel(port: u16, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(petrel_tests::petrel_command()?
+        .args(args)
+        .args(["--server", &format!("127.0.0.1:{port}")])
+        .output()?)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn the_cli_manages_topics_and_queues_as_tables_or_json() -> anyhow::Result<()> {
+    let Cluster {
+        nodes: _nodes,
+        ports,
+        ..
+    } = three_nodes()?;
+    let created = petrel(
+        ports[0],
+        &[
+            "topic",
+            "create",
+            "orders",
+            "--partitions",
+            "3",
+            "--replication-factor",
+            "3",
+        ],
+    )?;
+    ensure!(created.status.success(), "{}", text(&created.stderr));
+    let table = text(&created.stdout);
+    ensure!(
+        table.starts_with("NAME") && table.contains("orders"),
+        "{table}"
+    );
+
+    // Another node lists it, as JSON, once its copy of the metadata has it.
+    let deadline = Instant::now() + FORM;
+    let listed: serde_json::Value = loop {
+        let out = petrel(ports[2], &["topic", "list", "-o", "json"])?;
+        ensure!(out.status.success(), "{}", text(&out.stderr));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        if json.as_array().is_some_and(|a| !a.is_empty()) {
+            break json;
+        }
+        ensure!(Instant::now() < deadline, "node 3 never listed the topic");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    ensure!(
+        listed[0]["name"] == "orders" && listed[0]["partitions"] == 3,
+        "{listed}"
+    );
+    ensure!(
+        listed[0]["placement"].as_array().map(Vec::len) == Some(3),
+        "{listed}"
+    );
+
+    let described = petrel(ports[1], &["topic", "describe", "orders"])?;
+    let table = text(&described.stdout);
+    ensure!(
+        table.contains("PARTITION") && table.lines().count() == 2 + 1 + 1 + 3,
+        "{table}"
+    );
+
+    let duplicate = petrel(ports[1], &["topic", "create", "orders"])?;
+    ensure!(duplicate.status.code() == Some(1));
+    ensure!(
+        text(&duplicate.stderr).trim() == "petrel: error: topic \"orders\" already exists",
+        "{}",
+        text(&duplicate.stderr)
+    );
+    let wide = petrel(
+        ports[0],
+        &["queue", "create", "jobs", "--replication-factor", "4"],
+    )?;
+    ensure!(wide.status.code() == Some(1) && text(&wide.stderr).contains("replication factor 4"));
+
+    let queue = petrel(
+        ports[0],
+        &["queue", "create", "jobs", "--durability", "never"],
+    )?;
+    ensure!(queue.status.success(), "{}", text(&queue.stderr));
+    let queues: serde_json::Value =
+        serde_json::from_slice(&petrel(ports[0], &["queue", "list", "-o", "json"])?.stdout)?;
+    ensure!(
+        queues[0]["name"] == "jobs" && queues[0]["durability"] == "never",
+        "{queues}"
+    );
+    let topics: serde_json::Value =
+        serde_json::from_slice(&petrel(ports[0], &["topic", "list", "-o", "json"])?.stdout)?;
+    ensure!(
+        topics.as_array().map(Vec::len) == Some(1),
+        "queues are not topics: {topics}"
+    );
+
+    let status: serde_json::Value =
+        serde_json::from_slice(&petrel(ports[2], &["cluster", "status", "-o", "json"])?.stdout)?;
+    ensure!(
+        status["nodes"].as_array().map(Vec::len) == Some(3),
+        "{status}"
+    );
+
+    let deleted = petrel(ports[0], &["topic", "delete", "orders"])?;
+    ensure!(deleted.status.success(), "{}", text(&deleted.stderr));
+    let gone = petrel(ports[0], &["topic", "describe", "orders"])?;
+    ensure!(gone.status.code() == Some(1) && text(&gone.stderr).contains("not found"));
+
+    let unreachable = petrel(1, &["cluster", "status"])?;
+    ensure!(unreachable.status.code() == Some(1));
+    ensure!(
+        text(&unreachable.stderr).contains("cannot reach the admin API at 127.0.0.1:1"),
+        "{}",
+        text(&unreachable.stderr)
+    );
+    Ok(())
+}

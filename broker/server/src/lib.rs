@@ -15,6 +15,7 @@
 //! directly. Protocol listeners and the admin gRPC service will be started from here.
 
 mod admin;
+pub mod cli;
 mod config;
 mod http;
 mod logging;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use petrel_server::cli::{self, ClusterCommand, Connection, DestinationCommand};
 use petrel_server::{Config, Settings, ShutdownSignal};
 
 /// Petrel: a message broker for Kubernetes.
@@ -24,12 +25,49 @@ enum Command {
     /// Every setting is a flag, an environment variable `PETREL_<NAME>` and a key of the
     /// YAML file given by --config; precedence: flag > environment > file > default.
     Serve(Settings),
+    /// The cluster, through a node's admin API.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Topics (kept by retention, any number of subscriptions).
+    Topic {
+        #[command(subcommand)]
+        command: DestinationCommand,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Queues (kept until acknowledged).
+    Queue {
+        #[command(subcommand)]
+        command: DestinationCommand,
+        #[command(flatten)]
+        connection: Connection,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(settings) => serve(settings),
+        Command::Cluster {
+            command,
+            connection,
+        } => admin(async move { cli::cluster(&command, &connection).await }),
+        Command::Topic {
+            command,
+            connection,
+        } => admin(async move {
+            cli::destination(petrel_api::admin::v1::Kind::Topic, &command, &connection).await
+        }),
+        Command::Queue {
+            command,
+            connection,
+        } => admin(async move {
+            cli::destination(petrel_api::admin::v1::Kind::Queue, &command, &connection).await
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -52,6 +90,16 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         petrel_server::run(config, signal.recv()).await?;
         Ok(())
     })
+}
+
+/// Runs an admin command and prints its answer.
+fn admin(command: impl std::future::Future<Output = anyhow::Result<String>>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    print!("{}", runtime.block_on(command)?);
+    Ok(())
 }
 
 /// The error and its causes joined by ": " on one line, skipping a cause whose text the

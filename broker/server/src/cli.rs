@@ -1,0 +1,312 @@
+//! `petrel cluster|topic|queue …`: the admin API from the command line, as tables for
+//! people or JSON (`-o json`) for scripts.
+
+use std::fmt::Write as _;
+
+use anyhow::Context;
+use petrel_api::admin::v1 as api;
+use petrel_api::admin::v1::admin_client::AdminClient;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+/// Where the admin API is and how to print answers.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Connection {
+    /// A node's internal address, host:port
+    #[arg(
+        long,
+        env = "PETREL_SERVER",
+        default_value = "127.0.0.1:9470",
+        global = true
+    )]
+    pub server: String,
+    /// Output format
+    #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
+    pub output: Output,
+}
+
+/// How answers are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns.
+    Table,
+    /// One JSON document.
+    Json,
+}
+
+/// `petrel cluster …`
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ClusterCommand {
+    /// The cluster's nodes and metadata leader.
+    Status,
+}
+
+/// `petrel topic …` and `petrel queue …`
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DestinationCommand {
+    /// Creates one.
+    Create {
+        /// Its name (1 to 255 bytes).
+        name: String,
+        /// Number of partitions.
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// Replicas of each partition.
+        #[arg(long, default_value_t = 1)]
+        replication_factor: u32,
+        /// When appends are acknowledged.
+        #[arg(long, value_enum, default_value_t = DurabilityArg::Always)]
+        durability: DurabilityArg,
+        /// How long messages are kept, in milliseconds (topics).
+        #[arg(long)]
+        retention_ms: Option<u64>,
+        /// How many bytes a partition keeps (topics).
+        #[arg(long)]
+        retention_bytes: Option<u64>,
+    },
+    /// Lists them all.
+    List,
+    /// Shows one, with its partitions.
+    Describe {
+        /// Its name.
+        name: String,
+    },
+    /// Deletes one with all its messages.
+    Delete {
+        /// Its name.
+        name: String,
+    },
+}
+
+/// `--durability`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DurabilityArg {
+    /// After an fsync on a majority.
+    Always,
+    /// At the next periodic sync.
+    Interval,
+    /// At once, relying on replication.
+    Never,
+}
+
+async fn connect(connection: &Connection) -> anyhow::Result<AdminClient<Channel>> {
+    AdminClient::connect(format!("http://{}", connection.server))
+        .await
+        .with_context(|| format!("cannot reach the admin API at {}", connection.server))
+}
+
+/// A gRPC failure as one line: the server's message says what was wrong.
+fn failed(status: tonic::Status) -> anyhow::Error {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal => {
+            anyhow::anyhow!("{} ({:?})", status.message(), status.code())
+        }
+        _ => anyhow::anyhow!("{}", status.message()),
+    }
+}
+
+/// Runs `petrel cluster <command>` and returns what to print.
+pub async fn cluster(command: &ClusterCommand, connection: &Connection) -> anyhow::Result<String> {
+    let mut client = connect(connection).await?;
+    match command {
+        ClusterCommand::Status => {
+            let status = client
+                .get_cluster_status(api::GetClusterStatusRequest {})
+                .await
+                .map_err(failed)?
+                .into_inner();
+            if connection.output == Output::Json {
+                let nodes: Vec<Value> = status
+                    .nodes
+                    .iter()
+                    .map(|n| json!({"id": n.id, "addr": n.addr, "state": n.state}))
+                    .collect();
+                let doc = json!({
+                    "nodes": nodes,
+                    "metadata_leader": status.metadata_leader,
+                    "answered_by": status.answered_by,
+                });
+                return Ok(format!("{doc}\n"));
+            }
+            let rows = status
+                .nodes
+                .iter()
+                .map(|n| {
+                    let leader = status.metadata_leader == Some(n.id);
+                    vec![
+                        n.id.to_string(),
+                        n.addr.clone(),
+                        n.state.clone(),
+                        if leader { "leader" } else { "" }.to_owned(),
+                    ]
+                })
+                .collect();
+            Ok(table(&["NODE", "ADDRESS", "STATE", "METADATA"], rows))
+        }
+    }
+}
+
+/// Runs `petrel topic|queue <command>` and returns what to print.
+pub async fn destination(
+    kind: api::Kind,
+    command: &DestinationCommand,
+    connection: &Connection,
+) -> anyhow::Result<String> {
+    let mut client = connect(connection).await?;
+    let named = |name: &str| api::DestinationRef {
+        kind: kind.into(),
+        name: name.to_owned(),
+    };
+    let one = match command {
+        DestinationCommand::Create {
+            name,
+            partitions,
+            replication_factor,
+            durability,
+            retention_ms,
+            retention_bytes,
+        } => {
+            let spec = api::DestinationSpec {
+                kind: kind.into(),
+                name: name.clone(),
+                partitions: *partitions,
+                replication_factor: *replication_factor,
+                durability: match durability {
+                    DurabilityArg::Always => api::Durability::Always,
+                    DurabilityArg::Interval => api::Durability::Interval,
+                    DurabilityArg::Never => api::Durability::Never,
+                }
+                .into(),
+                retention_ms: *retention_ms,
+                retention_bytes: *retention_bytes,
+            };
+            let request = api::CreateDestinationRequest { spec: Some(spec) };
+            client.create_destination(request).await
+        }
+        DestinationCommand::Describe { name } => client.get_destination(named(name)).await,
+        DestinationCommand::Delete { name } => client.delete_destination(named(name)).await,
+        DestinationCommand::List => {
+            let listed = client
+                .list_destinations(api::ListDestinationsRequest { kind: kind.into() })
+                .await
+                .map_err(failed)?
+                .into_inner()
+                .destinations;
+            return Ok(match connection.output {
+                Output::Json => {
+                    let all: Vec<Value> = listed.iter().map(destination_json).collect();
+                    format!("{}\n", Value::Array(all))
+                }
+                Output::Table => table(
+                    &["NAME", "PARTITIONS", "REPLICATION", "DURABILITY"],
+                    listed.iter().map(summary).collect(),
+                ),
+            });
+        }
+    };
+    let d = one.map_err(failed)?.into_inner();
+    Ok(match connection.output {
+        Output::Json => format!("{}\n", destination_json(&d)),
+        Output::Table => {
+            let mut out = table(
+                &["NAME", "PARTITIONS", "REPLICATION", "DURABILITY"],
+                vec![summary(&d)],
+            );
+            out.push('\n');
+            out.push_str(&table(
+                &["PARTITION", "GROUP", "LEADER", "REPLICAS"],
+                d.partitions
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.number.to_string(),
+                            p.group.to_string(),
+                            p.leader.map_or_else(|| "-".to_owned(), |l| l.to_string()),
+                            p.replicas
+                                .iter()
+                                .map(u64::to_string)
+                                .collect::<Vec<_>>()
+                                .join(","),
+                        ]
+                    })
+                    .collect(),
+            ));
+            out
+        }
+    })
+}
+
+fn durability_name(d: &api::DestinationSpec) -> &'static str {
+    match api::Durability::try_from(d.durability) {
+        Ok(api::Durability::Interval) => "interval",
+        Ok(api::Durability::Never) => "never",
+        _ => "always",
+    }
+}
+
+fn summary(d: &api::Destination) -> Vec<String> {
+    let spec = d.spec.clone().unwrap_or_default();
+    vec![
+        spec.name.clone(),
+        spec.partitions.to_string(),
+        spec.replication_factor.to_string(),
+        durability_name(&spec).to_owned(),
+    ]
+}
+
+fn destination_json(d: &api::Destination) -> Value {
+    let spec = d.spec.clone().unwrap_or_default();
+    let partitions: Vec<Value> = d
+        .partitions
+        .iter()
+        .map(|p| json!({"partition": p.number, "group": p.group, "leader": p.leader, "replicas": p.replicas}))
+        .collect();
+    json!({
+        "name": spec.name,
+        "kind": if spec.kind == i32::from(api::Kind::Queue) { "queue" } else { "topic" },
+        "partitions": spec.partitions,
+        "replication_factor": spec.replication_factor,
+        "durability": durability_name(&spec),
+        "retention_ms": spec.retention_ms,
+        "retention_bytes": spec.retention_bytes,
+        "placement": partitions,
+    })
+}
+
+/// Rows under a header, columns padded to their widest cell.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_pad_columns_to_the_widest_cell() {
+        let t = table(
+            &["NAME", "N"],
+            vec![
+                vec!["orders".into(), "3".into()],
+                vec!["ä".into(), "12".into()],
+            ],
+        );
+        assert_eq!(t, "NAME    N\norders  3\nä       12\n");
+    }
+}
