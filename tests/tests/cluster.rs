@@ -403,3 +403,185 @@ fn the_cli_manages_topics_and_queues_as_tables_or_json() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+mod failover {
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, ensure};
+    use petrel_api::admin::v1::admin_client::AdminClient;
+    use petrel_api::admin::v1::{CreateDestinationRequest, DestinationRef, DestinationSpec, Kind};
+    use petrel_core::transport::proto::data_client::DataClient;
+    use petrel_core::transport::proto::{FetchRequest, ProduceRequest, Record, Target};
+    use petrel_tests::Signal;
+    use tonic::transport::Channel;
+
+    use super::{Cluster, EXIT, READY, node, three_nodes};
+
+    /// How long the survivors may take to elect a new leader (the bound).
+    const FAILOVER: Duration = Duration::from_secs(5);
+
+    fn target() -> Option<Target> {
+        Some(Target {
+            kind: "topic".into(),
+            name: "ledger".into(),
+            partition: 0,
+        })
+    }
+
+    async fn admin(port: u16) -> anyhow::Result<AdminClient<Channel>> {
+        Ok(AdminClient::connect(format!("http://127.0.0.1:{port}")).await?)
+    }
+
+    async fn data(port: u16) -> anyhow::Result<DataClient<Channel>> {
+        Ok(DataClient::connect(format!("http://127.0.0.1:{port}")).await?)
+    }
+
+    /// The partition's leader as node `port` knows it, once it knows one other than `not`.
+    async fn leader(port: u16, not: Option<u64>, within: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + within;
+        let mut client = admin(port).await?;
+        loop {
+            let d = client
+                .get_destination(DestinationRef {
+                    kind: Kind::Topic.into(),
+                    name: "ledger".into(),
+                })
+                .await?
+                .into_inner();
+            if let Some(l) = d.partitions.first().and_then(|p| p.leader)
+                && Some(l) != not
+            {
+                return Ok(l);
+            }
+            ensure!(Instant::now() < deadline, "no new leader within {within:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Produces `n` one-record appends through `port`; returns the acknowledged values.
+    async fn produce(port: u16, tag: &str, n: usize) -> anyhow::Result<Vec<String>> {
+        let mut client = data(port).await?;
+        let mut acked = Vec::new();
+        for i in 0..n {
+            let value = format!("{tag}-{i}");
+            let request = ProduceRequest {
+                target: target(),
+                records: vec![Record {
+                    key: None,
+                    value: value.clone().into(),
+                }],
+            };
+            client.produce(request).await?;
+            acked.push(value);
+        }
+        Ok(acked)
+    }
+
+    /// Every committed value on node `port`'s replica, once it has at least `want`.
+    async fn replica_values(port: u16, want: usize) -> anyhow::Result<Vec<String>> {
+        let deadline = Instant::now() + READY;
+        let mut client = data(port).await?;
+        loop {
+            let mut values = Vec::new();
+            let mut offset = 0;
+            loop {
+                let fetched = match client
+                    .fetch(FetchRequest {
+                        target: target(),
+                        offset,
+                        max_bytes: 64 << 10,
+                    })
+                    .await
+                {
+                    Ok(f) => f.into_inner(),
+                    // A restarted node learns the topic, and starts its replica, from the
+                    // metadata as it catches up.
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::NotFound | tonic::Code::FailedPrecondition
+                        ) =>
+                    {
+                        break;
+                    }
+                    Err(s) => return Err(s.into()),
+                };
+                let Some(last) = fetched.records.last() else {
+                    break;
+                };
+                offset = last.offset + 1;
+                values.extend(
+                    fetched
+                        .records
+                        .iter()
+                        .map(|r| String::from_utf8_lossy(&r.value).into_owned()),
+                );
+            }
+            if values.len() >= want {
+                return Ok(values);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "node at {port} has {} of {want} records",
+                values.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[test]
+    fn a_killed_partition_leader_is_replaced_within_5_s_and_nothing_acknowledged_is_lost()
+    -> anyhow::Result<()> {
+        let Cluster {
+            mut nodes,
+            ports,
+            peers,
+            dirs,
+        } = three_nodes()?;
+        let runtime = tokio::runtime::Runtime::new()?;
+        let (old, mut acked) = runtime.block_on(async {
+            let spec = DestinationSpec {
+                kind: Kind::Topic.into(),
+                name: "ledger".into(),
+                partitions: 1,
+                replication_factor: 3,
+                ..DestinationSpec::default()
+            };
+            admin(ports[0])
+                .await?
+                .create_destination(CreateDestinationRequest { spec: Some(spec) })
+                .await?;
+            let old = leader(ports[0], None, READY).await?;
+            // Through a node that is not the leader: forwarded.
+            let via = ports[usize::from(old == 1)];
+            anyhow::Ok((old, produce(via, "before", 20).await?))
+        })?;
+
+        let index = usize::try_from(old - 1)?;
+        nodes[index].signal(Signal::Kill)?;
+        let killed_at = Instant::now();
+        let survivor = ports[(index + 1) % 3];
+        let new = runtime.block_on(leader(survivor, Some(old), FAILOVER))?;
+        let failover = killed_at.elapsed();
+        eprintln!("failover: node {old} killed, node {new} leads after {failover:?}");
+        ensure!(failover < FAILOVER, "failover took {failover:?}");
+        acked.extend(runtime.block_on(produce(survivor, "after", 10))?);
+
+        // The killed node comes back on its data and catches up.
+        nodes[index].wait_exit(EXIT)?;
+        let (serve, _) = node(old, &peers, ports[index], Some(&dirs[index]))?;
+        // The old handle owns the data directory: it stays until the test ends.
+        let _crashed = std::mem::replace(&mut nodes[index], serve.start()?);
+        nodes[index].wait_ready(READY)?;
+        for port in &ports {
+            let values = runtime
+                .block_on(replica_values(*port, acked.len()))
+                .with_context(|| format!("reading node at {port}"))?;
+            ensure!(
+                values == acked,
+                "node at {port} holds {values:?}, acknowledged {acked:?}"
+            );
+        }
+        Ok(())
+    }
+}

@@ -10,6 +10,7 @@
 //! * [`ClusterNode::write`] proposes through any node: to the local group if this node
 //!   leads it, else forwarded to the leader over the internal transport.
 
+mod data;
 mod partitions;
 
 use std::collections::{BTreeMap, HashMap};
@@ -26,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::meta::{self, Command, METADATA_GROUP, MetaError, Metadata, Outcome};
+use crate::meta::{self, Command, Kind, METADATA_GROUP, MetaError, Metadata, Outcome};
 use crate::raft::{self, NodeId, PartitionRaft, Proposal};
 use crate::transport::{Groups, Peers, ProposeError, RaftService};
 
@@ -64,7 +65,7 @@ pub enum ClusterError {
     RaftStore(#[from] raft::RaftStoreError),
     /// The Raft settings are invalid.
     #[error("raft settings: {0}")]
-    RaftConfig(#[from] openraft::ConfigError),
+    RaftConfig(String),
     /// A group's Raft stopped.
     #[error("raft group {group}: {message}")]
     Raft { group: u64, message: String },
@@ -84,6 +85,17 @@ pub enum ClusterError {
     /// The metadata refused the command.
     #[error(transparent)]
     Meta(#[from] MetaError),
+    /// A read for a partition this node holds no replica of.
+    #[error(
+        "raft group {group} has no replica on this node; its replicas are on nodes {replicas:?}"
+    )]
+    NotReplica { group: u64, replicas: Vec<NodeId> },
+}
+
+/// This node's replica of a partition, for reads.
+struct Replica {
+    reader: raft::LogReader,
+    high_watermark: watch::Receiver<u64>,
 }
 
 /// A running node.
@@ -99,6 +111,8 @@ pub struct ClusterNode {
     raft_config: Arc<openraft::Config>,
     _server: ServerGuard,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Readers of the partition groups held here.
+    replicas: Mutex<HashMap<u64, Replica>>,
 }
 
 impl ClusterNode {
@@ -115,7 +129,12 @@ impl ClusterNode {
         let storage = Arc::new(storage);
         let groups: Groups = Arc::new(RwLock::new(HashMap::new()));
         let peers = Peers::new(Some(addr.ip()));
-        let raft_config = Arc::new(config.raft.validate()?);
+        let raft_config = Arc::new(
+            config
+                .raft
+                .validate()
+                .map_err(|e| ClusterError::RaftConfig(e.to_string()))?,
+        );
 
         let fresh = !storage.partitions().contains(&METADATA_GROUP);
         let log = if fresh {
@@ -139,10 +158,11 @@ impl ClusterNode {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(METADATA_GROUP, metadata.clone());
-        let stop_server = serve(
-            listener,
-            services.add_service(RaftService::new(groups.clone()).into_server()),
-        );
+        let data = data::DataService::default();
+        let services = services
+            .add_service(RaftService::new(groups.clone()).into_server())
+            .add_service(data.server());
+        let stop_server = serve(listener, services);
 
         let node = Arc::new(Self {
             id: config.id,
@@ -156,7 +176,9 @@ impl ClusterNode {
             raft_config,
             _server: ServerGuard(Some(stop_server)),
             tasks: Mutex::new(Vec::new()),
+            replicas: Mutex::new(HashMap::new()),
         });
+        data.started(&node);
         let first = config.peers.keys().next().copied().unwrap_or(config.id);
         if fresh && first == config.id {
             node.initialize_metadata(&config.peers).await?;
@@ -296,6 +318,73 @@ impl ClusterNode {
             }
             None => tokio::time::sleep(FORWARD_RETRY).await,
         }
+    }
+
+    /// The group of partition `number` of a queue or topic, with its replicas.
+    fn partition(
+        &self,
+        kind: Kind,
+        name: &str,
+        number: u32,
+    ) -> Result<meta::Partition, ClusterError> {
+        let view = self.view.borrow();
+        let destination = view
+            .destination(kind, name)
+            .ok_or_else(|| MetaError::NotFound {
+                kind,
+                name: name.to_owned(),
+            })?;
+        usize::try_from(number)
+            .ok()
+            .and_then(|n| destination.partitions.get(n))
+            .cloned()
+            .ok_or_else(|| {
+                ClusterError::Meta(MetaError::InvalidArgument(format!(
+                    "{kind} {name:?} has partitions 0 to {}, not {number}",
+                    destination.partitions.len().saturating_sub(1)
+                )))
+            })
+    }
+
+    /// Appends a batch of records to a partition through its leader; returns once
+    /// committed and applied there, with the offsets the records took.
+    pub async fn produce(
+        &self,
+        kind: Kind,
+        name: &str,
+        partition: u32,
+        batch: petrel_log::RecordBatch,
+    ) -> Result<raft::Applied, ClusterError> {
+        let group = self.partition(kind, name, partition)?.group;
+        Ok(self.write(group, Proposal(batch)).await?.data)
+    }
+
+    /// Committed message batches of a partition from this node's replica, from `offset`
+    /// on (about `max_bytes`), and the replica's high watermark.
+    pub fn fetch(
+        &self,
+        kind: Kind,
+        name: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<(Vec<petrel_log::RecordBatch>, u64), ClusterError> {
+        let placed = self.partition(kind, name, partition)?;
+        let replicas = self
+            .replicas
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let replica = replicas
+            .get(&placed.group)
+            .ok_or(ClusterError::NotReplica {
+                group: placed.group,
+                replicas: placed.replicas.clone(),
+            })?;
+        let high_watermark = *replica.high_watermark.borrow();
+        let batches = replica
+            .reader
+            .read_messages(offset, max_bytes, high_watermark)?;
+        Ok((batches, high_watermark))
     }
 
     /// Where the metadata says a group not held here is led: its preferred leader.

@@ -8,7 +8,7 @@ use openraft::error::{InitializeError, RaftError};
 use openraft::{BasicNode, Raft};
 use petrel_log::{PartitionConfig, SyncPolicy};
 
-use super::{ClusterError, ClusterNode, raft_dir, raft_error};
+use super::{ClusterError, ClusterNode, Replica, raft_dir, raft_error};
 use crate::meta::{Destination, Durability, METADATA_GROUP, Metadata, Partition};
 use crate::raft;
 
@@ -82,7 +82,11 @@ async fn start(
     } else {
         node.storage.open_partition(group, config)?
     };
-    let (store, machine) = raft::open(log, &raft_dir(&node.root, group))?;
+    let (mut store, machine) = raft::open(log, &raft_dir(&node.root, group))?;
+    let replica = Replica {
+        reader: openraft::storage::RaftLogStorage::get_log_reader(&mut store).await,
+        high_watermark: machine.high_watermark(),
+    };
     let raft = Raft::new(
         node.id,
         node.raft_config.clone(),
@@ -96,6 +100,10 @@ async fn start(
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .insert(group, raft.clone());
+    node.replicas
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(group, replica);
     if fresh && partition.replicas.first() == Some(&node.id) {
         let members: BTreeMap<_, _> = partition
             .replicas
@@ -119,6 +127,10 @@ async fn stop(node: &ClusterNode, group: u64) -> Result<(), ClusterError> {
     let raft = node
         .groups
         .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(&group);
+    node.replicas
+        .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .remove(&group);
     if let Some(raft) = raft {

@@ -165,6 +165,39 @@ fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
     (start, end)
 }
 
+impl LogReader {
+    /// Message batches from the one holding `offset` on, up to about `max_bytes` (at least
+    /// one batch if any), none reaching past `high_watermark`; Raft's own entries skipped.
+    pub fn read_messages(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+        high_watermark: u64,
+    ) -> Result<Vec<RecordBatch>, RaftStoreError> {
+        let log = self.log.upgrade().ok_or(RaftStoreError::Stopped)?;
+        let log = read(&log);
+        let mut out = Vec::new();
+        let mut at = offset.max(log.start_offset());
+        let mut gathered = 0;
+        while at < high_watermark && (out.is_empty() || gathered < max_bytes) {
+            let batches = log.read(
+                at,
+                max_bytes.saturating_sub(gathered).max(1),
+                high_watermark,
+            )?;
+            let Some(last) = batches.last() else {
+                break;
+            };
+            at = last.next_offset();
+            for b in batches.into_iter().filter(|b| !b.is_control()) {
+                gathered += b.len();
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+}
+
 impl RaftLogReader<PartitionRaft> for LogReader {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,

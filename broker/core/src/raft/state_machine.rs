@@ -105,6 +105,8 @@ pub struct Machine<A> {
     resume: Arc<AtomicU64>,
     /// Where the application's state is published after each change, if anyone watches.
     publish: Option<watch::Sender<A>>,
+    /// The high watermark, published after each change: readers see nothing past it.
+    high_watermark: watch::Sender<u64>,
 }
 
 /// A partition's state machine.
@@ -130,9 +132,11 @@ impl<A: Application> Machine<A> {
         if let Some(p) = &publish {
             p.send_replace(state.app.clone());
         }
+        let (high_watermark, _) = watch::channel(state.next_offset);
         Ok(Self {
             resume,
             publish,
+            high_watermark,
             state,
             snapshots: Snapshots {
                 current: Arc::new(Mutex::new(stored)),
@@ -146,10 +150,16 @@ impl<A: Application> Machine<A> {
         &self.state
     }
 
+    /// The high watermark as it moves: the offset after the last message applied.
+    pub fn high_watermark(&self) -> watch::Receiver<u64> {
+        self.high_watermark.subscribe()
+    }
+
     fn published(&self) {
         if let Some(p) = &self.publish {
             p.send_replace(self.state.app.clone());
         }
+        self.high_watermark.send_replace(self.state.next_offset);
     }
 }
 

@@ -1,0 +1,133 @@
+//! The internal produce/fetch service (`petrel.internal.v1.Data`): records in and out of
+//! partitions by queue or topic name, for tests and benchmarks until the client
+//! protocols exist.
+
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use petrel_log::BatchBuilder;
+use tonic::{Request, Response, Status};
+
+use super::{ClusterError, ClusterNode};
+use crate::meta::{Kind, MetaError};
+use crate::transport::proto::data_server::{Data, DataServer};
+use crate::transport::proto::{
+    FetchRequest, FetchResponse, FetchedRecord, ProduceRequest, ProduceResponse, Target,
+};
+
+/// The service; it answers `UNAVAILABLE` until its node has started.
+#[derive(Clone, Default)]
+pub(super) struct DataService {
+    node: Arc<OnceLock<Weak<ClusterNode>>>,
+}
+
+impl DataService {
+    pub fn server(&self) -> DataServer<Self> {
+        DataServer::new(self.clone())
+    }
+
+    pub fn started(&self, node: &Arc<ClusterNode>) {
+        let _ = self.node.set(Arc::downgrade(node));
+    }
+
+    fn node(&self) -> Result<Arc<ClusterNode>, Status> {
+        self.node
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| Status::unavailable("the node is starting or stopping"))
+    }
+}
+
+fn target(t: Option<Target>) -> Result<(Kind, String, u32), Status> {
+    let t = t.ok_or_else(|| Status::invalid_argument("target is required"))?;
+    let kind = match t.kind.as_str() {
+        "queue" => Kind::Queue,
+        "topic" => Kind::Topic,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "kind must be queue or topic, not {other:?}"
+            )));
+        }
+    };
+    Ok((kind, t.name, t.partition))
+}
+
+pub(super) fn status(e: ClusterError) -> Status {
+    let message = e.to_string();
+    match e {
+        ClusterError::Meta(MetaError::NotFound { .. }) | ClusterError::NoGroup(_) => {
+            Status::not_found(message)
+        }
+        ClusterError::Meta(MetaError::InvalidArgument(_)) => Status::invalid_argument(message),
+        ClusterError::NotReplica { .. } => Status::failed_precondition(message),
+        ClusterError::NoLeader { .. } => Status::unavailable(message),
+        _ => Status::internal(message),
+    }
+}
+
+#[tonic::async_trait]
+impl Data for DataService {
+    async fn produce(
+        &self,
+        request: Request<ProduceRequest>,
+    ) -> Result<Response<ProduceResponse>, Status> {
+        let request = request.into_inner();
+        let (kind, name, partition) = target(request.target)?;
+        if request.records.is_empty() {
+            return Err(Status::invalid_argument("no records to produce"));
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let mut batch = BatchBuilder::new();
+        for r in &request.records {
+            batch.push(now, r.key.as_deref(), &r.value, &[]);
+        }
+        let batch = batch
+            .build(0, 0, 0)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let node = self.node()?;
+        let applied = node
+            .produce(kind, &name, partition, batch)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ProduceResponse {
+            base_offset: applied.base_offset,
+            next_offset: applied.next_offset,
+        }))
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<FetchRequest>,
+    ) -> Result<Response<FetchResponse>, Status> {
+        let request = request.into_inner();
+        let (kind, name, partition) = target(request.target)?;
+        let node = self.node()?;
+        let max_bytes = usize::try_from(request.max_bytes.max(1)).unwrap_or(usize::MAX);
+        let (batches, high_watermark) = node
+            .fetch(kind, &name, partition, request.offset, max_bytes)
+            .map_err(status)?;
+        let mut records = Vec::new();
+        for b in batches {
+            let decoded = b
+                .records()
+                .map_err(|e| Status::data_loss(format!("a stored batch does not decode: {e}")))?;
+            records.extend(
+                decoded
+                    .into_iter()
+                    .filter(|r| r.offset >= request.offset)
+                    .map(|r| FetchedRecord {
+                        offset: r.offset,
+                        key: r.key,
+                        value: r.value,
+                        timestamp: r.timestamp,
+                    }),
+            );
+        }
+        Ok(Response::new(FetchResponse {
+            records,
+            high_watermark,
+        }))
+    }
+}
