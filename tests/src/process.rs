@@ -164,6 +164,10 @@ pub enum Signal {
     Int,
     /// A crash: no chance to clean up.
     Kill,
+    /// A pause (the process keeps its sockets but does nothing).
+    Stop,
+    /// The end of a pause.
+    Cont,
 }
 
 /// How a process ended, and everything it printed.
@@ -255,6 +259,8 @@ impl PetrelProcess {
             Signal::Term => libc::SIGTERM,
             Signal::Int => libc::SIGINT,
             Signal::Kill => libc::SIGKILL,
+            Signal::Stop => libc::SIGSTOP,
+            Signal::Cont => libc::SIGCONT,
         };
         let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
         // SAFETY: kill(2) takes plain integers and touches no memory of ours; `pid` is our

@@ -540,18 +540,7 @@ mod failover {
         } = three_nodes()?;
         let runtime = tokio::runtime::Runtime::new()?;
         let (old, mut acked) = runtime.block_on(async {
-            let spec = DestinationSpec {
-                kind: Kind::Topic.into(),
-                name: "ledger".into(),
-                partitions: 1,
-                replication_factor: 3,
-                ..DestinationSpec::default()
-            };
-            admin(ports[0])
-                .await?
-                .create_destination(CreateDestinationRequest { spec: Some(spec) })
-                .await?;
-            let old = leader(ports[0], None, READY).await?;
+            let old = ledger(&ports).await?;
             // Through a node that is not the leader: forwarded.
             let via = ports[usize::from(old == 1)];
             anyhow::Ok((old, produce(via, "before", 20).await?))
@@ -582,6 +571,79 @@ mod failover {
                 "node at {port} holds {values:?}, acknowledged {acked:?}"
             );
         }
+        Ok(())
+    }
+
+    /// Creates the one-partition topic `ledger` (RF 3) and returns its leader.
+    async fn ledger(ports: &[u16]) -> anyhow::Result<u64> {
+        let spec = DestinationSpec {
+            kind: Kind::Topic.into(),
+            name: "ledger".into(),
+            partitions: 1,
+            replication_factor: 3,
+            ..DestinationSpec::default()
+        };
+        admin(ports[0])
+            .await?
+            .create_destination(CreateDestinationRequest { spec: Some(spec) })
+            .await?;
+        leader(ports[0], None, READY).await
+    }
+
+    #[test]
+    fn writes_go_on_while_a_follower_is_paused_and_it_catches_up_after() -> anyhow::Result<()> {
+        let Cluster { nodes, ports, .. } = three_nodes()?;
+        let runtime = tokio::runtime::Runtime::new()?;
+        let leader = runtime.block_on(ledger(&ports))?;
+        let follower = usize::try_from(leader % 3)?; // the next node: not the leader
+        let via = ports[usize::try_from(leader - 1)?];
+        let mut acked = runtime.block_on(produce(via, "before", 5))?;
+
+        nodes[follower].signal(Signal::Stop)?;
+        let paused = Instant::now();
+        // Writes go on with the two others for as long as it is paused (10 s).
+        while paused.elapsed() < Duration::from_secs(10) {
+            acked.extend(runtime.block_on(produce(via, "paused", 10))?);
+        }
+        nodes[follower].signal(Signal::Cont)?;
+        acked.extend(runtime.block_on(produce(via, "after", 5))?);
+        for port in &ports {
+            let values = runtime.block_on(replica_values(*port, acked.len()))?;
+            ensure!(
+                values == acked,
+                "node at {port} differs from what was acknowledged"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_node_restarted_with_a_wiped_data_directory_is_refilled_from_its_peers()
+    -> anyhow::Result<()> {
+        let Cluster {
+            mut nodes,
+            ports,
+            peers,
+            dirs,
+        } = three_nodes()?;
+        let runtime = tokio::runtime::Runtime::new()?;
+        let leader = runtime.block_on(ledger(&ports))?;
+        let via = ports[usize::try_from(leader - 1)?];
+        let acked = runtime.block_on(produce(via, "kept", 30))?;
+
+        // Node 3 (never the one that initialises the cluster) loses everything.
+        nodes[2].signal(Signal::Kill)?;
+        nodes[2].wait_exit(EXIT)?;
+        std::fs::remove_dir_all(&dirs[2])?;
+        let (serve, _) = node(3, &peers, ports[2], Some(&dirs[2]))?;
+        let _wiped = std::mem::replace(&mut nodes[2], serve.start()?);
+        nodes[2].wait_ready(READY)?;
+        super::members(&nodes.iter().collect::<Vec<_>>(), 3.0)?;
+        let values = runtime.block_on(replica_values(ports[2], acked.len()))?;
+        ensure!(
+            values == acked,
+            "the wiped node was refilled with {values:?}"
+        );
         Ok(())
     }
 }
