@@ -404,6 +404,53 @@ fn the_cli_manages_topics_and_queues_as_tables_or_json() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[test]
+fn in_kubernetes_mode_pods_find_their_id_and_peers_and_are_told_apart_by_address()
+-> anyhow::Result<()> {
+    // Three "pods" on one host: each its own loopback address (127.0.0.10 to .12) and
+    // the same internal port, its id taken from its hostname.
+    let port = free_port_other_than(&[])?;
+    let mut nodes = Vec::new();
+    for ordinal in 0..3 {
+        let serve = Serve::bare()?;
+        let http = serve.http_port().to_string();
+        let data = serve.data_dir();
+        let node = serve
+            .env("HOSTNAME", format!("petrel-{ordinal}"))
+            .args(["--bind", "127.0.0.1", "--http-port", &http])
+            .args([
+                "--peer-pattern",
+                &format!("127.0.0.1{{}}:{port}"),
+                "--replicas",
+                "3",
+            ])
+            .args(["--internal-bind", &format!("127.0.0.1{ordinal}")])
+            .args(["--internal-port", &port.to_string()])
+            .arg("--data-dir")
+            .arg(data)
+            .start()?;
+        nodes.push(node);
+    }
+    for node in &mut nodes {
+        node.wait_ready(READY)?;
+    }
+    members(&nodes.iter().collect::<Vec<_>>(), 3.0)?;
+    // The CLI reaches node 0 at its own address.
+    let status = petrel_tests::petrel_command()?
+        .args(["cluster", "status", "-o", "json", "--server"])
+        .arg(format!("127.0.0.10:{port}"))
+        .output()?;
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout)?;
+    let ids: Vec<u64> = json["nodes"]
+        .as_array()
+        .context("nodes")?
+        .iter()
+        .filter_map(|n| n["id"].as_u64())
+        .collect();
+    ensure!(ids == [0, 1, 2], "{json}");
+    Ok(())
+}
+
 mod failover {
     use std::time::{Duration, Instant};
 

@@ -68,6 +68,17 @@ pub struct Settings {
     #[arg(long, env = "PETREL_PEERS", value_name = "PEERS")]
     pub peers: Option<String>,
 
+    /// Kubernetes mode: the peers' internal addresses as a pattern where `{}` stands for
+    /// a StatefulSet ordinal, e.g. `petrel-{}.petrel-headless.default.svc:9470`, expanded
+    /// for ordinals 0 to --replicas - 1; the node id is then this pod's ordinal, taken
+    /// from the end of its hostname unless --node-id is given
+    #[arg(long, env = "PETREL_PEER_PATTERN", value_name = "PATTERN")]
+    pub peer_pattern: Option<String>,
+
+    /// Kubernetes mode: the number of nodes (the StatefulSet's replicas)
+    #[arg(long, env = "PETREL_REPLICAS", value_name = "N")]
+    pub replicas: Option<u64>,
+
     /// Port of the internal listener (Raft between nodes); 0 picks a free port
     /// [default: 9470]
     #[arg(long, env = "PETREL_INTERNAL_PORT", value_name = "PORT")]
@@ -136,6 +147,8 @@ impl Settings {
             http_bind: self.http_bind.or(lower.http_bind),
             node_id: self.node_id.or(lower.node_id),
             peers: self.peers.or(lower.peers),
+            peer_pattern: self.peer_pattern.or(lower.peer_pattern),
+            replicas: self.replicas.or(lower.replicas),
             internal_port: self.internal_port.or(lower.internal_port),
             internal_bind: self.internal_bind.or(lower.internal_bind),
             log_format: self.log_format.or(lower.log_format),
@@ -269,10 +282,16 @@ impl Config {
             bind: settings.bind.unwrap_or(defaults.bind),
             http_port: settings.http_port.unwrap_or(defaults.http_port),
             http_bind: settings.http_bind,
-            node_id: settings.node_id.unwrap_or(defaults.node_id),
-            peers: match &settings.peers {
-                Some(text) => parse_peers(text)?,
-                None => defaults.peers,
+            node_id: match (settings.node_id, &settings.peer_pattern) {
+                (Some(id), _) => id,
+                (None, Some(_)) => ordinal(&hostname())?,
+                (None, None) => defaults.node_id,
+            },
+            peers: match (&settings.peers, &settings.peer_pattern) {
+                (Some(_), Some(_)) => return Err(ConfigError::PeersTwice),
+                (Some(text), None) => parse_peers(text)?,
+                (None, Some(pattern)) => expand_peers(pattern, settings.replicas)?,
+                (None, None) => defaults.peers,
             },
             internal_port: settings.internal_port.unwrap_or(defaults.internal_port),
             internal_bind: settings.internal_bind,
@@ -341,6 +360,49 @@ impl Config {
         }
         config
     }
+}
+
+/// This machine's hostname (a pod's name in Kubernetes).
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The StatefulSet ordinal at the end of a pod's hostname (`petrel-2` → 2).
+fn ordinal(hostname: &str) -> Result<u64, ConfigError> {
+    hostname
+        .rsplit_once('-')
+        .and_then(|(_, n)| n.parse().ok())
+        .ok_or_else(|| ConfigError::NoOrdinal {
+            hostname: hostname.to_owned(),
+        })
+}
+
+/// The peers of a StatefulSet: `pattern` with `{}` replaced by each ordinal.
+fn expand_peers(
+    pattern: &str,
+    replicas: Option<u64>,
+) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let replicas = match replicas {
+        Some(0) => return Err(ConfigError::Zero { key: "replicas" }),
+        Some(n) => n,
+        None => return Err(ConfigError::PatternWithoutReplicas),
+    };
+    if pattern.matches("{}").count() != 1 {
+        return Err(ConfigError::Peers {
+            value: pattern.to_owned(),
+            reason: "a peer pattern holds `{}` exactly once".to_owned(),
+        });
+    }
+    let list = (0..replicas)
+        .map(|i| format!("{i}={}", pattern.replace("{}", &i.to_string())))
+        .collect::<Vec<_>>()
+        .join(",");
+    parse_peers(&list)
 }
 
 /// Parses `id=host:port,…`.
@@ -430,6 +492,20 @@ pub enum ConfigError {
         value: String,
         /// What is wrong with it.
         reason: String,
+    },
+    /// Both `peers` and `peer_pattern` are given.
+    #[error("settings `peers` and `peer_pattern` exclude each other")]
+    PeersTwice,
+    /// `peer_pattern` is given without `replicas`.
+    #[error("setting `peer_pattern` needs `replicas`")]
+    PatternWithoutReplicas,
+    /// Kubernetes mode without `node_id`, and the hostname ends in no ordinal.
+    #[error(
+        "cannot take a node id from hostname {hostname:?} (no `-<ordinal>` at its end); set `node_id`"
+    )]
+    NoOrdinal {
+        /// The hostname found.
+        hostname: String,
     },
     /// `peers` lists other nodes but not this one.
     #[error("setting `peers` does not list this node (node_id {node_id})")]
@@ -564,6 +640,8 @@ write_buffer_bytes: 0
             http_bind,
             node_id,
             peers,
+            peer_pattern,
+            replicas,
             internal_port,
             internal_bind,
             log_format,
@@ -579,6 +657,7 @@ write_buffer_bytes: 0
         // commented out.
         assert!(config.is_none() && http_bind.is_none());
         assert!(peers.is_none() && internal_bind.is_none());
+        assert!(peer_pattern.is_none() && replicas.is_none());
         assert!(node_id.is_some() && internal_port.is_some());
         assert!(data_dir.is_some() && bind.is_some() && http_port.is_some());
         assert!(log_format.is_some() && log_level.is_some() && fsync_policy.is_some());
@@ -609,6 +688,67 @@ write_buffer_bytes: 0
     }
 
     #[test]
+    fn kubernetes_mode_derives_peers_from_a_pattern_and_the_id_from_the_hostname() {
+        let config = Config::resolve(flags(&[
+            "--peer-pattern",
+            "petrel-{}.petrel.default.svc:9470",
+            "--replicas",
+            "3",
+            "--node-id",
+            "2",
+        ]))
+        .expect("valid");
+        assert_eq!(config.peers.len(), 3);
+        assert_eq!(config.peers[&0], "petrel-0.petrel.default.svc:9470");
+        assert_eq!(config.peers[&2], "petrel-2.petrel.default.svc:9470");
+        assert_eq!(ordinal("petrel-12").expect("ordinal"), 12);
+        assert_eq!(ordinal("my-broker-0").expect("ordinal"), 0);
+        let none = ordinal("petrel").expect_err("no ordinal");
+        assert!(none.to_string().contains("set `node_id`"), "{none}");
+        let refusals = [
+            (vec!["--peer-pattern", "p-{}:1"], "needs `replicas`"),
+            (
+                vec!["--peer-pattern", "p-{}:1", "--replicas", "0"],
+                "`replicas` must be greater than 0",
+            ),
+            (
+                vec!["--peer-pattern", "p:1", "--replicas", "2", "--node-id", "0"],
+                "exactly once",
+            ),
+            (
+                vec![
+                    "--peer-pattern",
+                    "p-{}:1",
+                    "--peers",
+                    "0=p:1",
+                    "--replicas",
+                    "1",
+                ],
+                "exclude each other",
+            ),
+            (
+                vec![
+                    "--peer-pattern",
+                    "p-{}:1",
+                    "--replicas",
+                    "2",
+                    "--node-id",
+                    "5",
+                ],
+                "does not list this node",
+            ),
+        ];
+        for (mut args, expected) in refusals {
+            // An id given, so these do not depend on this machine's hostname.
+            if !args.contains(&"--node-id") {
+                args.extend(["--node-id", "0"]);
+            }
+            let err = Config::resolve(flags(&args)).expect_err(expected);
+            assert!(err.to_string().contains(expected), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
     fn every_setting_is_a_flag() {
         let settings = flags(&[
             "--config=c.yaml",
@@ -618,6 +758,8 @@ write_buffer_bytes: 0
             "--http-bind=::1",
             "--node-id=6",
             "--peers=6=a:1",
+            "--peer-pattern=p-{}:1",
+            "--replicas=8",
             "--internal-port=7",
             "--internal-bind=::2",
             "--log-format=json",
@@ -637,6 +779,8 @@ write_buffer_bytes: 0
             http_bind: Some("::1".parse().expect("literal")),
             node_id: Some(6),
             peers: Some("6=a:1".to_owned()),
+            peer_pattern: Some("p-{}:1".to_owned()),
+            replicas: Some(8),
             internal_port: Some(7),
             internal_bind: Some("::2".parse().expect("literal")),
             log_format: Some(LogFormat::Json),
