@@ -212,3 +212,116 @@ async fn three_nodes_form_a_cluster_place_topics_and_take_writes_through_any_nod
         node.close().await.expect("close");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decommissioned_node_hands_its_replicas_over_before_it_lets_them_go() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = cluster(dir.path(), 4).await;
+    for node in nodes.values() {
+        let mut view = node.metadata();
+        tokio::time::timeout(WAIT, view.wait_for(|m| m.nodes.len() == 4))
+            .await
+            .expect("every node joined in time")
+            .expect("metadata");
+    }
+    let topic = create(&nodes[&1], spec("moving", 2, 3))
+        .await
+        .expect("create");
+    for p in &topic.partitions {
+        for id in &p.replicas {
+            eventually("the replica to start", || {
+                nodes[id].group(p.group).is_some()
+            })
+            .await;
+        }
+        let first = nodes[&p.replicas[0]].group(p.group).expect("group");
+        first
+            .wait(Some(WAIT))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .expect("leader");
+    }
+    let mut written = Vec::new();
+    for (i, p) in topic.partitions.iter().enumerate() {
+        let reply = nodes[&1]
+            .write(p.group, proposal(&format!("kept-{i}")))
+            .await
+            .expect("write");
+        written.push((p.group, reply.data.base_offset));
+    }
+
+    // The node holding the most replicas goes.
+    let leaving = *nodes
+        .keys()
+        .max_by_key(|id| {
+            topic
+                .partitions
+                .iter()
+                .filter(|p| p.replicas.contains(id))
+                .count()
+        })
+        .expect("a node");
+    nodes[&2]
+        .command(&Command::DecommissionNode { id: leaving })
+        .await
+        .expect("decommission");
+    let moved = nodes[&2]
+        .metadata()
+        .borrow()
+        .destination(Kind::Topic, "moving")
+        .cloned()
+        .expect("topic");
+    for p in &moved.partitions {
+        assert!(!p.replicas.contains(&leaving), "{p:?}");
+        let wanted: std::collections::BTreeSet<NodeId> = p.replicas.iter().copied().collect();
+        for id in &p.replicas {
+            eventually("the new membership on every replica", || {
+                nodes[id].group(p.group).is_some_and(|raft| {
+                    let metrics = raft.metrics();
+                    let metrics = metrics.borrow();
+                    let membership = metrics.membership_config.membership();
+                    membership
+                        .voter_ids()
+                        .collect::<std::collections::BTreeSet<_>>()
+                        == wanted
+                        && membership.learner_ids().next().is_none()
+                })
+            })
+            .await;
+        }
+        eventually("the old replica to let go", || {
+            nodes[&leaving].group(p.group).is_none()
+        })
+        .await;
+        // Every new replica holds what was written before the move.
+        let (_, offset) = written
+            .iter()
+            .find(|(g, _)| *g == p.group)
+            .expect("written");
+        for id in &p.replicas {
+            eventually("the write on every replica", || {
+                nodes[id]
+                    .fetch(
+                        Kind::Topic,
+                        "moving",
+                        moved
+                            .partitions
+                            .iter()
+                            .position(|q| q.group == p.group)
+                            .expect("index") as u32,
+                        0,
+                        1 << 20,
+                    )
+                    .is_ok_and(|(batches, _)| batches.iter().any(|b| b.base_offset() == *offset))
+            })
+            .await;
+        }
+    }
+    nodes[&3]
+        .command(&Command::RemoveNode { id: leaving })
+        .await
+        .expect("a drained node may leave");
+    for node in nodes.into_values() {
+        node.close().await.expect("close");
+    }
+}

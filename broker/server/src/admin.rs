@@ -54,9 +54,9 @@ impl AdminService {
             Outcome::Destination(d) | Outcome::Deleted(d) => {
                 Ok(Response::new(destination(&d, node)))
             }
-            Outcome::Nodes => Err(Status::internal(
-                "the command changed nodes, not a destination",
-            )),
+            Outcome::Nodes | Outcome::Placement(_) => {
+                Err(Status::internal("the command changed no destination"))
+            }
         }
     }
 }

@@ -113,6 +113,8 @@ pub struct ClusterNode {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Readers of the partition groups held here.
     replicas: Mutex<HashMap<u64, Replica>>,
+    /// Groups whose membership this node is moving to a new placement.
+    moving: Arc<Mutex<std::collections::HashSet<u64>>>,
 }
 
 impl ClusterNode {
@@ -177,6 +179,7 @@ impl ClusterNode {
             _server: ServerGuard(Some(stop_server)),
             tasks: Mutex::new(Vec::new()),
             replicas: Mutex::new(HashMap::new()),
+            moving: Arc::default(),
         });
         data.started(&node);
         let first = config.peers.keys().next().copied().unwrap_or(config.id);

@@ -1,32 +1,55 @@
 //! Keeps this node's partition groups in step with the metadata: starts the groups of
-//! partitions placed here, stops and deletes the ones no longer here.
+//! partitions placed here; where it leads a group whose placement changed, moves the
+//! group's membership to the new replicas (new ones join as learners and catch up
+//! first); and stops and deletes a replica once its group no longer counts it (or the
+//! destination is gone), so that a partition never loses a copy before the new one
+//! holds it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use openraft::error::{InitializeError, RaftError};
 use openraft::{BasicNode, Raft};
 use petrel_log::{PartitionConfig, SyncPolicy};
 
 use super::{ClusterError, ClusterNode, Replica, raft_dir, raft_error};
-use crate::meta::{Destination, Durability, METADATA_GROUP, Metadata, Partition};
+use crate::meta::{Command, Destination, Durability, METADATA_GROUP, Metadata, Partition};
 use crate::raft;
+
+/// How often the groups are compared with the metadata even when it did not change
+/// (leadership and membership change on their own).
+const RECONCILE_EVERY: Duration = Duration::from_millis(500);
 
 /// Follows the metadata until the node stops.
 pub(super) async fn reconcile(node: Arc<ClusterNode>) {
     let mut view = node.view.clone();
+    let mut tick = tokio::time::interval(RECONCILE_EVERY);
     loop {
         let metadata = view.borrow_and_update().clone();
         apply(&node, &metadata).await;
-        if view.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = view.changed() => if changed.is_err() {
+                return;
+            },
+            _ = tick.tick() => {}
         }
     }
 }
 
+/// The voters and learners of a group as its replica here knows them.
+fn members(raft: &Raft<raft::PartitionRaft>) -> (BTreeSet<u64>, BTreeSet<u64>) {
+    let metrics = raft.metrics();
+    let metrics = metrics.borrow();
+    let membership = metrics.membership_config.membership();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let all: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
+    (voters, all)
+}
+
 /// Starts and stops groups to match `metadata`; one group's failure does not hold up
 /// the others (it is tried again at the next change).
-async fn apply(node: &ClusterNode, metadata: &Metadata) {
+async fn apply(node: &Arc<ClusterNode>, metadata: &Metadata) {
     let here: BTreeMap<u64, (&Destination, &Partition)> = metadata
         .destinations
         .values()
@@ -41,7 +64,18 @@ async fn apply(node: &ClusterNode, metadata: &Metadata) {
             tracing::warn!(group, error = %e, "starting a partition group");
         }
     }
-    let gone: Vec<u64> = node
+    for (group, (_, partition)) in &here {
+        if let Some(raft) = node.group(*group) {
+            move_membership(node, metadata, &raft, partition);
+        }
+    }
+    let moving: BTreeSet<u64> = metadata
+        .destinations
+        .values()
+        .flat_map(|d| d.values())
+        .flat_map(|d| d.partitions.iter().filter(|p| p.moving).map(|p| p.group))
+        .collect();
+    let held: Vec<u64> = node
         .groups
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -49,11 +83,73 @@ async fn apply(node: &ClusterNode, metadata: &Metadata) {
         .copied()
         .filter(|g| *g != METADATA_GROUP && !here.contains_key(g))
         .collect();
-    for group in gone {
+    for group in held {
+        // Moved elsewhere: keep serving until the group's leader settled the move (a
+        // removed replica is never told it was removed).
+        if moving.contains(&group) {
+            continue;
+        }
         if let Err(e) = stop(node, group).await {
             tracing::warn!(group, error = %e, "stopping a partition group");
         }
     }
+}
+
+/// Where this node leads a group whose members differ from its placement, moves them
+/// there (one move at a time per group): new replicas join as learners and catch up,
+/// then the voters become the placement, and the move is reported settled.
+fn move_membership(
+    node: &Arc<ClusterNode>,
+    metadata: &Metadata,
+    raft: &Raft<raft::PartitionRaft>,
+    partition: &Partition,
+) {
+    if raft.metrics().borrow().current_leader != Some(node.id) {
+        return;
+    }
+    let group = partition.group;
+    let wanted: BTreeSet<u64> = partition.replicas.iter().copied().collect();
+    let (voters, all) = members(raft);
+    if voters == wanted && !partition.moving {
+        return;
+    }
+    let mut moving = node
+        .moving
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !moving.insert(group) {
+        return;
+    }
+    drop(moving);
+    let joining: Vec<(u64, String)> = wanted
+        .difference(&all)
+        .filter_map(|id| Some((*id, metadata.nodes.get(id)?.addr.clone())))
+        .collect();
+    let (raft, node) = (raft.clone(), node.clone());
+    tokio::spawn(async move {
+        let result = async {
+            if voters != wanted {
+                for (id, addr) in joining {
+                    raft.add_learner(id, BasicNode::new(&addr), true)
+                        .await
+                        .map_err(|e| raft_error(group, e))?;
+                }
+                raft.change_membership(wanted, false)
+                    .await
+                    .map_err(|e| raft_error(group, e))?;
+            }
+            node.command(&Command::Settled { group }).await
+        }
+        .await;
+        match result {
+            Ok(_) => tracing::info!(group, "partition group moved to its new replicas"),
+            Err(e) => tracing::warn!(group, error = %e, "moving a partition group; will retry"),
+        }
+        node.moving
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&group);
+    });
 }
 
 fn partition_config(destination: &Destination) -> PartitionConfig {
@@ -104,9 +200,9 @@ async fn start(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .insert(group, replica);
-    if fresh && partition.replicas.first() == Some(&node.id) {
+    if fresh && partition.initial.first() == Some(&node.id) {
         let members: BTreeMap<_, _> = partition
-            .replicas
+            .initial
             .iter()
             .filter_map(|id| {
                 let n = metadata.nodes.get(id)?;

@@ -78,6 +78,14 @@ pub struct Partition {
     pub group: u64,
     /// Nodes holding a replica; the first is the preferred leader.
     pub replicas: Vec<NodeId>,
+    /// The replicas the group was created with: the first of them initialises it (only
+    /// ever with these members, so a replica placed later never starts a group of its own).
+    #[serde(default)]
+    pub initial: Vec<NodeId>,
+    /// The replicas changed and the group's membership is not yet theirs: replicas no
+    /// longer placed keep serving until its leader reports it settled.
+    #[serde(default)]
+    pub moving: bool,
 }
 
 /// A destination as the cluster knows it.
@@ -130,6 +138,8 @@ pub enum Command {
     },
     /// A destination goes, with all its partitions.
     Delete { kind: Kind, name: String },
+    /// A group's leader made its membership the placed replicas.
+    Settled { group: u64 },
 }
 
 /// What a command did.
@@ -142,6 +152,8 @@ pub enum Outcome {
     Destination(Destination),
     /// The destination that was deleted.
     Deleted(Destination),
+    /// A partition's placement.
+    Placement(Partition),
 }
 
 /// Why a command was refused; refusals change nothing.
@@ -222,6 +234,17 @@ impl Metadata {
                 durability,
                 retention,
             } => self.update(kind, &name, partitions, durability, retention),
+            Command::Settled { group } => {
+                let partition = self
+                    .destinations
+                    .values_mut()
+                    .flat_map(|d| d.values_mut())
+                    .flat_map(|d| d.partitions.iter_mut())
+                    .find(|p| p.group == group)
+                    .ok_or_else(|| invalid(format!("no partition group {group}")))?;
+                partition.moving = false;
+                Ok(Outcome::Placement(partition.clone()))
+            }
             Command::Delete { kind, name } => {
                 let removed = self
                     .destinations
@@ -362,7 +385,7 @@ impl Metadata {
         nodes.sort_by_key(|(n, (all, led))| (*led, *all, *n));
         let mut others = nodes.split_off(nodes.len().min(1));
         others.sort_by_key(|(n, (all, led))| (*all, std::cmp::Reverse(*led), *n));
-        let replicas = nodes
+        let replicas: Vec<NodeId> = nodes
             .into_iter()
             .chain(others.into_iter().take(rf.saturating_sub(1)))
             .map(|(n, _)| n)
@@ -370,7 +393,9 @@ impl Metadata {
         self.next_group += 1;
         Partition {
             group: self.next_group,
+            initial: replicas.clone(),
             replicas,
+            moving: false,
         }
     }
 
@@ -402,6 +427,7 @@ impl Metadata {
                             .and_then(|d| d.get_mut(&name))
                     {
                         d.partitions[i].replicas[at] = target;
+                        d.partitions[i].moving = true;
                     }
                 }
             }
