@@ -125,8 +125,13 @@ struct Cluster {
 
 /// Starts three nodes, ready and joined.
 fn three_nodes() -> anyhow::Result<Cluster> {
+    nodes_of(3)
+}
+
+/// Starts `n` nodes, ready and joined.
+fn nodes_of(n: usize) -> anyhow::Result<Cluster> {
     let mut ports = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..n {
         ports.push(free_port_other_than(&ports)?);
     }
     let peers = ports
@@ -145,7 +150,7 @@ fn three_nodes() -> anyhow::Result<Cluster> {
     for node in &mut nodes {
         node.wait_ready(READY)?;
     }
-    members(&nodes.iter().collect::<Vec<_>>(), 3.0)?;
+    members(&nodes.iter().collect::<Vec<_>>(), n as f64)?;
     Ok(Cluster {
         nodes,
         ports,
@@ -691,6 +696,120 @@ mod failover {
             values == acked,
             "the wiped node was refilled with {values:?}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_node_decommissioned_under_write_load_hands_over_and_stops_losing_nothing()
+    -> anyhow::Result<()> {
+        let Cluster {
+            mut nodes, ports, ..
+        } = super::nodes_of(4)?;
+        let runtime = tokio::runtime::Runtime::new()?;
+        let leader = runtime.block_on(ledger(&ports))?;
+        // The leader goes: its replica moves and its leadership is handed over.
+        let leaving = leader;
+        let survivor = ports[usize::try_from(leaving % 4)?];
+
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writer = {
+            let (stop, count) = (stop.clone(), count.clone());
+            std::thread::spawn(move || -> anyhow::Result<Vec<String>> {
+                let runtime = tokio::runtime::Runtime::new()?;
+                runtime.block_on(async {
+                    let mut client = data(survivor).await?;
+                    let mut acked = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let value = format!("load-{i}");
+                        i += 1;
+                        let request = ProduceRequest {
+                            target: target(),
+                            records: vec![Record {
+                                key: None,
+                                value: value.clone().into(),
+                            }],
+                        };
+                        // A refusal while leadership moves is not acknowledged: not counted.
+                        if client.produce(request).await.is_ok() {
+                            acked.push(value);
+                            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    anyhow::Ok(acked)
+                })
+            })
+        };
+
+        // Under load: acknowledged writes before, during and after the drain.
+        let acked_at_least = |n: usize| -> anyhow::Result<()> {
+            let deadline = Instant::now() + READY;
+            while count.load(std::sync::atomic::Ordering::Relaxed) < n {
+                ensure!(
+                    Instant::now() < deadline,
+                    "the writer stalled below {n} writes"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(())
+        };
+        acked_at_least(20)?;
+        let drained = super::petrel(
+            survivor,
+            &[
+                "node",
+                "decommission",
+                &leaving.to_string(),
+                "--wait",
+                "--timeout",
+                "60",
+                "-o",
+                "json",
+            ],
+        )?;
+        ensure!(drained.status.success(), "{}", super::text(&drained.stderr));
+        let progress: serde_json::Value = serde_json::from_slice(&drained.stdout)?;
+        ensure!(
+            progress["done"] == true && progress["partitions_remaining"] == 0,
+            "{progress}"
+        );
+
+        // Only now does it stop; writes go on.
+        let index = usize::try_from(leaving - 1)?;
+        nodes[index].signal(Signal::Term)?;
+        ensure!(nodes[index].wait_exit(EXIT)?.status.success());
+        acked_at_least(count.load(std::sync::atomic::Ordering::Relaxed) + 20)?;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let acked = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+
+        let placed = runtime.block_on(async {
+            admin(survivor)
+                .await?
+                .get_destination(DestinationRef {
+                    kind: Kind::Topic.into(),
+                    name: "ledger".into(),
+                })
+                .await
+                .map(|r| r.into_inner())
+                .map_err(anyhow::Error::from)
+        })?;
+        let replicas = &placed.partitions[0].replicas;
+        ensure!(
+            replicas.len() == 3 && !replicas.contains(&leaving),
+            "{placed:?}"
+        );
+        for id in replicas {
+            let port = ports[usize::try_from(id - 1)?];
+            let values = runtime.block_on(replica_values(port, acked.len()))?;
+            let mut held = values.iter();
+            ensure!(
+                acked.iter().all(|a| held.any(|v| v == a)),
+                "node {id} lost acknowledged records (or holds them out of order)"
+            );
+        }
         Ok(())
     }
 }

@@ -62,6 +62,20 @@ impl Admin for FixedNode {
     ) -> Result<Response<v1::Destination>, Status> {
         Err(Status::unimplemented("a fixed node has no destinations"))
     }
+
+    async fn decommission_node(
+        &self,
+        _request: Request<v1::NodeRef>,
+    ) -> Result<Response<v1::DecommissionProgress>, Status> {
+        Err(Status::unimplemented("a fixed node has no cluster"))
+    }
+
+    async fn get_decommission_progress(
+        &self,
+        _request: Request<v1::NodeRef>,
+    ) -> Result<Response<v1::DecommissionProgress>, Status> {
+        Err(Status::unimplemented("a fixed node has no cluster"))
+    }
 }
 
 fn status() -> GetNodeStatusResponse {

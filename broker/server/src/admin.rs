@@ -61,6 +61,23 @@ impl AdminService {
     }
 }
 
+/// How far the decommission of node `id` is, from this node's copy of the metadata.
+fn progress(node: &ClusterNode, id: u64) -> Result<Response<api::DecommissionProgress>, Status> {
+    let metadata = node.metadata().borrow().clone();
+    let member = metadata
+        .nodes
+        .get(&id)
+        .ok_or_else(|| Status::not_found(MetaError::UnknownNode(id).to_string()))?;
+    let remaining = metadata.remaining_on(id);
+    let draining = member.state == meta::NodeState::Draining;
+    Ok(Response::new(api::DecommissionProgress {
+        node_id: id,
+        state: if draining { "draining" } else { "active" }.to_owned(),
+        partitions_remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+        done: draining && remaining == 0,
+    }))
+}
+
 /// A cluster error as a gRPC status with its message.
 fn status(e: ClusterError) -> Status {
     let message = e.to_string();
@@ -265,6 +282,25 @@ impl Admin for AdminService {
         Ok(Response::new(api::ListDestinationsResponse {
             destinations,
         }))
+    }
+
+    async fn decommission_node(
+        &self,
+        request: Request<api::NodeRef>,
+    ) -> Result<Response<api::DecommissionProgress>, Status> {
+        let id = request.into_inner().node_id;
+        let node = self.node()?;
+        node.command(&Command::DecommissionNode { id })
+            .await
+            .map_err(status)?;
+        progress(node, id)
+    }
+
+    async fn get_decommission_progress(
+        &self,
+        request: Request<api::NodeRef>,
+    ) -> Result<Response<api::DecommissionProgress>, Status> {
+        progress(self.node()?, request.into_inner().node_id)
     }
 
     async fn delete_destination(

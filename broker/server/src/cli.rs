@@ -41,6 +41,27 @@ pub enum ClusterCommand {
     Status,
 }
 
+/// `petrel node …`
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum NodeCommand {
+    /// Drains a node: its replicas move to other nodes; it may stop once done.
+    Decommission {
+        /// The node's id.
+        id: u64,
+        /// Wait until the node is drained.
+        #[arg(long)]
+        wait: bool,
+        /// The longest to wait, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// How far a node's decommission is.
+    Progress {
+        /// The node's id.
+        id: u64,
+    },
+}
+
 /// `petrel topic …` and `petrel queue …`
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum DestinationCommand {
@@ -144,6 +165,61 @@ pub async fn cluster(command: &ClusterCommand, connection: &Connection) -> anyho
             Ok(table(&["NODE", "ADDRESS", "STATE", "METADATA"], rows))
         }
     }
+}
+
+/// Runs `petrel node <command>` and returns what to print.
+pub async fn node(command: &NodeCommand, connection: &Connection) -> anyhow::Result<String> {
+    let mut client = connect(connection).await?;
+    let progress = match command {
+        NodeCommand::Decommission { id, wait, timeout } => {
+            let node = api::NodeRef { node_id: *id };
+            let mut progress = client
+                .decommission_node(node)
+                .await
+                .map_err(failed)?
+                .into_inner();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(*timeout);
+            while *wait && !progress.done {
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "node {id} still has {} partitions to move after {timeout} s",
+                    progress.partitions_remaining
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                progress = client
+                    .get_decommission_progress(node)
+                    .await
+                    .map_err(failed)?
+                    .into_inner();
+            }
+            progress
+        }
+        NodeCommand::Progress { id } => client
+            .get_decommission_progress(api::NodeRef { node_id: *id })
+            .await
+            .map_err(failed)?
+            .into_inner(),
+    };
+    Ok(match connection.output {
+        Output::Json => format!(
+            "{}\n",
+            json!({
+                "node_id": progress.node_id,
+                "state": progress.state,
+                "partitions_remaining": progress.partitions_remaining,
+                "done": progress.done,
+            })
+        ),
+        Output::Table => table(
+            &["NODE", "STATE", "REMAINING", "DONE"],
+            vec![vec![
+                progress.node_id.to_string(),
+                progress.state,
+                progress.partitions_remaining.to_string(),
+                progress.done.to_string(),
+            ]],
+        ),
+    })
 }
 
 /// Runs `petrel topic|queue <command>` and returns what to print.

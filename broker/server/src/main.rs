@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use petrel_server::cli::{self, ClusterCommand, Connection, DestinationCommand};
+use petrel_server::cli::{self, ClusterCommand, Connection, DestinationCommand, NodeCommand};
 use petrel_server::{Config, Settings, ShutdownSignal};
 
 /// Petrel: a message broker for Kubernetes.
@@ -29,6 +29,13 @@ enum Command {
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Nodes of the cluster.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
         #[command(flatten)]
         connection: Connection,
     },
@@ -56,6 +63,10 @@ fn main() -> ExitCode {
             command,
             connection,
         } => admin(async move { cli::cluster(&command, &connection).await }),
+        Command::Node {
+            command,
+            connection,
+        } => admin(async move { cli::node(&command, &connection).await }),
         Command::Topic {
             command,
             connection,

@@ -64,8 +64,14 @@ async fn apply(node: &Arc<ClusterNode>, metadata: &Metadata) {
             tracing::warn!(group, error = %e, "starting a partition group");
         }
     }
-    for (group, (_, partition)) in &here {
-        if let Some(raft) = node.group(*group) {
+    // Every group held here, placed here or moving away: its leader moves it.
+    for partition in metadata
+        .destinations
+        .values()
+        .flat_map(|d| d.values())
+        .flat_map(|d| d.partitions.iter())
+    {
+        if let Some(raft) = node.group(partition.group) {
             move_membership(node, metadata, &raft, partition);
         }
     }

@@ -189,6 +189,13 @@ fn invalid(message: impl Into<String>) -> MetaError {
 }
 
 impl Metadata {
+    /// Partitions still placed on `node` or still moving: a decommission is done at 0.
+    pub fn remaining_on(&self, node: NodeId) -> usize {
+        self.partitions()
+            .filter(|p| p.moving || p.replicas.contains(&node))
+            .count()
+    }
+
     /// The destination of `kind` named `name`.
     pub fn destination(&self, kind: Kind, name: &str) -> Option<&Destination> {
         self.destinations.get(&kind)?.get(name)
