@@ -58,29 +58,19 @@ fn node(
 
 #[test]
 fn three_processes_form_a_cluster_and_a_killed_node_comes_back_a_member() -> anyhow::Result<()> {
-    let Cluster {
-        mut nodes,
-        ports,
-        peers,
-        dirs,
-    } = three_nodes()?;
+    let mut cluster = three_nodes()?;
 
     // Node 3 crashes; the other two keep the cluster; it restarts on its data.
-    let mut crashed = nodes.pop().context("node 3")?;
-    crashed.signal(Signal::Kill)?;
-    crashed.wait_exit(EXIT)?;
-    let (serve, _) = node(3, &peers, ports[2], Some(&dirs[2]))?;
-    let mut back = serve.start()?;
-    back.wait_ready(READY)?;
-    members(&[&nodes[0], &nodes[1], &back], 3.0)?;
-    for node in nodes.iter().chain([&back]) {
+    cluster.nodes[2].signal(Signal::Kill)?;
+    let _crashed = cluster.restart(2, false)?;
+    members(&cluster.nodes.iter().collect::<Vec<_>>(), 3.0)?;
+    for node in &cluster.nodes {
         node.signal(Signal::Term)?;
     }
-    for node in nodes.iter_mut().chain([&mut back]) {
+    for node in &mut cluster.nodes {
         let exited = node.wait_exit(EXIT)?;
         ensure!(exited.status.success(), "unclean stop: {}", exited.stderr);
     }
-    drop(crashed);
     Ok(())
 }
 
@@ -121,6 +111,24 @@ struct Cluster {
     peers: String,
     /// Their data directories.
     dirs: Vec<std::path::PathBuf>,
+}
+
+impl Cluster {
+    /// Starts node `index` (0-based) again on its data directory, emptied first if
+    /// `wipe`, once its process has exited (the test stopped or killed it), and waits
+    /// until it is ready. Returns the old process handle: it owns the directory, so the
+    /// test keeps it to the end.
+    fn restart(&mut self, index: usize, wipe: bool) -> anyhow::Result<PetrelProcess> {
+        self.nodes[index].wait_exit(EXIT)?;
+        if wipe {
+            std::fs::remove_dir_all(&self.dirs[index])?;
+        }
+        let id = u64::try_from(index)? + 1;
+        let (serve, _) = node(id, &self.peers, self.ports[index], Some(&self.dirs[index]))?;
+        let old = std::mem::replace(&mut self.nodes[index], serve.start()?);
+        self.nodes[index].wait_ready(READY)?;
+        Ok(old)
+    }
 }
 
 /// Starts three nodes, ready and joined.
@@ -467,7 +475,7 @@ mod failover {
     use petrel_tests::Signal;
     use tonic::transport::Channel;
 
-    use super::{Cluster, EXIT, READY, node, three_nodes};
+    use super::{Cluster, EXIT, READY, three_nodes};
 
     /// How long the survivors may take to elect a new leader (the bound).
     const FAILOVER: Duration = Duration::from_secs(5);
@@ -584,12 +592,8 @@ mod failover {
     #[test]
     fn a_killed_partition_leader_is_replaced_within_5_s_and_nothing_acknowledged_is_lost()
     -> anyhow::Result<()> {
-        let Cluster {
-            mut nodes,
-            ports,
-            peers,
-            dirs,
-        } = three_nodes()?;
+        let mut cluster = three_nodes()?;
+        let ports = cluster.ports.clone();
         let runtime = tokio::runtime::Runtime::new()?;
         let (old, mut acked) = runtime.block_on(async {
             let old = ledger(&ports).await?;
@@ -599,7 +603,7 @@ mod failover {
         })?;
 
         let index = usize::try_from(old - 1)?;
-        nodes[index].signal(Signal::Kill)?;
+        cluster.nodes[index].signal(Signal::Kill)?;
         let killed_at = Instant::now();
         let survivor = ports[(index + 1) % 3];
         let new = runtime.block_on(leader(survivor, Some(old), FAILOVER))?;
@@ -609,11 +613,7 @@ mod failover {
         acked.extend(runtime.block_on(produce(survivor, "after", 10))?);
 
         // The killed node comes back on its data and catches up.
-        nodes[index].wait_exit(EXIT)?;
-        let (serve, _) = node(old, &peers, ports[index], Some(&dirs[index]))?;
-        // The old handle owns the data directory: it stays until the test ends.
-        let _crashed = std::mem::replace(&mut nodes[index], serve.start()?);
-        nodes[index].wait_ready(READY)?;
+        let _crashed = cluster.restart(index, false)?;
         for port in &ports {
             let values = runtime
                 .block_on(replica_values(*port, acked.len()))
@@ -672,26 +672,17 @@ mod failover {
     #[test]
     fn a_node_restarted_with_a_wiped_data_directory_is_refilled_from_its_peers()
     -> anyhow::Result<()> {
-        let Cluster {
-            mut nodes,
-            ports,
-            peers,
-            dirs,
-        } = three_nodes()?;
+        let mut cluster = three_nodes()?;
         let runtime = tokio::runtime::Runtime::new()?;
-        let leader = runtime.block_on(ledger(&ports))?;
-        let via = ports[usize::try_from(leader - 1)?];
+        let leader = runtime.block_on(ledger(&cluster.ports))?;
+        let via = cluster.ports[usize::try_from(leader - 1)?];
         let acked = runtime.block_on(produce(via, "kept", 30))?;
 
         // Node 3 (never the one that initialises the cluster) loses everything.
-        nodes[2].signal(Signal::Kill)?;
-        nodes[2].wait_exit(EXIT)?;
-        std::fs::remove_dir_all(&dirs[2])?;
-        let (serve, _) = node(3, &peers, ports[2], Some(&dirs[2]))?;
-        let _wiped = std::mem::replace(&mut nodes[2], serve.start()?);
-        nodes[2].wait_ready(READY)?;
-        super::members(&nodes.iter().collect::<Vec<_>>(), 3.0)?;
-        let values = runtime.block_on(replica_values(ports[2], acked.len()))?;
+        cluster.nodes[2].signal(Signal::Kill)?;
+        let _wiped = cluster.restart(2, true)?;
+        super::members(&cluster.nodes.iter().collect::<Vec<_>>(), 3.0)?;
+        let values = runtime.block_on(replica_values(cluster.ports[2], acked.len()))?;
         ensure!(
             values == acked,
             "the wiped node was refilled with {values:?}"

@@ -46,6 +46,14 @@ async fn cluster(dir: &std::path::Path, n: u64) -> BTreeMap<NodeId, Arc<ClusterN
             .expect("start");
         nodes.insert(id, node);
     }
+    // Every node has joined the metadata before a test uses the cluster.
+    for node in nodes.values() {
+        let mut view = node.metadata();
+        tokio::time::timeout(WAIT, view.wait_for(|m| m.nodes.len() == nodes.len()))
+            .await
+            .expect("every node joined in time")
+            .expect("metadata");
+    }
     nodes
 }
 
@@ -86,13 +94,6 @@ fn proposal(value: &str) -> Proposal {
 async fn three_nodes_form_a_cluster_place_topics_and_take_writes_through_any_node() {
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = cluster(dir.path(), 3).await;
-    for node in nodes.values() {
-        let mut view = node.metadata();
-        tokio::time::timeout(WAIT, view.wait_for(|m| m.nodes.len() == 3))
-            .await
-            .expect("every node joined in time")
-            .expect("metadata");
-    }
 
     // Any node takes a metadata command: it goes to the metadata group's leader.
     let orders = create(&nodes[&3], spec("orders", 3, 3))
@@ -217,13 +218,6 @@ async fn three_nodes_form_a_cluster_place_topics_and_take_writes_through_any_nod
 async fn a_decommissioned_node_hands_its_replicas_over_before_it_lets_them_go() {
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = cluster(dir.path(), 4).await;
-    for node in nodes.values() {
-        let mut view = node.metadata();
-        tokio::time::timeout(WAIT, view.wait_for(|m| m.nodes.len() == 4))
-            .await
-            .expect("every node joined in time")
-            .expect("metadata");
-    }
     let topic = create(&nodes[&1], spec("moving", 2, 3))
         .await
         .expect("create");

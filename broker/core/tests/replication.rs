@@ -133,12 +133,8 @@ impl Node {
     }
 }
 
-/// Starts three nodes as one group and returns them with its leader.
-async fn cluster(dir: &std::path::Path) -> (BTreeMap<NodeId, Node>, NodeId) {
-    let mut nodes = BTreeMap::new();
-    for id in 1..=3u64 {
-        nodes.insert(id, start(id, &dir.join(id.to_string()), None).await);
-    }
+/// Initialises the group on node 1 with every node as a voter.
+async fn initialize(nodes: &BTreeMap<NodeId, Node>) {
     let members: BTreeMap<NodeId, BasicNode> = nodes
         .iter()
         .map(|(id, n)| (*id, BasicNode::new(&n.addr)))
@@ -148,6 +144,15 @@ async fn cluster(dir: &std::path::Path) -> (BTreeMap<NodeId, Node>, NodeId) {
         .initialize(members)
         .await
         .expect("initialize");
+}
+
+/// Starts three nodes as one group and returns them with its leader.
+async fn cluster(dir: &std::path::Path) -> (BTreeMap<NodeId, Node>, NodeId) {
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3u64 {
+        nodes.insert(id, start(id, &dir.join(id.to_string()), None).await);
+    }
+    initialize(&nodes).await;
     let leader = leader_of(&nodes).await;
     (nodes, leader)
 }
@@ -358,15 +363,7 @@ async fn the_metadata_group_applies_the_same_commands_on_every_node() {
         nodes.insert(id, node);
         views.push(view);
     }
-    let members: BTreeMap<NodeId, BasicNode> = nodes
-        .iter()
-        .map(|(id, n)| (*id, BasicNode::new(&n.addr)))
-        .collect();
-    nodes[&1]
-        .raft
-        .initialize(members)
-        .await
-        .expect("initialize");
+    initialize(&nodes).await;
     let leader = &nodes[&leader_of(&nodes).await].raft;
     let run = |command: Command| async move {
         let proposal = meta::proposal(&command).expect("proposal");

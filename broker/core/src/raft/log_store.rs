@@ -285,9 +285,10 @@ impl RaftLogStorage<PartitionRaft> for LogStore {
         let mut batches = Vec::new();
         let mut last = None;
         for e in entries {
+            let placed = placed_at(&e);
             if batches.is_empty() && log.start_offset() == log.next_offset() {
                 // An emptied log (a snapshot replaced it) goes on at its leader's offsets.
-                let resume = placed_at(&e).unwrap_or(self.resume.load(Ordering::Acquire));
+                let resume = placed.unwrap_or(self.resume.load(Ordering::Acquire));
                 if resume > log.next_offset() {
                     log.skip_to(resume).map_err(|e| write_err(&e))?;
                 }
@@ -295,7 +296,7 @@ impl RaftLogStorage<PartitionRaft> for LogStore {
             let next = batches
                 .last()
                 .map_or(log.next_offset(), RecordBatch::next_offset);
-            if let Some(at) = placed_at(&e)
+            if let Some(at) = placed
                 && at != next
             {
                 let e = RaftStoreError::Diverged {
