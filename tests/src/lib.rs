@@ -6,6 +6,7 @@
 //!   with a free HTTP port reserved for it.
 //! * [`PetrelProcess`]: a running node: HTTP probes, waiting for readiness or for a log
 //!   line with a timeout, SIGTERM/SIGINT, exit status and captured output.
+//! * [`cluster`]: a static cluster of nodes on loopback, restarted on their data.
 //! * `http`: a dependency-free HTTP/1.0 GET for `/healthz`, `/readyz` and `/metrics`.
 //! * `port`: free loopback ports.
 //!
@@ -13,6 +14,7 @@
 //! Errors are `anyhow` errors that carry the process's output, so a failing test says why.
 
 mod binary;
+pub mod cluster;
 mod http;
 mod port;
 mod process;

@@ -253,6 +253,29 @@ impl PetrelProcess {
         }
     }
 
+    /// CPU time the process has used so far, user and system, over all its threads.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let pid = self.child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+        // Fields after the command name (which may hold spaces) closed by its last ')'.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        // utime and stime are fields 14 and 15 of stat(5); `fields` starts at field 3.
+        let ticks = |i: usize| -> anyhow::Result<f64> {
+            Ok(fields
+                .get(i)
+                .with_context(|| format!("short /proc/{pid}/stat: {stat}"))?
+                .parse::<u64>()? as f64)
+        };
+        // SAFETY: sysconf reads a constant of the system and touches no memory of ours.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        anyhow::ensure!(per_second > 0, "no clock tick rate");
+        Ok((ticks(11)? + ticks(12)?) / per_second as f64)
+    }
+
     /// Sends `signal` to the process.
     pub fn signal(&self, signal: Signal) -> anyhow::Result<()> {
         let number = match signal {

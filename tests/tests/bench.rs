@@ -3,35 +3,52 @@
 
 use std::process::Command;
 
-#[test]
-fn log_bench_ends_with_the_documented_json_line() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(env!("CARGO_BIN_EXE_petrel-bench"))
-        .args([
-            "log",
-            "--json",
-            "--seconds",
-            "0.3",
-            "--probe-seconds",
-            "0.2",
-            "--bandwidth-seconds",
-            "0.2",
-        ])
-        .args(["--appenders", "1,4", "--partitions", "1,3"])
-        .args(["--rss-bytes", "4000000", "--cache-mb", "1", "--wal-mb", "4"])
-        .arg("--dir")
-        .arg(dir.path())
-        .output()
-        .expect("run petrel-bench");
+/// Runs `command` (a `petrel-bench` run); returns its last line as JSON once it printed a
+/// table with `header` in it.
+fn bench_json(command: &mut Command, header: &str) -> serde_json::Value {
+    let out = command.output().expect("run petrel-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "petrel-bench failed: {}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("ratio"), "the table is printed:\n{stdout}");
+    assert!(stdout.contains(header), "the table is printed:\n{stdout}");
     let last = stdout.lines().last().expect("output");
-    let json: serde_json::Value = serde_json::from_str(last).expect("the last line is JSON");
+    serde_json::from_str(last).expect("the last line is JSON")
+}
+
+/// Throughput and ordered latency percentiles of one result.
+fn check_figures(r: &serde_json::Value) {
+    assert!(r["msgs_per_s"].as_f64().expect("msgs_per_s") > 0.0, "{r}");
+    assert!(r["mb_s"].as_f64().expect("mb_s") > 0.0, "{r}");
+    let p50 = r["p50_us"].as_u64().expect("p50_us");
+    let p99 = r["p99_us"].as_u64().expect("p99_us");
+    let p999 = r["p999_us"].as_u64().expect("p999_us");
+    assert!(0 < p50 && p50 <= p99 && p99 <= p999, "{r}");
+}
+
+#[test]
+fn log_bench_ends_with_the_documented_json_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = bench_json(
+        Command::new(env!("CARGO_BIN_EXE_petrel-bench"))
+            .args([
+                "log",
+                "--json",
+                "--seconds",
+                "0.3",
+                "--probe-seconds",
+                "0.2",
+                "--bandwidth-seconds",
+                "0.2",
+            ])
+            .args(["--appenders", "1,4", "--partitions", "1,3"])
+            .args(["--rss-bytes", "4000000", "--cache-mb", "1", "--wal-mb", "4"])
+            .arg("--dir")
+            .arg(dir.path()),
+        "ratio",
+    );
     assert!(json["disk_sync_per_s"].as_f64().expect("disk_sync_per_s") > 0.0);
     assert!(json["disk_seq_mb_s"].as_f64().expect("disk_seq_mb_s") > 0.0);
     let results = json["results"].as_array().expect("results");
@@ -39,12 +56,7 @@ fn log_bench_ends_with_the_documented_json_line() {
     for r in results {
         assert_eq!(r["policy"], "always");
         assert!(r["appenders"].as_u64().is_some() && r["partitions"].as_u64().is_some());
-        assert!(r["msgs_per_s"].as_f64().expect("msgs_per_s") > 0.0, "{r}");
-        assert!(r["mb_s"].as_f64().expect("mb_s") > 0.0, "{r}");
-        let p50 = r["p50_us"].as_u64().expect("p50_us");
-        let p99 = r["p99_us"].as_u64().expect("p99_us");
-        let p999 = r["p999_us"].as_u64().expect("p999_us");
-        assert!(0 < p50 && p50 <= p99 && p99 <= p999, "{r}");
+        check_figures(r);
         assert!(r["peak_rss_mb"].as_f64().expect("peak_rss_mb") > 0.0, "{r}");
         // Each case carries the disk probed around it, and its ratio to the ceiling that gives.
         let syncs = r["disk_sync_per_s"].as_f64().expect("disk_sync_per_s");
@@ -61,4 +73,32 @@ fn log_bench_ends_with_the_documented_json_line() {
         memory["read_mb"], memory["appended_mb"],
         "all of it is read back"
     );
+}
+
+#[test]
+fn cluster_bench_ends_with_the_documented_json_line() {
+    let json = bench_json(
+        Command::new(env!("CARGO_BIN_EXE_petrel-bench"))
+            .args(["cluster", "--json", "--seconds", "0.3"])
+            .args(["--partitions", "1,2", "--producers", "2"])
+            .args(["--idle-partitions", "4", "--idle-seconds", "0.3"]),
+        "vs 1 node",
+    );
+    let results = json["results"].as_array().expect("results");
+    // 1 node at RF 1, 3 nodes at RF 1 and at RF 3; 1 and 2 partitions each.
+    assert_eq!(results.len(), 6, "{json}");
+    for r in results {
+        let rf = r["replication_factor"]
+            .as_u64()
+            .expect("replication_factor");
+        let nodes = r["nodes"].as_u64().expect("nodes");
+        assert!(rf <= nodes, "{r}");
+        assert!(r["partitions"].as_u64().is_some(), "{r}");
+        check_figures(r);
+        assert_eq!(r["errors"], 0, "{r}");
+    }
+    let failover = json["failover_ms"].as_f64().expect("failover_ms");
+    assert!(failover > 0.0 && failover < 10_000.0, "{json}");
+    assert_eq!(json["failover_lost"], 0, "nothing acknowledged is lost");
+    assert!(json["idle_cpu_cores"].as_f64().expect("idle_cpu_cores") > 0.0);
 }

@@ -4,57 +4,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use petrel_tests::{PetrelProcess, Serve, Signal, free_port_other_than};
-
-const READY: Duration = Duration::from_secs(30);
-const FORM: Duration = Duration::from_secs(30);
-const EXIT: Duration = Duration::from_secs(15);
-
-/// The value of an unlabelled metric on a node's `/metrics`, if it reports it.
-fn metric(node: &PetrelProcess, name: &str) -> anyhow::Result<Option<f64>> {
-    let body = node.get("/metrics")?.body;
-    Ok(body
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()))
-}
-
-/// Waits until every node reports `petrel_cluster_nodes` = `n`.
-fn members(nodes: &[&PetrelProcess], n: f64) -> anyhow::Result<()> {
-    let deadline = Instant::now() + FORM;
-    for node in nodes {
-        loop {
-            if metric(node, "petrel_cluster_nodes")? == Some(n) {
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "no cluster of {n} nodes after {FORM:?}:\n{}",
-                node.stdout()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    Ok(())
-}
-
-/// `petrel serve` as node `id` of the cluster `peers`, on `data_dir` if given.
-fn node(
-    id: u64,
-    peers: &str,
-    port: u16,
-    data_dir: Option<&std::path::Path>,
-) -> anyhow::Result<(Serve, std::path::PathBuf)> {
-    let serve = Serve::bare()?;
-    let dir = data_dir.map_or_else(|| serve.data_dir(), std::path::Path::to_path_buf);
-    let http = serve.http_port().to_string();
-    let serve = serve
-        .args(["--bind", "127.0.0.1", "--http-port", &http])
-        .args(["--node-id", &id.to_string(), "--peers", peers])
-        .args(["--internal-port", &port.to_string()])
-        .arg("--data-dir")
-        .arg(&dir);
-    Ok((serve, dir))
-}
+use petrel_tests::cluster::{Cluster, EXIT, FORM, READY, members, node};
+use petrel_tests::{Serve, Signal, free_port_other_than};
 
 #[test]
 fn three_processes_form_a_cluster_and_a_killed_node_comes_back_a_member() -> anyhow::Result<()> {
@@ -63,7 +14,7 @@ fn three_processes_form_a_cluster_and_a_killed_node_comes_back_a_member() -> any
     // Node 3 crashes; the other two keep the cluster; it restarts on its data.
     cluster.nodes[2].signal(Signal::Kill)?;
     let _crashed = cluster.restart(2, false)?;
-    members(&cluster.nodes.iter().collect::<Vec<_>>(), 3.0)?;
+    cluster.joined()?;
     for node in &cluster.nodes {
         node.signal(Signal::Term)?;
     }
@@ -103,68 +54,8 @@ fn an_internal_port_in_use_fails_naming_the_address() -> anyhow::Result<()> {
 }
 
 /// Three running nodes of one cluster.
-struct Cluster {
-    nodes: Vec<PetrelProcess>,
-    /// Their internal ports, by node id - 1.
-    ports: Vec<u16>,
-    /// The `--peers` they were given.
-    peers: String,
-    /// Their data directories.
-    dirs: Vec<std::path::PathBuf>,
-}
-
-impl Cluster {
-    /// Starts node `index` (0-based) again on its data directory, emptied first if
-    /// `wipe`, once its process has exited (the test stopped or killed it), and waits
-    /// until it is ready. Returns the old process handle: it owns the directory, so the
-    /// test keeps it to the end.
-    fn restart(&mut self, index: usize, wipe: bool) -> anyhow::Result<PetrelProcess> {
-        self.nodes[index].wait_exit(EXIT)?;
-        if wipe {
-            std::fs::remove_dir_all(&self.dirs[index])?;
-        }
-        let id = u64::try_from(index)? + 1;
-        let (serve, _) = node(id, &self.peers, self.ports[index], Some(&self.dirs[index]))?;
-        let old = std::mem::replace(&mut self.nodes[index], serve.start()?);
-        self.nodes[index].wait_ready(READY)?;
-        Ok(old)
-    }
-}
-
-/// Starts three nodes, ready and joined.
 fn three_nodes() -> anyhow::Result<Cluster> {
-    nodes_of(3)
-}
-
-/// Starts `n` nodes, ready and joined.
-fn nodes_of(n: usize) -> anyhow::Result<Cluster> {
-    let mut ports = Vec::new();
-    for _ in 0..n {
-        ports.push(free_port_other_than(&ports)?);
-    }
-    let peers = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut nodes = Vec::new();
-    let mut dirs = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let (serve, dir) = node(i as u64 + 1, &peers, *port, None)?;
-        nodes.push(serve.start()?);
-        dirs.push(dir);
-    }
-    for node in &mut nodes {
-        node.wait_ready(READY)?;
-    }
-    members(&nodes.iter().collect::<Vec<_>>(), n as f64)?;
-    Ok(Cluster {
-        nodes,
-        ports,
-        peers,
-        dirs,
-    })
+    Cluster::start(3)
 }
 
 #[test]
@@ -681,7 +572,7 @@ mod failover {
         // Node 3 (never the one that initialises the cluster) loses everything.
         cluster.nodes[2].signal(Signal::Kill)?;
         let _wiped = cluster.restart(2, true)?;
-        super::members(&cluster.nodes.iter().collect::<Vec<_>>(), 3.0)?;
+        cluster.joined()?;
         let values = runtime.block_on(replica_values(cluster.ports[2], acked.len()))?;
         ensure!(
             values == acked,
@@ -695,7 +586,7 @@ mod failover {
     -> anyhow::Result<()> {
         let Cluster {
             mut nodes, ports, ..
-        } = super::nodes_of(4)?;
+        } = Cluster::start(4)?;
         let runtime = tokio::runtime::Runtime::new()?;
         let leader = runtime.block_on(ledger(&ports))?;
         // The leader goes: its replica moves and its leadership is handed over.
@@ -802,5 +693,139 @@ mod failover {
             );
         }
         Ok(())
+    }
+}
+
+mod growth {
+    use std::time::{Duration, Instant};
+
+    use anyhow::ensure;
+    use petrel_api::admin::v1::admin_client::AdminClient;
+    use petrel_api::admin::v1::{
+        CreateDestinationRequest, DestinationRef, DestinationSpec, GetClusterStatusRequest, Kind,
+    };
+    use petrel_core::transport::proto::data_client::DataClient;
+    use petrel_core::transport::proto::{FetchRequest, ProduceRequest, Record, Target};
+    use petrel_tests::cluster::{Cluster, READY};
+
+    fn target(partition: u32) -> Option<Target> {
+        Some(Target {
+            kind: "topic".into(),
+            name: "spread".into(),
+            partition,
+        })
+    }
+
+    /// The values of `partition` on the replica at `port`, once it has `want` of them.
+    async fn values(port: u16, partition: u32, want: usize) -> anyhow::Result<Vec<String>> {
+        let deadline = Instant::now() + READY;
+        let mut client = DataClient::connect(format!("http://127.0.0.1:{port}")).await?;
+        loop {
+            let request = FetchRequest {
+                target: target(partition),
+                offset: 0,
+                max_bytes: 1 << 20,
+            };
+            // Until the replica starts there, the node answers FAILED_PRECONDITION.
+            if let Ok(fetched) = client.fetch(request).await {
+                let values: Vec<String> = fetched
+                    .into_inner()
+                    .records
+                    .iter()
+                    .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+                    .collect();
+                if values.len() >= want {
+                    return Ok(values);
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "partition {partition} at {port} never held {want} records"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[test]
+    fn a_node_added_to_a_running_cluster_takes_a_share_of_the_replicas_with_their_data()
+    -> anyhow::Result<()> {
+        let mut cluster = Cluster::start(3)?;
+        let runtime = tokio::runtime::Runtime::new()?;
+        let first = cluster.ports[0];
+        let written = runtime.block_on(async {
+            let spec = DestinationSpec {
+                kind: Kind::Topic.into(),
+                name: "spread".into(),
+                partitions: 3,
+                replication_factor: 3,
+                ..DestinationSpec::default()
+            };
+            let mut admin = AdminClient::connect(format!("http://127.0.0.1:{first}")).await?;
+            admin
+                .create_destination(CreateDestinationRequest { spec: Some(spec) })
+                .await?;
+            let mut data = DataClient::connect(format!("http://127.0.0.1:{first}")).await?;
+            let mut written = Vec::new();
+            for partition in 0..3 {
+                let values: Vec<String> = (0..10).map(|i| format!("{partition}-{i}")).collect();
+                let records = values
+                    .iter()
+                    .map(|v| Record {
+                        key: None,
+                        value: v.clone().into(),
+                    })
+                    .collect();
+                // The partition's leader may still be being elected: the node waits for it.
+                data.produce(ProduceRequest {
+                    target: target(partition),
+                    records,
+                })
+                .await?;
+                written.push(values);
+            }
+            anyhow::Ok(written)
+        })?;
+
+        // Node 4 joins through the others: 9 replicas over 4 nodes, so it takes 2.
+        cluster.add_node()?;
+        let added = cluster.ports[3];
+        runtime.block_on(async {
+            let mut admin = AdminClient::connect(format!("http://127.0.0.1:{added}")).await?;
+            let status = admin
+                .get_cluster_status(GetClusterStatusRequest {})
+                .await?
+                .into_inner();
+            ensure!(status.nodes.len() == 4, "{status:?}");
+            let deadline = Instant::now() + READY;
+            let placed = loop {
+                let d = admin
+                    .get_destination(DestinationRef {
+                        kind: Kind::Topic.into(),
+                        name: "spread".into(),
+                    })
+                    .await?
+                    .into_inner();
+                let on_new: Vec<u32> = d
+                    .partitions
+                    .iter()
+                    .filter(|p| p.replicas.contains(&4))
+                    .map(|p| p.number)
+                    .collect();
+                if on_new.len() >= 2 {
+                    break on_new;
+                }
+                ensure!(Instant::now() < deadline, "node 4 was given {d:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            for partition in placed {
+                let expected = &written[usize::try_from(partition)?];
+                let held = values(added, partition, expected.len()).await?;
+                ensure!(
+                    &held == expected,
+                    "partition {partition} on node 4: {held:?}"
+                );
+            }
+            anyhow::Ok(())
+        })
     }
 }

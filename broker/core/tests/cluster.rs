@@ -319,3 +319,38 @@ async fn a_decommissioned_node_hands_its_replicas_over_before_it_lets_them_go() 
         node.close().await.expect("close");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_five_nodes_the_others_follow_the_metadata_as_learners() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // `cluster` returns once every node, the sixth too, has the full node list.
+    let nodes = cluster(dir.path(), 6).await;
+    eventually("five voters and one learner", || {
+        nodes.values().any(|n| {
+            let metrics = n.metadata_raft().metrics();
+            let metrics = metrics.borrow();
+            let membership = metrics.membership_config.membership();
+            metrics.current_leader == Some(n.id())
+                && membership.voter_ids().count() == 5
+                && membership.learner_ids().count() == 1
+        })
+    })
+    .await;
+    // The learner serves requests like any node: forwarded to the metadata leader.
+    create(&nodes[&6], spec("t", 1, 3))
+        .await
+        .expect("create through the learner");
+    for node in nodes.values() {
+        let mut view = node.metadata();
+        tokio::time::timeout(
+            WAIT,
+            view.wait_for(|m| m.destination(Kind::Topic, "t").is_some()),
+        )
+        .await
+        .expect("every node applies the creation")
+        .expect("metadata");
+    }
+    for node in nodes.into_values() {
+        node.close().await.expect("close");
+    }
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use petrel_api::admin::v1::{self as api, admin_server::Admin, admin_server::AdminServer};
-use petrel_core::cluster::{ClusterError, ClusterNode};
+use petrel_core::cluster::ClusterNode;
 use petrel_core::meta::{self, Command, Kind, MetaError, Outcome};
 use tonic::{Request, Response, Status};
 
@@ -50,7 +50,7 @@ impl AdminService {
 
     async fn command(&self, command: Command) -> Result<Response<api::Destination>, Status> {
         let node = self.node()?;
-        match node.command(&command).await.map_err(status)? {
+        match node.command(&command).await.map_err(Status::from)? {
             Outcome::Destination(d) | Outcome::Deleted(d) => {
                 Ok(Response::new(destination(&d, node)))
             }
@@ -76,21 +76,6 @@ fn progress(node: &ClusterNode, id: u64) -> Result<Response<api::DecommissionPro
         partitions_remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
         done: draining && remaining == 0,
     }))
-}
-
-/// A cluster error as a gRPC status with its message.
-fn status(e: ClusterError) -> Status {
-    let message = e.to_string();
-    match e {
-        ClusterError::Meta(MetaError::AlreadyExists { .. }) => Status::already_exists(message),
-        ClusterError::Meta(MetaError::NotFound { .. } | MetaError::UnknownNode(_)) => {
-            Status::not_found(message)
-        }
-        ClusterError::Meta(MetaError::InvalidArgument(_)) => Status::invalid_argument(message),
-        ClusterError::NoLeader { .. } => Status::unavailable(message),
-        ClusterError::NoGroup(_) => Status::not_found(message),
-        _ => Status::internal(message),
-    }
 }
 
 fn kind(value: i32) -> Result<Option<Kind>, Status> {
@@ -292,7 +277,7 @@ impl Admin for AdminService {
         let node = self.node()?;
         node.command(&Command::DecommissionNode { id })
             .await
-            .map_err(status)?;
+            .map_err(Status::from)?;
         progress(node, id)
     }
 

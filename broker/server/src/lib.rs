@@ -258,11 +258,14 @@ impl Server {
 
 /// Raft timings of every group: heartbeats every 150 ms, an election 0.5–1 s after the
 /// leader went silent (a new leader typically within 2 s: failover must stay under 5).
+/// An append carries at most 64 entries, each a batch of at most 1 MiB unless a single
+/// produce was larger.
 fn raft_config() -> openraft::Config {
     openraft::Config {
         heartbeat_interval: 150,
         election_timeout_min: 500,
         election_timeout_max: 1000,
+        max_payload_entries: 64,
         ..openraft::Config::default()
     }
 }

@@ -5,11 +5,10 @@
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use petrel_log::BatchBuilder;
 use tonic::{Request, Response, Status};
 
-use super::{ClusterError, ClusterNode};
-use crate::meta::{Kind, MetaError};
+use super::{ClusterNode, NewRecord};
+use crate::meta::Kind;
 use crate::transport::proto::data_server::{Data, DataServer};
 use crate::transport::proto::{
     FetchRequest, FetchResponse, FetchedRecord, ProduceRequest, ProduceResponse, Target,
@@ -52,19 +51,6 @@ fn target(t: Option<Target>) -> Result<(Kind, String, u32), Status> {
     Ok((kind, t.name, t.partition))
 }
 
-pub(super) fn status(e: ClusterError) -> Status {
-    let message = e.to_string();
-    match e {
-        ClusterError::Meta(MetaError::NotFound { .. }) | ClusterError::NoGroup(_) => {
-            Status::not_found(message)
-        }
-        ClusterError::Meta(MetaError::InvalidArgument(_)) => Status::invalid_argument(message),
-        ClusterError::NotReplica { .. } => Status::failed_precondition(message),
-        ClusterError::NoLeader { .. } => Status::unavailable(message),
-        _ => Status::internal(message),
-    }
-}
-
 #[tonic::async_trait]
 impl Data for DataService {
     async fn produce(
@@ -79,21 +65,24 @@ impl Data for DataService {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let mut batch = BatchBuilder::new();
-        for r in &request.records {
-            batch.push(now, r.key.as_deref(), &r.value, &[]);
-        }
-        let batch = batch
-            .build(0, 0, 0)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let records: Vec<NewRecord<'_>> = request
+            .records
+            .iter()
+            .map(|r| NewRecord {
+                timestamp: now,
+                key: r.key.as_deref(),
+                value: &r.value,
+                headers: &[],
+            })
+            .collect();
         let node = self.node()?;
-        let applied = node
-            .produce(kind, &name, partition, batch)
+        let (base_offset, next_offset) = node
+            .produce(kind, &name, partition, &records)
             .await
-            .map_err(status)?;
+            .map_err(Status::from)?;
         Ok(Response::new(ProduceResponse {
-            base_offset: applied.base_offset,
-            next_offset: applied.next_offset,
+            base_offset,
+            next_offset,
         }))
     }
 
@@ -107,7 +96,7 @@ impl Data for DataService {
         let max_bytes = usize::try_from(request.max_bytes.max(1)).unwrap_or(usize::MAX);
         let (batches, high_watermark) = node
             .fetch(kind, &name, partition, request.offset, max_bytes)
-            .map_err(status)?;
+            .map_err(Status::from)?;
         let mut records = Vec::new();
         for b in batches {
             let decoded = b

@@ -10,8 +10,12 @@
 //! * [`ClusterNode::write`] proposes through any node: to the local group if this node
 //!   leads it, else forwarded to the leader over the internal transport.
 
+mod commit;
 mod data;
+mod members;
 mod partitions;
+
+pub use commit::{NewRecord, Offsets};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -90,6 +94,33 @@ pub enum ClusterError {
         "raft group {group} has no replica on this node; its replicas are on nodes {replicas:?}"
     )]
     NotReplica { group: u64, replicas: Vec<NodeId> },
+    /// The failure of a proposal that carried the records of several producers.
+    #[error(transparent)]
+    Shared(Arc<ClusterError>),
+}
+
+impl ClusterError {
+    /// The gRPC status code a client is answered with.
+    fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            ClusterError::Shared(e) => e.code(),
+            ClusterError::Meta(MetaError::AlreadyExists { .. }) => Code::AlreadyExists,
+            ClusterError::Meta(MetaError::NotFound { .. } | MetaError::UnknownNode(_))
+            | ClusterError::NoGroup(_) => Code::NotFound,
+            ClusterError::Meta(MetaError::InvalidArgument(_)) => Code::InvalidArgument,
+            ClusterError::NotReplica { .. } => Code::FailedPrecondition,
+            ClusterError::NoLeader { .. } => Code::Unavailable,
+            _ => Code::Internal,
+        }
+    }
+}
+
+/// A cluster error as a gRPC status with its message.
+impl From<ClusterError> for tonic::Status {
+    fn from(e: ClusterError) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
+    }
 }
 
 /// This node's replica of a partition, for reads.
@@ -115,6 +146,13 @@ pub struct ClusterNode {
     replicas: Mutex<HashMap<u64, Replica>>,
     /// Groups whose membership this node is moving to a new placement.
     moving: Arc<Mutex<std::collections::HashSet<u64>>>,
+    /// Records waiting to be proposed together, by group.
+    commit: commit::GroupCommit,
+    /// The other nodes of the peer list: where a node not yet following the metadata
+    /// sends its join.
+    seeds: Vec<String>,
+    /// The seed asked next.
+    next_seed: std::sync::atomic::AtomicUsize,
 }
 
 impl ClusterNode {
@@ -180,6 +218,14 @@ impl ClusterNode {
             tasks: Mutex::new(Vec::new()),
             replicas: Mutex::new(HashMap::new()),
             moving: Arc::default(),
+            commit: commit::GroupCommit::default(),
+            seeds: config
+                .peers
+                .iter()
+                .filter(|(id, _)| **id != config.id)
+                .map(|(_, addr)| addr.clone())
+                .collect(),
+            next_seed: std::sync::atomic::AtomicUsize::new(0),
         });
         data.started(&node);
         let first = config.peers.keys().next().copied().unwrap_or(config.id);
@@ -188,9 +234,11 @@ impl ClusterNode {
         }
         let joining = node.clone();
         let reconciling = node.clone();
+        let following = node.clone();
         let mut tasks = vec![
             tokio::spawn(async move { joining.join().await }),
             tokio::spawn(async move { partitions::reconcile(reconciling).await }),
+            tokio::spawn(async move { members::follow(following).await }),
         ];
         node.tasks
             .lock()
@@ -280,7 +328,11 @@ impl ClusterNode {
                     RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
                         target = f.leader_node.map(|n| n.addr).filter(|a| *a != self.addr);
                         if target.is_none() {
-                            self.await_leader(group, deadline).await;
+                            target = self.seed(group);
+                            match target {
+                                Some(_) => tokio::time::sleep(FORWARD_RETRY).await,
+                                None => self.await_leader(group, deadline).await,
+                            }
                         }
                         "no leader known".to_owned()
                     }
@@ -306,6 +358,26 @@ impl ClusterNode {
                 });
             }
         }
+    }
+
+    /// A peer to ask about the metadata while this node is no member of its group (it
+    /// joins the cluster, or was registered and not yet added); `None` otherwise.
+    fn seed(&self, group: u64) -> Option<String> {
+        let member = self
+            .metadata
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&self.id)
+            .is_some();
+        if group != METADATA_GROUP || member || self.seeds.is_empty() {
+            return None;
+        }
+        let next = self
+            .next_seed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.seeds.get(next % self.seeds.len()).cloned()
     }
 
     /// Waits (until `deadline`) for the local replica of `group` to know a leader, or a
@@ -349,17 +421,20 @@ impl ClusterNode {
             })
     }
 
-    /// Appends a batch of records to a partition through its leader; returns once
-    /// committed and applied there, with the offsets the records took.
+    /// Appends records to a partition through its leader; returns once committed and
+    /// applied there, with the offsets the records took. Records produced to a partition
+    /// meanwhile are committed together with them, as one batch.
     pub async fn produce(
-        &self,
+        self: &Arc<Self>,
         kind: Kind,
         name: &str,
         partition: u32,
-        batch: petrel_log::RecordBatch,
-    ) -> Result<raft::Applied, ClusterError> {
+        records: &[NewRecord<'_>],
+    ) -> Result<Offsets, ClusterError> {
         let group = self.partition(kind, name, partition)?.group;
-        Ok(self.write(group, Proposal(batch)).await?.data)
+        commit::GroupCommit::produce(self, group, records)
+            .await
+            .map_err(ClusterError::Shared)
     }
 
     /// Committed message batches of a partition from this node's replica, from `offset`
@@ -528,7 +603,8 @@ fn serve(listener: TcpListener, services: tonic::service::Routes) -> oneshot::Se
         let served = tonic::transport::Server::builder()
             .add_routes(services)
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
+                // Without TCP_NODELAY a reply split over writes waits for a delayed ACK.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async {
                     let _ = stopped.await;
                 },

@@ -19,7 +19,7 @@ use crate::raft;
 
 /// How often the groups are compared with the metadata even when it did not change
 /// (leadership and membership change on their own).
-const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+pub(super) const RECONCILE_EVERY: Duration = Duration::from_millis(500);
 
 /// Follows the metadata until the node stops.
 pub(super) async fn reconcile(node: Arc<ClusterNode>) {
@@ -38,7 +38,7 @@ pub(super) async fn reconcile(node: Arc<ClusterNode>) {
 }
 
 /// The voters and learners of a group as its replica here knows them.
-fn members(raft: &Raft<raft::PartitionRaft>) -> (BTreeSet<u64>, BTreeSet<u64>) {
+pub(super) fn members(raft: &Raft<raft::PartitionRaft>) -> (BTreeSet<u64>, BTreeSet<u64>) {
     let metrics = raft.metrics();
     let metrics = metrics.borrow();
     let membership = metrics.membership_config.membership();

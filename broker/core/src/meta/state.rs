@@ -208,11 +208,15 @@ impl Metadata {
                 if addr.is_empty() {
                     return Err(invalid("a node needs an address"));
                 }
+                let joined = !self.nodes.contains_key(&id);
                 let node = self.nodes.entry(id).or_insert(Node {
                     addr: String::new(),
                     state: NodeState::Active,
                 });
                 node.addr = addr;
+                if joined {
+                    self.rebalance();
+                }
                 Ok(Outcome::Nodes)
             }
             Command::DecommissionNode { id } => {
@@ -403,6 +407,58 @@ impl Metadata {
             initial: replicas.clone(),
             replicas,
             moving: false,
+        }
+    }
+
+    /// After a node joined: replicas of draining nodes go where they now can, then
+    /// replicas move from the active nodes holding most to those holding fewest until
+    /// they differ by one at most, preferred leaderships with them where those are
+    /// uneven. A partition already moving keeps its move (one at a time per group).
+    fn rebalance(&mut self) {
+        let draining: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.state == NodeState::Draining)
+            .map(|(id, _)| *id)
+            .collect();
+        for node in draining {
+            self.move_replicas_off(node);
+        }
+        loop {
+            let loads: Vec<(NodeId, (usize, usize))> = self
+                .active_nodes()
+                .into_iter()
+                .map(|n| (n, self.load(n)))
+                .collect();
+            let (Some(&(light, (few, light_led))), Some(&(heavy, (most, heavy_led)))) = (
+                loads.iter().min_by_key(|(n, (all, _))| (*all, *n)),
+                loads
+                    .iter()
+                    .max_by_key(|(n, (all, _))| (*all, std::cmp::Reverse(*n))),
+            ) else {
+                return;
+            };
+            if most <= few + 1 {
+                return;
+            }
+            // Hand over a preferred leadership too while the heavy node leads more.
+            let lead = heavy_led > light_led + 1;
+            let candidate = self
+                .destinations
+                .values_mut()
+                .flat_map(|d| d.values_mut())
+                .flat_map(|d| d.partitions.iter_mut())
+                .filter(|p| !p.moving && !p.replicas.contains(&light))
+                .filter_map(|p| {
+                    let at = p.replicas.iter().position(|r| *r == heavy)?;
+                    Some((p, at))
+                })
+                .min_by_key(|(_, at)| if lead { *at != 0 } else { *at == 0 });
+            let Some((partition, at)) = candidate else {
+                return;
+            };
+            partition.replicas[at] = light;
+            partition.moving = true;
         }
     }
 
@@ -699,6 +755,43 @@ mod tests {
             .expect("decommission");
         assert_eq!(m.replicas_on(3), 1, "no fourth node to take it");
         assert!(m.execute(Command::RemoveNode { id: 3 }).is_err());
+        m.execute(Command::AddNode {
+            id: 4,
+            addr: "127.0.0.4:7000".into(),
+        })
+        .expect("join");
+        assert_eq!(m.replicas_on(3), 0, "the new node took it");
+        m.execute(Command::RemoveNode { id: 3 }).expect("remove");
+    }
+
+    #[test]
+    fn a_joining_node_takes_an_even_share_of_replicas_and_preferred_leaders() {
+        let mut m = cluster(3);
+        create(&mut m, Kind::Topic, "t", 6, 3);
+        create(&mut m, Kind::Queue, "q", 3, 1);
+        m.execute(Command::AddNode {
+            id: 4,
+            addr: "127.0.0.4:7000".into(),
+        })
+        .expect("join");
+        // 21 replicas over 4 nodes: 5 or 6 each; 9 preferred leaderships: 2 or 3 each.
+        assert_eq!(spread(&m), (1, 1), "{:?}", m.destinations);
+        assert!(m.load(4).0 >= 5 && m.load(4).1 >= 2, "{:?}", m.load(4));
+        for p in m.partitions() {
+            let mut r = p.replicas.clone();
+            r.sort_unstable();
+            r.dedup();
+            assert_eq!(r.len(), p.initial.len(), "distinct replicas: {p:?}");
+            assert_eq!(p.moving, p.replicas.contains(&4), "{p:?}");
+        }
+        // A node that comes back (a restart) moves nothing.
+        let before = m.clone();
+        m.execute(Command::AddNode {
+            id: 2,
+            addr: "127.0.0.2:7000".into(),
+        })
+        .expect("rejoin");
+        assert_eq!(m, before);
     }
 
     #[test]

@@ -14,6 +14,10 @@ use super::proto::raft_transport_server::{RaftTransport, RaftTransportServer};
 use super::proto::{AppendRequest, RaftReply, RaftRequest};
 use crate::raft::{NodeId, PartitionRaft, Proposal, entry};
 
+/// The largest request a peer may send: an append of up to `max_payload_entries`
+/// batches (see the server's Raft settings) of up to 1 MiB each, with room to spare.
+const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
 /// The Raft groups this node runs, by group id.
 pub type Groups = Arc<RwLock<HashMap<u64, Raft<PartitionRaft>>>>;
 
@@ -31,7 +35,7 @@ impl RaftService {
 
     /// The service, ready to add to a tonic server.
     pub fn into_server(self) -> RaftTransportServer<Self> {
-        RaftTransportServer::new(self)
+        RaftTransportServer::new(self).max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     fn group(&self, id: u64) -> Result<Raft<PartitionRaft>, Status> {

@@ -2,6 +2,7 @@
 //! reports throughput, latency percentiles and resource use, with ratios to a reference
 //! measured in the same run (DESIGN.md §8).
 
+mod cluster;
 mod disk;
 mod log;
 mod stats;
@@ -19,11 +20,14 @@ struct Cli {
 enum Command {
     /// The storage engine against the disk's own limits.
     Log(log::Args),
+    /// Clusters of `petrel` processes: replication factor 1 against 3, idle cost, failover.
+    Cluster(cluster::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Log(args) => log::run(args),
+        Command::Cluster(args) => cluster::run(args),
     }
 }
