@@ -534,6 +534,88 @@ mod failover {
     }
 
     #[test]
+    fn leadership_is_handed_to_another_replica_on_request_losing_nothing() -> anyhow::Result<()> {
+        let Cluster {
+            nodes: _n, ports, ..
+        } = three_nodes()?;
+        let runtime = tokio::runtime::Runtime::new()?;
+        let old = runtime.block_on(ledger(&ports))?;
+        let to = old % 3 + 1;
+        let via = ports[usize::try_from(to - 1)?];
+        let mut acked = runtime.block_on(produce(via, "before", 10))?;
+
+        // Writes go on while the leadership moves: a writer on its own thread.
+        let writer = std::thread::spawn(move || -> anyhow::Result<Vec<String>> {
+            tokio::runtime::Runtime::new()?.block_on(produce(via, "during", 300))
+        });
+        let moved = super::petrel(
+            via,
+            &[
+                "topic",
+                "transfer-leader",
+                "ledger",
+                "--partition",
+                "0",
+                "--to",
+                &to.to_string(),
+                "-o",
+                "json",
+            ],
+        )?;
+        ensure!(moved.status.success(), "{}", super::text(&moved.stderr));
+        let shown: serde_json::Value = serde_json::from_slice(&moved.stdout)?;
+        ensure!(shown["placement"][0]["leader"] == to, "{shown}");
+        ensure!(runtime.block_on(leader(ports[0], None, READY))? == to);
+        acked.extend(
+            writer
+                .join()
+                .map_err(|_| anyhow::anyhow!("the writer panicked"))??,
+        );
+        acked.extend(runtime.block_on(produce(ports[0], "after", 10))?);
+        for port in &ports {
+            let values = runtime.block_on(replica_values(*port, acked.len()))?;
+            ensure!(
+                values == acked,
+                "node at {port} differs from what was acknowledged"
+            );
+        }
+        // The new leader tells how far behind each replica is: soon none, all caught up.
+        let deadline = Instant::now() + READY;
+        loop {
+            let described =
+                super::petrel(ports[0], &["topic", "describe", "ledger", "-o", "json"])?;
+            let shown: serde_json::Value = serde_json::from_slice(&described.stdout)?;
+            let lag = &shown["placement"][0]["lag"];
+            if lag
+                .as_object()
+                .is_some_and(|l| l.len() == 3 && l.values().all(|n| n == 0))
+            {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "{shown}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+
+        // Only a replica can lead it.
+        let refused = super::petrel(
+            via,
+            &[
+                "topic",
+                "transfer-leader",
+                "ledger",
+                "--partition",
+                "0",
+                "--to",
+                "9",
+            ],
+        )?;
+        ensure!(!refused.status.success());
+        let message = super::text(&refused.stderr);
+        ensure!(message.contains("node 9 holds no replica"), "{message}");
+        Ok(())
+    }
+
+    #[test]
     fn writes_go_on_while_a_follower_is_paused_and_it_catches_up_after() -> anyhow::Result<()> {
         let Cluster { nodes, ports, .. } = three_nodes()?;
         let runtime = tokio::runtime::Runtime::new()?;

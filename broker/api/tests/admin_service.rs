@@ -76,6 +76,20 @@ impl Admin for FixedNode {
     ) -> Result<Response<v1::DecommissionProgress>, Status> {
         Err(Status::unimplemented("a fixed node has no cluster"))
     }
+
+    async fn add_node(
+        &self,
+        _request: Request<v1::AddNodeRequest>,
+    ) -> Result<Response<v1::ClusterStatus>, Status> {
+        Err(Status::unimplemented("a fixed node has no cluster"))
+    }
+
+    async fn transfer_leadership(
+        &self,
+        _request: Request<v1::TransferLeadershipRequest>,
+    ) -> Result<Response<v1::PartitionStatus>, Status> {
+        Err(Status::unimplemented("a fixed node has no destinations"))
+    }
 }
 
 fn status() -> GetNodeStatusResponse {

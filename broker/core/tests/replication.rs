@@ -76,7 +76,7 @@ async fn start_group<A: Application>(
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(RaftService::new(groups).into_server())
+            .add_service(RaftService::new(groups, Default::default()).into_server())
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener),
                 async {

@@ -140,9 +140,38 @@ fn destination(d: &meta::Destination, node: &ClusterNode) -> api::Destination {
                 group: p.group,
                 replicas: p.replicas.clone(),
                 leader: node.leader(p.group),
+                lag: Default::default(),
             })
             .collect(),
     }
+}
+
+/// The destination with each partition's replica lag, as its leader reports it.
+async fn with_lag(d: &meta::Destination, node: &ClusterNode) -> api::Destination {
+    let mut shown = destination(d, node);
+    for p in &mut shown.partitions {
+        if let Ok(Some(lag)) = node.lag(d.spec.kind, &d.spec.name, p.number).await {
+            p.lag = lag;
+        }
+    }
+    shown
+}
+
+/// One destination as this node's metadata has it.
+fn find(node: &ClusterNode, kind: Kind, name: &str) -> Result<meta::Destination, Status> {
+    node.metadata()
+        .borrow()
+        .destination(kind, name)
+        .cloned()
+        .ok_or_else(|| {
+            Status::not_found(
+                MetaError::NotFound {
+                    kind,
+                    name: name.to_owned(),
+                }
+                .to_string(),
+            )
+        })
 }
 
 #[tonic::async_trait]
@@ -237,17 +266,8 @@ impl Admin for AdminService {
         let target = request.into_inner();
         let kind = required_kind(target.kind)?;
         let node = self.node()?;
-        let metadata = node.metadata().borrow().clone();
-        let found = metadata.destination(kind, &target.name).ok_or_else(|| {
-            Status::not_found(
-                MetaError::NotFound {
-                    kind,
-                    name: target.name,
-                }
-                .to_string(),
-            )
-        })?;
-        Ok(Response::new(destination(found, node)))
+        let found = find(node, kind, &target.name)?;
+        Ok(Response::new(with_lag(&found, node).await))
     }
 
     async fn list_destinations(
@@ -279,6 +299,45 @@ impl Admin for AdminService {
             .await
             .map_err(Status::from)?;
         progress(node, id)
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<api::AddNodeRequest>,
+    ) -> Result<Response<api::ClusterStatus>, Status> {
+        let request = request.into_inner();
+        let node = self.node()?;
+        node.command(&Command::AddNode {
+            id: request.node_id,
+            addr: request.addr,
+        })
+        .await
+        .map_err(Status::from)?;
+        self.get_cluster_status(Request::new(api::GetClusterStatusRequest {}))
+            .await
+    }
+
+    async fn transfer_leadership(
+        &self,
+        request: Request<api::TransferLeadershipRequest>,
+    ) -> Result<Response<api::PartitionStatus>, Status> {
+        let request = request.into_inner();
+        let target = request
+            .destination
+            .ok_or_else(|| Status::invalid_argument("destination is required"))?;
+        let kind = required_kind(target.kind)?;
+        let node = self.node()?;
+        node.transfer_leadership(kind, &target.name, request.partition, request.to_node)
+            .await
+            .map_err(Status::from)?;
+        let found = find(node, kind, &target.name)?;
+        let shown = with_lag(&found, node).await;
+        shown
+            .partitions
+            .into_iter()
+            .find(|p| p.number == request.partition)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found("the partition went away"))
     }
 
     async fn get_decommission_progress(

@@ -60,6 +60,15 @@ pub enum NodeCommand {
         /// The node's id.
         id: u64,
     },
+    /// Registers a node ahead of its start (a node started with a peer list joins by
+    /// itself); it is given an even share of the replicas. Prints the cluster.
+    Add {
+        /// The node's id.
+        id: u64,
+        /// Its internal address, host:port.
+        #[arg(long)]
+        addr: String,
+    },
 }
 
 /// `petrel topic …` and `petrel queue …`
@@ -96,6 +105,17 @@ pub enum DestinationCommand {
     Delete {
         /// Its name.
         name: String,
+    },
+    /// Hands a partition's leadership to another of its replicas, then shows it.
+    TransferLeader {
+        /// Its name.
+        name: String,
+        /// The partition.
+        #[arg(long)]
+        partition: u32,
+        /// The replica's node id.
+        #[arg(long)]
+        to: u64,
     },
 }
 
@@ -199,6 +219,14 @@ pub async fn node(command: &NodeCommand, connection: &Connection) -> anyhow::Res
             .await
             .map_err(failed)?
             .into_inner(),
+        NodeCommand::Add { id, addr } => {
+            let request = api::AddNodeRequest {
+                node_id: *id,
+                addr: addr.clone(),
+            };
+            client.add_node(request).await.map_err(failed)?;
+            return cluster(&ClusterCommand::Status, connection).await;
+        }
     };
     Ok(match connection.output {
         Output::Json => format!(
@@ -261,6 +289,19 @@ pub async fn destination(
         }
         DestinationCommand::Describe { name } => client.get_destination(named(name)).await,
         DestinationCommand::Delete { name } => client.delete_destination(named(name)).await,
+        DestinationCommand::TransferLeader {
+            name,
+            partition,
+            to,
+        } => {
+            let request = api::TransferLeadershipRequest {
+                destination: Some(named(name)),
+                partition: *partition,
+                to_node: *to,
+            };
+            client.transfer_leadership(request).await.map_err(failed)?;
+            client.get_destination(named(name)).await
+        }
         DestinationCommand::List => {
             let listed = client
                 .list_destinations(api::ListDestinationsRequest { kind: kind.into() })
@@ -290,7 +331,7 @@ pub async fn destination(
             );
             out.push('\n');
             out.push_str(&table(
-                &["PARTITION", "GROUP", "LEADER", "REPLICAS"],
+                &["PARTITION", "GROUP", "LEADER", "REPLICAS", "LAG"],
                 d.partitions
                     .iter()
                     .map(|p| {
@@ -303,6 +344,7 @@ pub async fn destination(
                                 .map(u64::to_string)
                                 .collect::<Vec<_>>()
                                 .join(","),
+                            lag(p),
                         ]
                     })
                     .collect(),
@@ -310,6 +352,18 @@ pub async fn destination(
             out
         }
     })
+}
+
+/// Entries each replica is behind, in replica order (`-` where not known).
+fn lag(p: &api::PartitionStatus) -> String {
+    if p.lag.is_empty() {
+        return "-".to_owned();
+    }
+    p.replicas
+        .iter()
+        .map(|r| p.lag.get(r).map_or_else(|| "?".to_owned(), u64::to_string))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn durability_name(d: &api::DestinationSpec) -> &'static str {
@@ -335,7 +389,11 @@ fn destination_json(d: &api::Destination) -> Value {
     let partitions: Vec<Value> = d
         .partitions
         .iter()
-        .map(|p| json!({"partition": p.number, "group": p.group, "leader": p.leader, "replicas": p.replicas}))
+        .map(|p| {
+            let lag: serde_json::Map<String, Value> =
+                p.lag.iter().map(|(id, n)| (id.to_string(), json!(n))).collect();
+            json!({"partition": p.number, "group": p.group, "leader": p.leader, "replicas": p.replicas, "lag": lag})
+        })
         .collect();
     json!({
         "name": spec.name,

@@ -2,12 +2,12 @@
 //! partitions by queue or topic name, for tests and benchmarks until the client
 //! protocols exist.
 
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tonic::{Request, Response, Status};
 
-use super::{ClusterNode, NewRecord};
+use super::{ClusterNode, NewRecord, Started};
 use crate::meta::Kind;
 use crate::transport::proto::data_server::{Data, DataServer};
 use crate::transport::proto::{
@@ -15,25 +15,18 @@ use crate::transport::proto::{
 };
 
 /// The service; it answers `UNAVAILABLE` until its node has started.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(super) struct DataService {
-    node: Arc<OnceLock<Weak<ClusterNode>>>,
+    node: Started,
 }
 
 impl DataService {
-    pub fn server(&self) -> DataServer<Self> {
-        DataServer::new(self.clone())
-    }
-
-    pub fn started(&self, node: &Arc<ClusterNode>) {
-        let _ = self.node.set(Arc::downgrade(node));
+    pub fn server(node: Started) -> DataServer<Self> {
+        DataServer::new(Self { node })
     }
 
     fn node(&self) -> Result<Arc<ClusterNode>, Status> {
-        self.node
-            .get()
-            .and_then(Weak::upgrade)
-            .ok_or_else(|| Status::unavailable("the node is starting or stopping"))
+        self.node.get()
     }
 }
 

@@ -12,6 +12,7 @@
 
 mod commit;
 mod data;
+mod leadership;
 mod members;
 mod partitions;
 
@@ -20,7 +21,7 @@ pub use commit::{NewRecord, Offsets};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -33,7 +34,7 @@ use tokio::task::JoinHandle;
 
 use crate::meta::{self, Command, Kind, METADATA_GROUP, MetaError, Metadata, Outcome};
 use crate::raft::{self, NodeId, PartitionRaft, Proposal};
-use crate::transport::{Groups, Peers, ProposeError, RaftService};
+use crate::transport::{Groups, Holds, Peers, ProposeError, RaftService};
 
 /// Metadata voters at most; further nodes follow the metadata as learners.
 pub const MAX_VOTERS: usize = 5;
@@ -148,6 +149,8 @@ pub struct ClusterNode {
     moving: Arc<Mutex<std::collections::HashSet<u64>>>,
     /// Records waiting to be proposed together, by group.
     commit: commit::GroupCommit,
+    /// Groups whose proposals wait while their leadership is handed over.
+    holds: Holds,
     /// The other nodes of the peer list: where a node not yet following the metadata
     /// sends its join.
     seeds: Vec<String>,
@@ -198,10 +201,12 @@ impl ClusterNode {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(METADATA_GROUP, metadata.clone());
-        let data = data::DataService::default();
+        let started = Started::default();
+        let holds = Holds::default();
         let services = services
-            .add_service(RaftService::new(groups.clone()).into_server())
-            .add_service(data.server());
+            .add_service(RaftService::new(groups.clone(), holds.clone()).into_server())
+            .add_service(data::DataService::server(started.clone()))
+            .add_service(leadership::LeadershipService::server(started.clone()));
         let stop_server = serve(listener, services);
 
         let node = Arc::new(Self {
@@ -219,6 +224,7 @@ impl ClusterNode {
             replicas: Mutex::new(HashMap::new()),
             moving: Arc::default(),
             commit: commit::GroupCommit::default(),
+            holds,
             seeds: config
                 .peers
                 .iter()
@@ -227,7 +233,7 @@ impl ClusterNode {
                 .collect(),
             next_seed: std::sync::atomic::AtomicUsize::new(0),
         });
-        data.started(&node);
+        started.set(&node);
         let first = config.peers.keys().next().copied().unwrap_or(config.id);
         if fresh && first == config.id {
             node.initialize_metadata(&config.peers).await?;
@@ -308,11 +314,13 @@ impl ClusterNode {
         let mut target: Option<String> = None;
         loop {
             let result = match (&target, self.group(group)) {
-                (None, Some(raft)) => raft
-                    .client_write(proposal.clone())
-                    .await
-                    .map_err(Box::new)
-                    .map_err(ProposeError::Raft),
+                (None, Some(raft)) => {
+                    self.holds.pass(group).await;
+                    raft.client_write(proposal.clone())
+                        .await
+                        .map_err(Box::new)
+                        .map_err(ProposeError::Raft)
+                }
                 (None, None) => match self.leader_of(group) {
                     Some(addr) => {
                         target = Some(addr);
@@ -562,6 +570,25 @@ impl ClusterNode {
         for raft in groups {
             let _ = raft.shutdown().await;
         }
+    }
+}
+
+/// The node the services of the internal server answer for, once it has started: the
+/// server starts first, as peers must reach it while the node starts.
+#[derive(Clone, Default)]
+struct Started(Arc<OnceLock<Weak<ClusterNode>>>);
+
+impl Started {
+    fn set(&self, node: &Arc<ClusterNode>) {
+        let _ = self.0.set(Arc::downgrade(node));
+    }
+
+    /// The node, or `UNAVAILABLE` while it starts or stops.
+    fn get(&self) -> Result<Arc<ClusterNode>, tonic::Status> {
+        self.0
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| tonic::Status::unavailable("the node is starting or stopping"))
     }
 }
 

@@ -20,8 +20,11 @@ use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
 use super::AppendHeader;
+use super::proto::leadership_client::LeadershipClient;
 use super::proto::raft_transport_client::RaftTransportClient;
-use super::proto::{AppendRequest, RaftReply, RaftRequest};
+use super::proto::{
+    AppendRequest, HandoverRequest, HandoverStep, LagRequest, RaftReply, RaftRequest,
+};
 use crate::raft::{NodeId, PartitionRaft, Proposal, entry};
 
 /// How long a connection attempt to a peer may take.
@@ -124,6 +127,47 @@ impl Peers {
             }
         })?;
         result.map_err(|e| ProposeError::Raft(Box::new(e)))
+    }
+}
+
+impl Peers {
+    /// Asks the node at `addr` to take `step` of handing `group`'s leadership to `to`.
+    pub async fn handover(
+        &self,
+        addr: &str,
+        group: u64,
+        to: NodeId,
+        step: HandoverStep,
+        forwarded: bool,
+    ) -> Result<(), tonic::Status> {
+        let channel = self
+            .channel(addr)
+            .map_err(|e| tonic::Status::unavailable(format!("{addr}: {e}")))?;
+        let request = HandoverRequest {
+            group,
+            to,
+            step: step.into(),
+            forwarded,
+        };
+        LeadershipClient::new(channel).handover(request).await?;
+        Ok(())
+    }
+}
+
+impl Peers {
+    /// How far each replica of `group` is behind, from its leader at `addr`.
+    pub async fn lag(
+        &self,
+        addr: &str,
+        group: u64,
+    ) -> Result<std::collections::HashMap<NodeId, u64>, tonic::Status> {
+        let channel = self
+            .channel(addr)
+            .map_err(|e| tonic::Status::unavailable(format!("{addr}: {e}")))?;
+        let reply = LeadershipClient::new(channel)
+            .lag(LagRequest { group })
+            .await?;
+        Ok(reply.into_inner().entries_behind)
     }
 }
 

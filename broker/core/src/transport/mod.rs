@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::raft::NodeId;
 
 pub use client::{Connection, Network, Peers, ProposeError};
-pub use server::{Groups, RaftService};
+pub use server::{Groups, HoldGuard, Holds, RaftService};
 
 /// The generated `petrel.internal.v1` code (messages, client and server).
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

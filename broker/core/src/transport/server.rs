@@ -1,12 +1,13 @@
 //! The receiving side: requests handed to this node's groups.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use openraft::Raft;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use petrel_log::RecordBatch;
 use serde::Serialize;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use super::AppendHeader;
@@ -21,16 +22,60 @@ const MAX_MESSAGE_BYTES: usize = 256 << 20;
 /// The Raft groups this node runs, by group id.
 pub type Groups = Arc<RwLock<HashMap<u64, Raft<PartitionRaft>>>>;
 
+/// Groups whose proposals wait: their leadership is being handed over, and a proposal
+/// committed meanwhile would keep the voters from electing the new leader.
+#[derive(Clone, Debug, Default)]
+pub struct Holds(Arc<watch::Sender<BTreeSet<u64>>>);
+
+impl Holds {
+    /// Holds the proposals of `group` until the guard is dropped.
+    pub fn hold(&self, group: u64) -> HoldGuard {
+        self.0.send_modify(|held| {
+            held.insert(group);
+        });
+        HoldGuard {
+            holds: self.clone(),
+            group,
+        }
+    }
+
+    /// Returns once proposals to `group` are not held.
+    pub async fn pass(&self, group: u64) {
+        if !self.0.borrow().contains(&group) {
+            return;
+        }
+        let mut held = self.0.subscribe();
+        // The sender lives as long as `self`: waiting cannot fail.
+        let _ = held.wait_for(|held| !held.contains(&group)).await;
+    }
+}
+
+/// Releases a group's proposals when dropped.
+#[derive(Debug)]
+pub struct HoldGuard {
+    holds: Holds,
+    group: u64,
+}
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        self.holds.0.send_modify(|held| {
+            held.remove(&self.group);
+        });
+    }
+}
+
 /// The internal transport's gRPC service.
 #[derive(Clone)]
 pub struct RaftService {
     groups: Groups,
+    holds: Holds,
 }
 
 impl RaftService {
-    /// A service handing requests to `groups`.
-    pub fn new(groups: Groups) -> Self {
-        Self { groups }
+    /// A service handing requests to `groups`, proposals once `holds` lets them pass.
+    pub fn new(groups: Groups, holds: Holds) -> Self {
+        Self { groups, holds }
     }
 
     /// The service, ready to add to a tonic server.
@@ -108,6 +153,7 @@ impl RaftTransport for RaftService {
         let request = request.into_inner();
         let raft = self.group(request.group)?;
         let batch = RecordBatch::from_bytes(request.body).map_err(|e| invalid("proposal", e))?;
+        self.holds.pass(request.group).await;
         reply(&raft.client_write(Proposal(batch)).await)
     }
 }

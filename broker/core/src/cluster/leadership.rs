@@ -1,0 +1,347 @@
+//! Handing a partition's leadership to another of its voters.
+//!
+//! openraft 0.9 has no leadership transfer, and a voter grants no vote while it hears
+//! from its leader (its lease is the longest election timeout). So the leader goes
+//! quiet: its proposals are held and it sends no heartbeats; the voters other than the
+//! target hold their elections; the target campaigns until the others' leases ran out
+//! and it is elected. Then everything resumes, and held proposals go to the new leader.
+//! The partition takes no writes for about one election timeout.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::Raft;
+use tonic::{Request, Response, Status};
+
+use super::partitions::members;
+use super::{ClusterError, ClusterNode, Started};
+use crate::meta::{Kind, MetaError};
+use crate::raft::{NodeId, PartitionRaft};
+use crate::transport::proto::leadership_server::{Leadership, LeadershipServer};
+use crate::transport::proto::{HandoverReply, HandoverRequest, HandoverStep, LagReply, LagRequest};
+
+/// How long a handover may take, and the longest a voter holds its elections for one.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the target campaigns again while the others' leases run out.
+const CAMPAIGN_EVERY: Duration = Duration::from_millis(250);
+/// How often a condition of the handover is looked at again.
+const POLL: Duration = Duration::from_millis(10);
+
+impl ClusterNode {
+    /// Hands the leadership of a partition to `to`, one of its replicas; returns once
+    /// `to` leads it.
+    pub async fn transfer_leadership(
+        &self,
+        kind: Kind,
+        name: &str,
+        partition: u32,
+        to: NodeId,
+    ) -> Result<(), ClusterError> {
+        let placed = self.partition(kind, name, partition)?;
+        if !placed.replicas.contains(&to) {
+            return Err(MetaError::InvalidArgument(format!(
+                "node {to} holds no replica of {kind} {name:?} partition {partition}; its replicas are on nodes {:?}",
+                placed.replicas
+            ))
+            .into());
+        }
+        self.lead_to(placed.group, to, &placed.replicas, false)
+            .await
+    }
+
+    /// Hands `group` to `to` if this node leads it, else asks its leader to (a forwarded
+    /// request must find the leader here).
+    async fn lead_to(
+        &self,
+        group: u64,
+        to: NodeId,
+        replicas: &[NodeId],
+        forwarded: bool,
+    ) -> Result<(), ClusterError> {
+        let deadline = Instant::now() + HANDOVER_TIMEOUT;
+        loop {
+            let leader = self.leader(group);
+            if leader == Some(self.id) {
+                return self.hand_over(group, to).await;
+            }
+            if !forwarded {
+                // The leader as this node knows it, else a replica that may know.
+                let ask = leader.or_else(|| replicas.first().copied());
+                if let Some(addr) = ask.and_then(|id| self.address(id)) {
+                    let forward = leader.is_some();
+                    match self
+                        .peers
+                        .handover(&addr, group, to, HandoverStep::Lead, forward)
+                        .await
+                    {
+                        Ok(()) => return Ok(()),
+                        // Leadership moved meanwhile: look again.
+                        Err(s) if s.code() == tonic::Code::FailedPrecondition => {}
+                        Err(s) => return Err(handover_failed(group, &s)),
+                    }
+                }
+            } else if leader.is_some() {
+                return Err(ClusterError::Raft {
+                    group,
+                    message: format!("node {} no longer leads it", self.id),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(ClusterError::NoLeader {
+                    group,
+                    timeout: HANDOVER_TIMEOUT,
+                    last: "no leader to hand over from".into(),
+                });
+            }
+            tokio::time::sleep(POLL * 5).await;
+        }
+    }
+
+    /// How many entries each replica of a partition is behind its leader (asked of the
+    /// leader if that is another node); `None` if no leader is known.
+    pub async fn lag(
+        &self,
+        kind: Kind,
+        name: &str,
+        partition: u32,
+    ) -> Result<Option<HashMap<NodeId, u64>>, ClusterError> {
+        let placed = self.partition(kind, name, partition)?;
+        let group = placed.group;
+        if let Some(lag) = self.local_lag(group) {
+            return Ok(Some(lag));
+        }
+        let Some(addr) = self.leader(group).and_then(|id| self.address(id)) else {
+            return Ok(None);
+        };
+        match self.peers.lag(&addr, group).await {
+            Ok(lag) => Ok(Some(lag)),
+            // It stopped leading meanwhile, or is down: not known now.
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Lag of the replicas of `group` if this node leads it.
+    fn local_lag(&self, group: u64) -> Option<HashMap<NodeId, u64>> {
+        let raft = self.group(group)?;
+        let metrics = raft.metrics();
+        let metrics = metrics.borrow();
+        if metrics.current_leader != Some(self.id) {
+            return None;
+        }
+        let last = metrics.last_log_index.unwrap_or(0);
+        Some(
+            metrics
+                .replication
+                .iter()
+                .flatten()
+                .filter_map(|(id, matched)| {
+                    let behind = match matched {
+                        Some(m) => last.saturating_sub(m.index),
+                        None if *id == self.id => 0,
+                        None => return None,
+                    };
+                    Some((*id, behind))
+                })
+                .collect(),
+        )
+    }
+
+    /// The address of node `id` as the metadata knows it.
+    fn address(&self, id: NodeId) -> Option<String> {
+        self.view.borrow().nodes.get(&id).map(|n| n.addr.clone())
+    }
+
+    /// On the leader of `group`: hands it to the voter `to`.
+    async fn hand_over(&self, group: u64, to: NodeId) -> Result<(), ClusterError> {
+        let raft = self.group(group).ok_or(ClusterError::NoGroup(group))?;
+        let (voters, _) = members(&raft);
+        if to == self.id {
+            return Ok(());
+        }
+        if !voters.contains(&to) {
+            return Err(MetaError::InvalidArgument(format!(
+                "node {to} is not a voter of raft group {group} (its voters are {voters:?})"
+            ))
+            .into());
+        }
+        let deadline = Instant::now() + HANDOVER_TIMEOUT;
+        let _held = self.holds.hold(group);
+        caught_up(&raft, to, deadline)
+            .await
+            .map_err(|last| ClusterError::Raft {
+                group,
+                message: format!("node {to} did not catch up to hand over to it: {last}"),
+            })?;
+        let addrs: Vec<(NodeId, String)> = voters
+            .iter()
+            .filter(|id| **id != self.id)
+            .filter_map(|id| Some((*id, self.address(*id)?)))
+            .collect();
+        raft.runtime_config().heartbeat(false);
+        for (_, addr) in addrs.iter().filter(|(id, _)| *id != to) {
+            // A voter that cannot be told cannot campaign either: it is down.
+            let _ = self
+                .peers
+                .handover(addr, group, to, HandoverStep::Hold, false)
+                .await;
+        }
+        let elected = match addrs.iter().find(|(id, _)| *id == to) {
+            Some((_, addr)) => self
+                .peers
+                .handover(addr, group, to, HandoverStep::Elect, false)
+                .await
+                .map_err(|s| handover_failed(group, &s)),
+            None => Err(ClusterError::Raft {
+                group,
+                message: format!("node {to} has no known address"),
+            }),
+        };
+        raft.runtime_config().heartbeat(true);
+        for (_, addr) in addrs.iter().filter(|(id, _)| *id != to) {
+            let _ = self
+                .peers
+                .handover(addr, group, to, HandoverStep::Resume, false)
+                .await;
+        }
+        elected?;
+        // This node learns of its successor from its first append.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = raft
+            .wait(Some(left))
+            .metrics(|m| m.current_leader == Some(to), "the new leader")
+            .await;
+        tracing::info!(group, to, "leadership handed over");
+        Ok(())
+    }
+}
+
+/// Waits until `to` holds everything the leader's log holds.
+async fn caught_up(
+    raft: &Raft<PartitionRaft>,
+    to: NodeId,
+    deadline: Instant,
+) -> Result<(), String> {
+    loop {
+        let (last, matched) = {
+            let metrics = raft.metrics();
+            let metrics = metrics.borrow();
+            let matched = metrics
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&to).copied().flatten())
+                .map(|m| m.index);
+            (metrics.last_log_index, matched)
+        };
+        if last.is_none() || matched >= last {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("it has {matched:?} of {last:?}"));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Campaigns for `group` on this node until elected, or fails at the deadline.
+async fn campaign(raft: &Raft<PartitionRaft>, id: NodeId) -> Result<(), Status> {
+    let deadline = Instant::now() + HANDOVER_TIMEOUT;
+    loop {
+        raft.trigger()
+            .elect()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let elected = raft
+            .wait(Some(CAMPAIGN_EVERY))
+            .metrics(|m| m.current_leader == Some(id), "elected")
+            .await
+            .is_ok();
+        if elected {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Status::unavailable(format!(
+                "node {id} was not elected within {HANDOVER_TIMEOUT:?}"
+            )));
+        }
+    }
+}
+
+fn handover_failed(group: u64, status: &Status) -> ClusterError {
+    ClusterError::NoLeader {
+        group,
+        timeout: HANDOVER_TIMEOUT,
+        last: format!("handing over leadership: {}", status.message()),
+    }
+}
+
+/// The `Leadership` service: the steps of a handover, as its nodes take them.
+#[derive(Clone)]
+pub(super) struct LeadershipService {
+    node: Started,
+}
+
+impl LeadershipService {
+    pub fn server(node: Started) -> LeadershipServer<Self> {
+        LeadershipServer::new(Self { node })
+    }
+}
+
+#[tonic::async_trait]
+impl Leadership for LeadershipService {
+    async fn handover(
+        &self,
+        request: Request<HandoverRequest>,
+    ) -> Result<Response<HandoverReply>, Status> {
+        let request = request.into_inner();
+        let node: Arc<ClusterNode> = self.node.get()?;
+        let (group, to) = (request.group, request.to);
+        let raft = || {
+            node.group(group)
+                .ok_or_else(|| Status::not_found(format!("no raft group {group} on this node")))
+        };
+        match HandoverStep::try_from(request.step) {
+            Ok(HandoverStep::Lead) => {
+                if request.forwarded && node.leader(group) != Some(node.id) {
+                    return Err(Status::failed_precondition(format!(
+                        "node {} does not lead raft group {group}",
+                        node.id
+                    )));
+                }
+                node.lead_to(group, to, &[], request.forwarded)
+                    .await
+                    .map_err(Status::from)?;
+            }
+            Ok(HandoverStep::Hold) => {
+                let raft = raft()?;
+                raft.runtime_config().elect(false);
+                // Elections resume even if the leader never says so (it may have died).
+                tokio::spawn(async move {
+                    tokio::time::sleep(HANDOVER_TIMEOUT).await;
+                    raft.runtime_config().elect(true);
+                });
+            }
+            Ok(HandoverStep::Resume) => raft()?.runtime_config().elect(true),
+            Ok(HandoverStep::Elect) => campaign(&raft()?, node.id).await?,
+            Ok(HandoverStep::Unspecified) | Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown handover step {}",
+                    request.step
+                )));
+            }
+        }
+        Ok(Response::new(HandoverReply {}))
+    }
+
+    async fn lag(&self, request: Request<LagRequest>) -> Result<Response<LagReply>, Status> {
+        let group = request.into_inner().group;
+        let node = self.node.get()?;
+        let entries_behind = node.local_lag(group).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "node {} does not lead raft group {group}",
+                node.id
+            ))
+        })?;
+        Ok(Response::new(LagReply { entries_behind }))
+    }
+}
