@@ -3,9 +3,15 @@
 
 use std::process::Command;
 
+/// One benchmark at a time: each measures the machine, and the cluster one uses all of it.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs `command` (a `petrel-bench` run); returns its last line as JSON once it printed a
 /// table with `header` in it.
 fn bench_json(command: &mut Command, header: &str) -> serde_json::Value {
+    let _alone = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let out = command.output().expect("run petrel-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

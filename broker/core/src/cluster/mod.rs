@@ -12,6 +12,7 @@
 
 mod commit;
 mod data;
+mod elections;
 mod leadership;
 mod members;
 mod partitions;
@@ -241,10 +242,12 @@ impl ClusterNode {
         let joining = node.clone();
         let reconciling = node.clone();
         let following = node.clone();
+        let electing = node.clone();
         let mut tasks = vec![
             tokio::spawn(async move { joining.join().await }),
             tokio::spawn(async move { partitions::reconcile(reconciling).await }),
             tokio::spawn(async move { members::follow(following).await }),
+            tokio::spawn(async move { elections::break_ties(electing).await }),
         ];
         node.tasks
             .lock()

@@ -5,7 +5,6 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::BasicNode;
 use openraft::error::{
     ClientWriteError, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError,
     Unreachable,
@@ -16,16 +15,22 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{BasicNode, LogId};
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
 use super::AppendHeader;
+use super::batch::Batcher;
 use super::proto::leadership_client::LeadershipClient;
 use super::proto::raft_transport_client::RaftTransportClient;
 use super::proto::{
     AppendRequest, HandoverRequest, HandoverStep, LagRequest, RaftReply, RaftRequest,
 };
 use crate::raft::{NodeId, PartitionRaft, Proposal, entry};
+
+/// A group that has replicated nothing for this long is idle: its heartbeats may wait to
+/// be batched with others.
+const IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// How long a connection attempt to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -35,7 +40,7 @@ type RpcError<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, Raf
 /// Connections to this node's peers, one per address, shared by every group.
 #[derive(Clone, Debug, Default)]
 pub struct Peers {
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    channels: Arc<Mutex<HashMap<String, Peer>>>,
     /// The address outgoing connections originate from (this node's internal bind).
     local: Option<IpAddr>,
 }
@@ -57,23 +62,39 @@ impl Peers {
         }
     }
 
-    /// The connection to `addr` (`host:port`), made on first use.
-    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    /// The connection to `addr` (`host:port`) and its append queue, made on first use.
+    fn peer(&self, addr: &str) -> Result<Peer, tonic::transport::Error> {
         let mut channels = self
             .channels
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(c) = channels.get(addr) {
-            return Ok(c.clone());
+        if let Some(p) = channels.get(addr) {
+            return Ok(p.clone());
         }
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .local_address(self.local)
             .connect_lazy();
-        channels.insert(addr.to_owned(), channel.clone());
-        Ok(channel)
+        let peer = Peer {
+            appends: Batcher::start(channel.clone()),
+            channel,
+        };
+        channels.insert(addr.to_owned(), peer.clone());
+        Ok(peer)
     }
+
+    /// The connection to `addr` (`host:port`), made on first use.
+    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        Ok(self.peer(addr)?.channel)
+    }
+}
+
+/// One peer: its connection, and the queue batching every group's appends to it.
+#[derive(Clone, Debug)]
+struct Peer {
+    channel: Channel,
+    appends: Batcher,
 }
 
 /// Why a proposal forwarded to a peer failed.
@@ -182,15 +203,16 @@ impl RaftNetworkFactory<PartitionRaft> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Connection {
-        let client = self
+        let peer = self
             .peers
-            .channel(&node.addr)
-            .map(RaftTransportClient::new)
+            .peer(&node.addr)
             .map_err(|e| NetworkError::new(&e));
         Connection {
             group: self.group,
             target,
-            client,
+            peer,
+            sent_commit: None,
+            busy_at: None,
         }
     }
 }
@@ -199,12 +221,20 @@ impl RaftNetworkFactory<PartitionRaft> for Network {
 pub struct Connection {
     group: u64,
     target: NodeId,
-    client: Result<RaftTransportClient<Channel>, NetworkError>,
+    peer: Result<Peer, NetworkError>,
+    /// The commit index last sent: an append without entries that sends it again is a
+    /// heartbeat, one that advances it tells the follower what it may apply.
+    sent_commit: Option<LogId<NodeId>>,
+    /// When an append last carried entries or commits: the group is idle a while after.
+    busy_at: Option<std::time::Instant>,
 }
 
 impl Connection {
     fn client(&self) -> Result<RaftTransportClient<Channel>, NetworkError> {
-        self.client.clone()
+        self.peer
+            .as_ref()
+            .map(|p| RaftTransportClient::new(p.channel.clone()))
+            .map_err(Clone::clone)
     }
 
     fn request(
@@ -268,6 +298,14 @@ impl RaftNetwork<PartitionRaft> for Connection {
         rpc: AppendEntriesRequest<PartitionRaft>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcError> {
+        // Only an idle group's heartbeats wait to be batched: a busy group's next append
+        // would wait behind its heartbeat.
+        let news = !rpc.entries.is_empty() || rpc.leader_commit != self.sent_commit;
+        if news {
+            self.busy_at = Some(std::time::Instant::now());
+        }
+        self.sent_commit = rpc.leader_commit;
+        let idle = self.busy_at.is_none_or(|t| t.elapsed() > IDLE_AFTER);
         let header = AppendHeader {
             vote: rpc.vote,
             prev_log_id: rpc.prev_log_id,
@@ -286,8 +324,14 @@ impl RaftNetwork<PartitionRaft> for Connection {
             header: header.into(),
             entries,
         };
-        let mut client = self.client().map_err(RPCError::Network)?;
-        let reply = client.append_entries(timed(request, &option)).await;
+        let appends = match &self.peer {
+            Ok(peer) => peer.appends.clone(),
+            Err(e) => return Err(RPCError::Network(e.clone())),
+        };
+        let reply = appends
+            .append(request, !news && idle, option.hard_ttl())
+            .await
+            .map(|body| tonic::Response::new(RaftReply { body }));
         decode(reply).map_err(|f| self.failed(*f))
     }
 

@@ -3,6 +3,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
+use bytes::Bytes;
 use openraft::Raft;
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use petrel_log::RecordBatch;
@@ -12,7 +13,9 @@ use tonic::{Request, Response, Status};
 
 use super::AppendHeader;
 use super::proto::raft_transport_server::{RaftTransport, RaftTransportServer};
-use super::proto::{AppendRequest, RaftReply, RaftRequest};
+use super::proto::{
+    AppendBatchReply, AppendBatchRequest, AppendRequest, AppendResult, RaftReply, RaftRequest,
+};
 use crate::raft::{NodeId, PartitionRaft, Proposal, entry};
 
 /// The largest request a peer may send: an append of up to `max_payload_entries`
@@ -84,17 +87,46 @@ impl RaftService {
     }
 
     fn group(&self, id: u64) -> Result<Raft<PartitionRaft>, Status> {
-        self.groups
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Status::not_found(format!("no Raft group {id} on this node")))
+        group(&self.groups, id)
     }
+}
+
+fn group(groups: &Groups, id: u64) -> Result<Raft<PartitionRaft>, Status> {
+    groups
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| Status::not_found(format!("no Raft group {id} on this node")))
 }
 
 fn invalid(what: &str, e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{what}: {e}"))
+}
+
+/// Hands an append to its group; returns the Raft result (JSON).
+async fn append(groups: &Groups, request: AppendRequest) -> Result<Bytes, Status> {
+    let raft = group(groups, request.group)?;
+    let header: AppendHeader =
+        serde_json::from_slice(&request.header).map_err(|e| invalid("append header", e))?;
+    let entries = request
+        .entries
+        .into_iter()
+        .map(|bytes| {
+            let batch = RecordBatch::from_bytes(bytes).map_err(|e| invalid("entry", e))?;
+            entry::from_batch(batch).map_err(|e| invalid("entry", e))
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
+    let rpc = AppendEntriesRequest::<PartitionRaft> {
+        vote: header.vote,
+        prev_log_id: header.prev_log_id,
+        leader_commit: header.leader_commit,
+        entries,
+    };
+    let result = raft.append_entries(rpc).await;
+    serde_json::to_vec(&result)
+        .map(Bytes::from)
+        .map_err(|e| Status::internal(e.to_string()))
 }
 
 /// The Raft result as the reply body.
@@ -109,25 +141,38 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<AppendRequest>,
     ) -> Result<Response<RaftReply>, Status> {
-        let request = request.into_inner();
-        let raft = self.group(request.group)?;
-        let header: AppendHeader =
-            serde_json::from_slice(&request.header).map_err(|e| invalid("append header", e))?;
-        let entries = request
-            .entries
-            .into_iter()
-            .map(|bytes| {
-                let batch = RecordBatch::from_bytes(bytes).map_err(|e| invalid("entry", e))?;
-                entry::from_batch(batch).map_err(|e| invalid("entry", e))
-            })
-            .collect::<Result<Vec<_>, Status>>()?;
-        let rpc = AppendEntriesRequest::<PartitionRaft> {
-            vote: header.vote,
-            prev_log_id: header.prev_log_id,
-            leader_commit: header.leader_commit,
-            entries,
-        };
-        reply(&raft.append_entries(rpc).await)
+        let body = append(&self.groups, request.into_inner()).await?;
+        Ok(Response::new(RaftReply { body }))
+    }
+
+    async fn append_batch(
+        &self,
+        request: Request<AppendBatchRequest>,
+    ) -> Result<Response<AppendBatchReply>, Status> {
+        // Concurrently: each group waits for its own flush.
+        let mut appends = tokio::task::JoinSet::new();
+        let requests = request.into_inner().requests;
+        let count = requests.len();
+        for (i, request) in requests.into_iter().enumerate() {
+            let groups = self.groups.clone();
+            appends.spawn(async move { (i, append(&groups, request).await) });
+        }
+        let mut results = vec![AppendResult::default(); count];
+        while let Some(done) = appends.join_next().await {
+            let (i, result) = done.map_err(|e| Status::internal(e.to_string()))?;
+            results[i] = match result {
+                Ok(body) => AppendResult {
+                    body,
+                    ..AppendResult::default()
+                },
+                Err(status) => AppendResult {
+                    body: Bytes::new(),
+                    code: status.code().into(),
+                    message: status.message().to_owned(),
+                },
+            };
+        }
+        Ok(Response::new(AppendBatchReply { results }))
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
