@@ -11,10 +11,13 @@ use petrel_tests::{Serve, Signal, free_port_other_than};
 fn three_processes_form_a_cluster_and_a_killed_node_comes_back_a_member() -> anyhow::Result<()> {
     let mut cluster = three_nodes()?;
 
-    // Node 3 crashes; the other two keep the cluster; it restarts on its data.
+    // Node 3 crashes; the other two keep the cluster and report it unreachable; it
+    // restarts on its data, and is healthy again.
     cluster.nodes[2].signal(Signal::Kill)?;
+    health_becomes(cluster.ports[0], &["ok", "ok", "unreachable"])?;
     let _crashed = cluster.restart(2, false)?;
     cluster.joined()?;
+    health_becomes(cluster.ports[0], &["ok", "ok", "ok"])?;
     for node in &cluster.nodes {
         node.signal(Signal::Term)?;
     }
@@ -23,6 +26,27 @@ fn three_processes_form_a_cluster_and_a_killed_node_comes_back_a_member() -> any
         ensure!(exited.status.success(), "unclean stop: {}", exited.stderr);
     }
     Ok(())
+}
+
+/// Waits until `petrel cluster status` through `port` reports each node's health as
+/// `expected` (by node id).
+fn health_becomes(port: u16, expected: &[&str]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + FORM;
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_slice(&petrel(port, &["cluster", "status", "-o", "json"])?.stdout)?;
+        let health: Vec<&str> = status["nodes"]
+            .as_array()
+            .context("nodes")?
+            .iter()
+            .filter_map(|n| n["health"].as_str())
+            .collect();
+        if health == expected {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "expected {expected:?}: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -514,6 +538,19 @@ mod failover {
                 "node at {port} holds {values:?}, acknowledged {acked:?}"
             );
         }
+
+        // Its preferred leader back and caught up, the partition is handed back to it.
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while runtime.block_on(leader(survivor, None, READY))? != old {
+            ensure!(
+                Instant::now() < deadline,
+                "node {old} was not given its partition back"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        acked.extend(runtime.block_on(produce(survivor, "back", 5))?);
+        let values = runtime.block_on(replica_values(ports[index], acked.len()))?;
+        ensure!(values == acked, "after the handback: {values:?}");
         Ok(())
     }
 

@@ -118,6 +118,9 @@ fn api_durability(d: meta::Durability) -> api::Durability {
     }
 }
 
+/// How long a node may take to answer the status's ping before it counts as unreachable.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A destination as the API shows it, with the leaders this node knows.
 fn destination(d: &meta::Destination, node: &ClusterNode) -> api::Destination {
     let spec = &d.spec;
@@ -194,17 +197,28 @@ impl Admin for AdminService {
     ) -> Result<Response<api::ClusterStatus>, Status> {
         let node = self.node()?;
         let metadata = node.metadata().borrow().clone();
+        let (lag, up) = tokio::join!(node.metadata_lag(), node.reachable(PING_TIMEOUT));
         let nodes = metadata
             .nodes
             .iter()
-            .map(|(id, n)| api::ClusterNode {
-                id: *id,
-                addr: n.addr.clone(),
-                state: match n.state {
-                    meta::NodeState::Active => "active",
-                    meta::NodeState::Draining => "draining",
+            .map(|(id, n)| {
+                let behind = lag.as_ref().and_then(|l| l.get(id).copied());
+                api::ClusterNode {
+                    id: *id,
+                    addr: n.addr.clone(),
+                    state: match n.state {
+                        meta::NodeState::Active => "active",
+                        meta::NodeState::Draining => "draining",
+                    }
+                    .to_owned(),
+                    health: match (up.contains(id), behind) {
+                        (false, _) => "unreachable",
+                        (true, Some(0)) => "ok",
+                        (true, _) => "lagging",
+                    }
+                    .to_owned(),
+                    metadata_lag: behind,
                 }
-                .to_owned(),
             })
             .collect();
         Ok(Response::new(api::ClusterStatus {

@@ -160,7 +160,15 @@ pub async fn cluster(command: &ClusterCommand, connection: &Connection) -> anyho
                 let nodes: Vec<Value> = status
                     .nodes
                     .iter()
-                    .map(|n| json!({"id": n.id, "addr": n.addr, "state": n.state}))
+                    .map(|n| {
+                        json!({
+                            "id": n.id,
+                            "addr": n.addr,
+                            "state": n.state,
+                            "health": n.health,
+                            "metadata_lag": n.metadata_lag,
+                        })
+                    })
                     .collect();
                 let doc = json!({
                     "nodes": nodes,
@@ -178,11 +186,17 @@ pub async fn cluster(command: &ClusterCommand, connection: &Connection) -> anyho
                         n.id.to_string(),
                         n.addr.clone(),
                         n.state.clone(),
+                        n.health.clone(),
+                        n.metadata_lag
+                            .map_or_else(|| "-".to_owned(), |l| l.to_string()),
                         if leader { "leader" } else { "" }.to_owned(),
                     ]
                 })
                 .collect();
-            Ok(table(&["NODE", "ADDRESS", "STATE", "METADATA"], rows))
+            Ok(table(
+                &["NODE", "ADDRESS", "STATE", "HEALTH", "LAG", "METADATA"],
+                rows,
+            ))
         }
     }
 }

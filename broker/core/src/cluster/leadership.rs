@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use openraft::Raft;
@@ -16,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::partitions::members;
 use super::{ClusterError, ClusterNode, Started};
-use crate::meta::{Kind, MetaError};
+use crate::meta::{Kind, MetaError, Partition};
 use crate::raft::{NodeId, PartitionRaft};
 use crate::transport::proto::leadership_server::{Leadership, LeadershipServer};
 use crate::transport::proto::{HandoverReply, HandoverRequest, HandoverStep, LagReply, LagRequest};
@@ -25,6 +26,8 @@ use crate::transport::proto::{HandoverReply, HandoverRequest, HandoverStep, LagR
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the target campaigns again while the others' leases run out.
 const CAMPAIGN_EVERY: Duration = Duration::from_millis(250);
+/// How long a node leads a partition preferring another replica before handing it back.
+const PREFERRED_AFTER: Duration = Duration::from_secs(10);
 /// How often a condition of the handover is looked at again.
 const POLL: Duration = Duration::from_millis(10);
 
@@ -106,19 +109,49 @@ impl ClusterNode {
         name: &str,
         partition: u32,
     ) -> Result<Option<HashMap<NodeId, u64>>, ClusterError> {
-        let placed = self.partition(kind, name, partition)?;
-        let group = placed.group;
+        let group = self.partition(kind, name, partition)?.group;
+        Ok(self.group_lag(group).await)
+    }
+
+    /// How many entries each member of the metadata group is behind its leader; `None`
+    /// if no leader is known.
+    pub async fn metadata_lag(&self) -> Option<HashMap<NodeId, u64>> {
+        self.group_lag(crate::meta::METADATA_GROUP).await
+    }
+
+    /// The nodes of the metadata that answer a ping within `timeout` (this one does).
+    pub async fn reachable(&self, timeout: Duration) -> std::collections::BTreeSet<NodeId> {
+        let nodes: Vec<(NodeId, String)> = self
+            .view
+            .borrow()
+            .nodes
+            .iter()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect();
+        let mut pings = tokio::task::JoinSet::new();
+        for (id, addr) in nodes {
+            let peers = self.peers.clone();
+            pings.spawn(async move { (id, peers.ping(&addr, timeout).await) });
+        }
+        let mut up = std::collections::BTreeSet::from([self.id]);
+        while let Some(Ok((id, answered))) = pings.join_next().await {
+            if answered {
+                up.insert(id);
+            }
+        }
+        up
+    }
+
+    /// How many entries each replica of `group` is behind its leader, asked of the
+    /// leader if that is another node.
+    async fn group_lag(&self, group: u64) -> Option<HashMap<NodeId, u64>> {
         if let Some(lag) = self.local_lag(group) {
-            return Ok(Some(lag));
+            return Some(lag);
         }
-        let Some(addr) = self.leader(group).and_then(|id| self.address(id)) else {
-            return Ok(None);
-        };
-        match self.peers.lag(&addr, group).await {
-            Ok(lag) => Ok(Some(lag)),
-            // It stopped leading meanwhile, or is down: not known now.
-            Err(_) => Ok(None),
-        }
+        let addr = self.leader(group).and_then(|id| self.address(id))?;
+        // An error: it stopped leading meanwhile, or is down; not known now.
+        self.peers.lag(&addr, group).await.ok()
     }
 
     /// Lag of the replicas of `group` if this node leads it.
@@ -214,6 +247,55 @@ impl ClusterNode {
         tracing::info!(group, to, "leadership handed over");
         Ok(())
     }
+}
+
+/// Hands a partition back to its preferred leader (the first of its replicas, the one
+/// placement spread leaderships with) where this node has led it for
+/// [`PREFERRED_AFTER`] instead and the preferred one is caught up: after a failover,
+/// leadership spreads again once the failed node is back. One handover at a time per node.
+pub(super) fn prefer(node: &Arc<ClusterNode>, raft: &Raft<PartitionRaft>, partition: &Partition) {
+    let group = partition.group;
+    let leading = raft.metrics().borrow().current_leader == Some(node.id);
+    let mut since = node
+        .led_since
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !leading {
+        since.remove(&group);
+        return;
+    }
+    let led_since = *since.entry(group).or_insert_with(Instant::now);
+    drop(since);
+    let Some(&preferred) = partition.replicas.first() else {
+        return;
+    };
+    if preferred == node.id
+        || partition.moving
+        || led_since.elapsed() < PREFERRED_AFTER
+        || node
+            .local_lag(group)
+            .and_then(|l| l.get(&preferred).copied())
+            != Some(0)
+        || node.handing_over.swap(true, Ordering::AcqRel)
+    {
+        return;
+    }
+    let node = node.clone();
+    tokio::spawn(async move {
+        match node.hand_over(group, preferred).await {
+            Ok(()) => tracing::info!(
+                group,
+                to = preferred,
+                "leadership back to the preferred replica"
+            ),
+            Err(e) => tracing::info!(group, error = %e, "leadership not handed back; will retry"),
+        }
+        node.led_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&group);
+        node.handing_over.store(false, Ordering::Release);
+    });
 }
 
 /// Waits until `to` holds everything the leader's log holds.

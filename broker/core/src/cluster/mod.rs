@@ -152,6 +152,10 @@ pub struct ClusterNode {
     commit: commit::GroupCommit,
     /// Groups whose proposals wait while their leadership is handed over.
     holds: Holds,
+    /// Since when this node leads each group it leads, as last seen.
+    led_since: Mutex<HashMap<u64, Instant>>,
+    /// A handover back to a preferred leader is under way.
+    handing_over: std::sync::atomic::AtomicBool,
     /// The other nodes of the peer list: where a node not yet following the metadata
     /// sends its join.
     seeds: Vec<String>,
@@ -226,6 +230,8 @@ impl ClusterNode {
             moving: Arc::default(),
             commit: commit::GroupCommit::default(),
             holds,
+            led_since: Mutex::default(),
+            handing_over: std::sync::atomic::AtomicBool::new(false),
             seeds: config
                 .peers
                 .iter()

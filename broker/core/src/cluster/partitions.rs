@@ -73,6 +73,7 @@ async fn apply(node: &Arc<ClusterNode>, metadata: &Metadata) {
     {
         if let Some(raft) = node.group(partition.group) {
             move_membership(node, metadata, &raft, partition);
+            super::leadership::prefer(node, &raft, partition);
         }
     }
     let moving: BTreeSet<u64> = metadata

@@ -24,7 +24,7 @@ use super::batch::Batcher;
 use super::proto::leadership_client::LeadershipClient;
 use super::proto::raft_transport_client::RaftTransportClient;
 use super::proto::{
-    AppendRequest, HandoverRequest, HandoverStep, LagRequest, RaftReply, RaftRequest,
+    AppendRequest, HandoverRequest, HandoverStep, LagRequest, PingRequest, RaftReply, RaftRequest,
 };
 use crate::raft::{NodeId, PartitionRaft, Proposal, entry};
 
@@ -176,6 +176,21 @@ impl Peers {
 }
 
 impl Peers {
+    /// Whether the node at `addr` answers within `timeout`.
+    pub async fn ping(&self, addr: &str, timeout: Duration) -> bool {
+        let Ok(channel) = self.channel(addr) else {
+            return false;
+        };
+        let mut request = tonic::Request::new(PingRequest {});
+        request.set_timeout(timeout);
+        let mut client = RaftTransportClient::new(channel);
+        // The request's deadline bounds the answer; the timer also bounds the connect.
+        matches!(
+            tokio::time::timeout(timeout, client.ping(request)).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// How far each replica of `group` is behind, from its leader at `addr`.
     pub async fn lag(
         &self,

@@ -14,7 +14,8 @@ use tonic::{Request, Response, Status};
 use super::AppendHeader;
 use super::proto::raft_transport_server::{RaftTransport, RaftTransportServer};
 use super::proto::{
-    AppendBatchReply, AppendBatchRequest, AppendRequest, AppendResult, RaftReply, RaftRequest,
+    AppendBatchReply, AppendBatchRequest, AppendRequest, AppendResult, PingReply, PingRequest,
+    RaftReply, RaftRequest,
 };
 use crate::raft::{NodeId, PartitionRaft, Proposal, entry};
 
@@ -192,6 +193,10 @@ impl RaftTransport for RaftService {
         let rpc: InstallSnapshotRequest<PartitionRaft> =
             serde_json::from_slice(&request.body).map_err(|e| invalid("snapshot request", e))?;
         reply(&raft.install_snapshot(rpc).await)
+    }
+
+    async fn ping(&self, _request: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
+        Ok(Response::new(PingReply {}))
     }
 
     async fn propose(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
