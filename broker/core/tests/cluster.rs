@@ -40,6 +40,11 @@ async fn cluster(dir: &std::path::Path, n: u64) -> BTreeMap<NodeId, Arc<ClusterN
                 election_timeout_max: 800,
                 ..openraft::Config::default()
             },
+            partition_defaults: petrel_log::PartitionConfig {
+                // Small segments, so that retention has whole ones to drop.
+                segment_bytes: 4096,
+                ..petrel_log::PartitionConfig::default()
+            },
         };
         let node = ClusterNode::start(config, storage, listener, Default::default())
             .await
@@ -349,6 +354,69 @@ async fn beyond_five_nodes_the_others_follow_the_metadata_as_learners() {
         .await
         .expect("every node applies the creation")
         .expect("metadata");
+    }
+    for node in nodes.into_values() {
+        node.close().await.expect("close");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_old_segments_everywhere_and_a_topic_without_it_keeps_all() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = cluster(dir.path(), 3).await;
+    let first = &nodes[&1];
+    let bounded = Spec {
+        retention: Retention {
+            ms: None,
+            bytes: Some(16 << 10),
+        },
+        ..spec("bounded", 1, 3)
+    };
+    create(first, bounded).await.expect("create bounded");
+    create(first, spec("kept", 1, 3))
+        .await
+        .expect("create kept");
+    // Entries enough for Raft's own purging (a snapshot every 1000, then all but the last
+    // 1000 of those it covers) to have reached records, were it on: only retention may.
+    let value = vec![b'v'; 200];
+    let record = [petrel_core::cluster::NewRecord {
+        timestamp: 1,
+        key: None,
+        value: &value,
+        headers: &[],
+    }];
+    let mut offsets = Vec::new();
+    for _ in 0..2100 {
+        for topic in ["bounded", "kept"] {
+            let taken = first
+                .produce(Kind::Topic, topic, 0, &record)
+                .await
+                .expect("produce");
+            if topic == "kept" {
+                offsets.push(taken);
+            }
+        }
+    }
+    // The first offsets went to Raft's own entries.
+    let (first_kept, written) = (offsets[0].0, offsets[offsets.len() - 1].1);
+    let first_offset = |node: &ClusterNode, topic: &str| {
+        node.fetch(Kind::Topic, topic, 0, 0, 1)
+            .ok()
+            .and_then(|(batches, hw)| Some((batches.first()?.base_offset(), hw)))
+    };
+    for node in nodes.values() {
+        // Kept: the newest 16 KiB in whole 4 KiB segments, and what the last snapshot
+        // (every 1000 entries) does not cover yet; far from the 2100 written.
+        eventually("retention purged the bounded topic on every node", || {
+            first_offset(node, "bounded")
+                .is_some_and(|(start, hw)| written - start < 400 && hw == written)
+        })
+        .await;
+        let kept = || first_offset(node, "kept");
+        eventually("every record of the kept topic on every node", || {
+            kept() == Some((first_kept, written))
+        })
+        .await;
     }
     for node in nodes.into_values() {
         node.close().await.expect("close");

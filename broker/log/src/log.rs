@@ -352,6 +352,45 @@ impl Log {
         Ok(None)
     }
 
+    /// Where retention lets the log start: after the sealed segments wholly older than
+    /// `keep_ms` (their newest record before `now_ms - keep_ms`), and after the oldest
+    /// sealed segments beyond the newest `keep_bytes`. Whole segments only, as Kafka does;
+    /// the active segment always stays. `start_offset` if nothing may go.
+    pub fn retention_point(
+        &self,
+        now_ms: i64,
+        keep_ms: Option<u64>,
+        keep_bytes: Option<u64>,
+    ) -> u64 {
+        let sealed: Vec<&Segment> = {
+            let mut all: Vec<&Segment> = self.state.segments.values().collect();
+            all.pop(); // the active one
+            all
+        };
+        let mut point = self.state.start;
+        if let Some(ms) = keep_ms {
+            let oldest = now_ms.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX));
+            if let Some(last_old) = sealed
+                .iter()
+                .take_while(|s| s.max_timestamp() < oldest)
+                .last()
+            {
+                point = point.max(last_old.next_offset());
+            }
+        }
+        if let Some(bytes) = keep_bytes {
+            let mut kept: u64 = self.state.active().map_or(0, Segment::size);
+            for seg in sealed.iter().rev() {
+                kept = kept.saturating_add(seg.size());
+                if kept > bytes {
+                    point = point.max(seg.next_offset());
+                    break;
+                }
+            }
+        }
+        point
+    }
+
     /// Removes the batch containing `offset` and everything after it (Raft conflict
     /// resolution). Durable when it returns.
     pub fn truncate_from(&mut self, offset: u64) -> Result<()> {

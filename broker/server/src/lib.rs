@@ -282,6 +282,7 @@ async fn join_cluster(
         data_dir: config.data_dir.clone(),
         peers: config.peers.clone(),
         raft: raft_config(),
+        partition_defaults: config.partition_defaults(),
     };
     let services = tonic::service::Routes::new(admin.server());
     ClusterNode::start(node, storage, internal, services)

@@ -16,6 +16,7 @@ mod elections;
 mod leadership;
 mod members;
 mod partitions;
+mod retention;
 
 pub use commit::{NewRecord, Offsets};
 
@@ -58,6 +59,9 @@ pub struct NodeConfig {
     pub peers: BTreeMap<NodeId, String>,
     /// Raft timings for every group.
     pub raft: openraft::Config,
+    /// Settings of partition logs (segment size, …); each destination sets its own
+    /// sync policy.
+    pub partition_defaults: PartitionConfig,
 }
 
 /// Why a node could not start or serve a request.
@@ -141,7 +145,11 @@ pub struct ClusterNode {
     peers: Peers,
     metadata: Raft<PartitionRaft>,
     view: watch::Receiver<Metadata>,
-    raft_config: Arc<openraft::Config>,
+    /// Raft settings of the partition groups: the metadata's, except that Raft never
+    /// purges their logs by itself (the messages are the log: retention purges it).
+    partition_raft: Arc<openraft::Config>,
+    /// Settings of partition logs before their destination's own.
+    partition_defaults: PartitionConfig,
     _server: ServerGuard,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Readers of the partition groups held here.
@@ -180,8 +188,19 @@ impl ClusterNode {
         let raft_config = Arc::new(
             config
                 .raft
+                .clone()
                 .validate()
                 .map_err(|e| ClusterError::RaftConfig(e.to_string()))?,
+        );
+        let partition_raft = Arc::new(
+            openraft::Config {
+                max_in_snapshot_log_to_keep: u64::MAX,
+                // Snapshots are small (state only) and bound how far a purge reaches.
+                snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
+                ..config.raft
+            }
+            .validate()
+            .map_err(|e| ClusterError::RaftConfig(e.to_string()))?,
         );
 
         let fresh = !storage.partitions().contains(&METADATA_GROUP);
@@ -223,7 +242,8 @@ impl ClusterNode {
             peers,
             metadata,
             view,
-            raft_config,
+            partition_raft,
+            partition_defaults: config.partition_defaults.clone(),
             _server: ServerGuard(Some(stop_server)),
             tasks: Mutex::new(Vec::new()),
             replicas: Mutex::new(HashMap::new()),
@@ -249,11 +269,13 @@ impl ClusterNode {
         let reconciling = node.clone();
         let following = node.clone();
         let electing = node.clone();
+        let retaining = node.clone();
         let mut tasks = vec![
             tokio::spawn(async move { joining.join().await }),
             tokio::spawn(async move { partitions::reconcile(reconciling).await }),
             tokio::spawn(async move { members::follow(following).await }),
             tokio::spawn(async move { elections::break_ties(electing).await }),
+            tokio::spawn(async move { retention::enforce(retaining).await }),
         ];
         node.tasks
             .lock()

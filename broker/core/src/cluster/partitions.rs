@@ -159,14 +159,14 @@ fn move_membership(
     });
 }
 
-fn partition_config(destination: &Destination) -> PartitionConfig {
+fn partition_config(defaults: &PartitionConfig, destination: &Destination) -> PartitionConfig {
     PartitionConfig {
         sync_policy: match destination.spec.durability {
             Durability::Always => SyncPolicy::Always,
             Durability::Interval => SyncPolicy::Interval,
             Durability::Never => SyncPolicy::Never,
         },
-        ..PartitionConfig::default()
+        ..defaults.clone()
     }
 }
 
@@ -178,7 +178,7 @@ async fn start(
     partition: &Partition,
 ) -> Result<(), ClusterError> {
     let group = partition.group;
-    let config = partition_config(destination);
+    let config = partition_config(&node.partition_defaults, destination);
     let fresh = !node.storage.partitions().contains(&group);
     let log = if fresh {
         node.storage.create_partition(group, config)?
@@ -192,7 +192,7 @@ async fn start(
     };
     let raft = Raft::new(
         node.id,
-        node.raft_config.clone(),
+        node.partition_raft.clone(),
         node.peers.group(group),
         store,
         machine,

@@ -166,6 +166,23 @@ fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
 }
 
 impl LogReader {
+    /// The last Raft index retention lets go (`keep_ms` by record time, `keep_bytes` by
+    /// size, whole sealed segments), if any: the entries up to it may be purged.
+    pub fn release_index(
+        &self,
+        now_ms: i64,
+        keep_ms: Option<u64>,
+        keep_bytes: Option<u64>,
+    ) -> Result<Option<u64>, RaftStoreError> {
+        let log = self.log.upgrade().ok_or(RaftStoreError::Stopped)?;
+        let log = read(&log);
+        let point = log.retention_point(now_ms, keep_ms, keep_bytes);
+        if point <= log.start_offset() || point >= log.next_offset() {
+            return Ok(None);
+        }
+        Ok(batch_at(&log, point)?.raft_index().checked_sub(1))
+    }
+
     /// Message batches from the one holding `offset` on, up to about `max_bytes` (at least
     /// one batch if any), none reaching past `high_watermark`; Raft's own entries skipped.
     pub fn read_messages(
