@@ -353,9 +353,10 @@ impl Log {
     }
 
     /// Where retention lets the log start: after the sealed segments wholly older than
-    /// `keep_ms` (their newest record before `now_ms - keep_ms`), and after the oldest
-    /// sealed segments beyond the newest `keep_bytes`. Whole segments only, as Kafka does;
-    /// the active segment always stays. `start_offset` if nothing may go.
+    /// `keep_ms` (their newest record before `now_ms - keep_ms`), and after the sealed
+    /// segments older than the newest ones that hold at least `keep_bytes`. Whole segments
+    /// only, as Kafka does; the active segment always stays. `start_offset` if nothing may
+    /// go.
     pub fn retention_point(
         &self,
         now_ms: i64,
@@ -379,13 +380,14 @@ impl Log {
             }
         }
         if let Some(bytes) = keep_bytes {
+            // The newest segments holding at least `bytes` stay; the older ones go.
             let mut kept: u64 = self.state.active().map_or(0, Segment::size);
             for seg in sealed.iter().rev() {
-                kept = kept.saturating_add(seg.size());
-                if kept > bytes {
+                if kept >= bytes {
                     point = point.max(seg.next_offset());
                     break;
                 }
+                kept = kept.saturating_add(seg.size());
             }
         }
         point

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{append_durably, batch, open, open_or_create, timestamp};
+use common::{append_durably, batch, open, open_or_create, read_all, timestamp};
 
 #[test]
 fn retention_drops_whole_sealed_segments_older_or_beyond_the_size_kept() {
@@ -45,6 +45,11 @@ fn retention_drops_whole_sealed_segments_older_or_beyond_the_size_kept() {
     log.purge_to(by_size).expect("purge");
     assert!(log.segment_count() < before);
     assert_eq!(log.start_offset(), by_size);
+    let left: usize = read_all(&log, 64 << 10).iter().map(|b| b.len()).sum();
+    assert!(
+        left >= 8 << 10,
+        "at least the size kept stays: {left} bytes"
+    );
     assert_eq!(
         log.retention_point(0, None, Some(8 << 10)),
         by_size,

@@ -28,6 +28,10 @@ const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 const CAMPAIGN_EVERY: Duration = Duration::from_millis(250);
 /// How long a node leads a partition preferring another replica before handing it back.
 const PREFERRED_AFTER: Duration = Duration::from_secs(10);
+/// How long a voter may take to hold or resume its elections.
+const STEP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a campaign, or a handover asked of another node, may take.
+const LEAD_TIMEOUT: Duration = Duration::from_secs(7);
 /// How often a condition of the handover is looked at again.
 const POLL: Duration = Duration::from_millis(10);
 
@@ -35,7 +39,7 @@ impl ClusterNode {
     /// Hands the leadership of a partition to `to`, one of its replicas; returns once
     /// `to` leads it.
     pub async fn transfer_leadership(
-        &self,
+        self: &Arc<Self>,
         kind: Kind,
         name: &str,
         partition: u32,
@@ -56,7 +60,7 @@ impl ClusterNode {
     /// Hands `group` to `to` if this node leads it, else asks its leader to (a forwarded
     /// request must find the leader here).
     async fn lead_to(
-        &self,
+        self: &Arc<Self>,
         group: u64,
         to: NodeId,
         replicas: &[NodeId],
@@ -75,7 +79,7 @@ impl ClusterNode {
                     let forward = leader.is_some();
                     match self
                         .peers
-                        .handover(&addr, group, to, HandoverStep::Lead, forward)
+                        .handover(&addr, group, to, HandoverStep::Lead, forward, LEAD_TIMEOUT)
                         .await
                     {
                         Ok(()) => return Ok(()),
@@ -185,8 +189,19 @@ impl ClusterNode {
         self.view.borrow().nodes.get(&id).map(|n| n.addr.clone())
     }
 
-    /// On the leader of `group`: hands it to the voter `to`.
-    async fn hand_over(&self, group: u64, to: NodeId) -> Result<(), ClusterError> {
+    /// On the leader of `group`: hands it to the voter `to`. On a task of its own, so that
+    /// a caller that goes away cannot leave heartbeats off or proposals held.
+    async fn hand_over(self: &Arc<Self>, group: u64, to: NodeId) -> Result<(), ClusterError> {
+        let node = self.clone();
+        tokio::spawn(async move { node.hand_over_here(group, to).await })
+            .await
+            .map_err(|e| ClusterError::Raft {
+                group,
+                message: format!("the handover stopped: {e}"),
+            })?
+    }
+
+    async fn hand_over_here(&self, group: u64, to: NodeId) -> Result<(), ClusterError> {
         let raft = self.group(group).ok_or(ClusterError::NoGroup(group))?;
         let (voters, _) = members(&raft);
         if to == self.id {
@@ -199,7 +214,12 @@ impl ClusterNode {
             .into());
         }
         let deadline = Instant::now() + HANDOVER_TIMEOUT;
-        let _held = self.holds.hold(group);
+        let Some(_held) = self.holds.hold(group) else {
+            return Err(ClusterError::Raft {
+                group,
+                message: "a handover of its leadership is under way".into(),
+            });
+        };
         caught_up(&raft, to, deadline)
             .await
             .map_err(|last| ClusterError::Raft {
@@ -216,13 +236,13 @@ impl ClusterNode {
             // A voter that cannot be told cannot campaign either: it is down.
             let _ = self
                 .peers
-                .handover(addr, group, to, HandoverStep::Hold, false)
+                .handover(addr, group, to, HandoverStep::Hold, false, STEP_TIMEOUT)
                 .await;
         }
         let elected = match addrs.iter().find(|(id, _)| *id == to) {
             Some((_, addr)) => self
                 .peers
-                .handover(addr, group, to, HandoverStep::Elect, false)
+                .handover(addr, group, to, HandoverStep::Elect, false, LEAD_TIMEOUT)
                 .await
                 .map_err(|s| handover_failed(group, &s)),
             None => Err(ClusterError::Raft {
@@ -234,7 +254,7 @@ impl ClusterNode {
         for (_, addr) in addrs.iter().filter(|(id, _)| *id != to) {
             let _ = self
                 .peers
-                .handover(addr, group, to, HandoverStep::Resume, false)
+                .handover(addr, group, to, HandoverStep::Resume, false, STEP_TIMEOUT)
                 .await;
         }
         elected?;

@@ -36,7 +36,9 @@ const CATCH_UP_SLACK: u64 = 16;
 
 /// The voters the metadata group should have: the active nodes, those voting already
 /// first, then learners that have caught up, up to [`MAX_VOTERS`]; the current voters
-/// if no node is active.
+/// if no node is active. A voter the node list does not name yet keeps its vote: the
+/// voters of a new cluster join the list one by one (a node leaves the list only once
+/// drained, and a draining node already lost its vote).
 fn voters(
     nodes: &BTreeMap<NodeId, Node>,
     current: &BTreeSet<NodeId>,
@@ -46,7 +48,7 @@ fn voters(
     let wanted: BTreeSet<NodeId> = current
         .iter()
         .copied()
-        .filter(active)
+        .filter(|id| active(id) || !nodes.contains_key(id))
         .chain(
             caught_up
                 .iter()
@@ -156,5 +158,10 @@ mod tests {
         );
         // Nothing active: the voters stay.
         assert_eq!(voters(&nodes(&[], &[1]), &set(&[1]), &set(&[1])), set(&[1]));
+        // A new cluster's voters keep their votes while they join one by one.
+        assert_eq!(
+            voters(&nodes(&[1], &[]), &set(&[1, 2, 3]), &set(&[1, 2, 3])),
+            set(&[1, 2, 3])
+        );
     }
 }

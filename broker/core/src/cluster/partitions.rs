@@ -141,11 +141,12 @@ fn move_membership(
                         .await
                         .map_err(|e| raft_error(group, e))?;
                 }
-                raft.change_membership(wanted, false)
+                raft.change_membership(wanted.clone(), false)
                     .await
                     .map_err(|e| raft_error(group, e))?;
             }
-            node.command(&Command::Settled { group }).await
+            let replicas = Some(wanted.into_iter().collect());
+            node.command(&Command::Settled { group, replicas }).await
         }
         .await;
         match result {

@@ -1,7 +1,7 @@
 //! The metadata itself and the commands that change it: a pure state machine, the same
 //! on every node because every node applies the same commands in the same order.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -139,7 +139,13 @@ pub enum Command {
     /// A destination goes, with all its partitions.
     Delete { kind: Kind, name: String },
     /// A group's leader made its membership the placed replicas.
-    Settled { group: u64 },
+    Settled {
+        group: u64,
+        /// The replicas the membership was moved to: a move settles only if they are
+        /// still the placement (it may have changed again meanwhile). Absent: any.
+        #[serde(default)]
+        replicas: Option<Vec<NodeId>>,
+    },
 }
 
 /// What a command did.
@@ -245,7 +251,7 @@ impl Metadata {
                 durability,
                 retention,
             } => self.update(kind, &name, partitions, durability, retention),
-            Command::Settled { group } => {
+            Command::Settled { group, replicas } => {
                 let partition = self
                     .destinations
                     .values_mut()
@@ -253,7 +259,11 @@ impl Metadata {
                     .flat_map(|d| d.partitions.iter_mut())
                     .find(|p| p.group == group)
                     .ok_or_else(|| invalid(format!("no partition group {group}")))?;
-                partition.moving = false;
+                let placed: BTreeSet<NodeId> = partition.replicas.iter().copied().collect();
+                let applied = replicas.map(|r| r.into_iter().collect::<BTreeSet<NodeId>>());
+                if applied.is_none_or(|a| a == placed) {
+                    partition.moving = false;
+                }
                 Ok(Outcome::Placement(partition.clone()))
             }
             Command::Delete { kind, name } => {
@@ -792,6 +802,32 @@ mod tests {
         })
         .expect("rejoin");
         assert_eq!(m, before);
+    }
+
+    #[test]
+    fn a_move_settles_only_for_the_placement_it_applied() {
+        let mut m = cluster(4);
+        create(&mut m, Kind::Topic, "t", 1, 3);
+        let group = m.partitions().next().expect("partition").group;
+        let replicas = |m: &Metadata| m.partitions().next().expect("partition").replicas.clone();
+        let first = replicas(&m);
+        let leaving = first[1];
+        m.execute(Command::DecommissionNode { id: leaving })
+            .expect("decommission");
+        let moved = replicas(&m);
+        // The membership applied before the placement changed does not settle it.
+        m.execute(Command::Settled {
+            group,
+            replicas: Some(first),
+        })
+        .expect("settled");
+        assert!(m.partitions().all(|p| p.moving), "still moving");
+        m.execute(Command::Settled {
+            group,
+            replicas: Some(moved),
+        })
+        .expect("settled");
+        assert!(m.partitions().all(|p| !p.moving), "settled");
     }
 
     #[test]

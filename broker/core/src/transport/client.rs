@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
 use super::AppendHeader;
-use super::batch::Batcher;
+use super::heartbeats::Heartbeats;
 use super::proto::leadership_client::LeadershipClient;
 use super::proto::raft_transport_client::RaftTransportClient;
 use super::proto::{
@@ -31,6 +31,9 @@ use crate::raft::{NodeId, PartitionRaft, Proposal, entry};
 /// A group that has replicated nothing for this long is idle: its heartbeats may wait to
 /// be batched with others.
 const IDLE_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a leader may take to tell how far its replicas are behind.
+const LAG_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a connection attempt to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -77,7 +80,7 @@ impl Peers {
             .local_address(self.local)
             .connect_lazy();
         let peer = Peer {
-            appends: Batcher::start(channel.clone()),
+            heartbeats: Heartbeats::start(channel.clone()),
             channel,
         };
         channels.insert(addr.to_owned(), peer.clone());
@@ -90,11 +93,11 @@ impl Peers {
     }
 }
 
-/// One peer: its connection, and the queue batching every group's appends to it.
+/// One peer: its connection, and the queue gathering idle groups' heartbeats to it.
 #[derive(Clone, Debug)]
 struct Peer {
     channel: Channel,
-    appends: Batcher,
+    heartbeats: Heartbeats,
 }
 
 /// Why a proposal forwarded to a peer failed.
@@ -160,18 +163,26 @@ impl Peers {
         to: NodeId,
         step: HandoverStep,
         forwarded: bool,
+        timeout: Duration,
     ) -> Result<(), tonic::Status> {
         let channel = self
             .channel(addr)
             .map_err(|e| tonic::Status::unavailable(format!("{addr}: {e}")))?;
-        let request = HandoverRequest {
+        let mut request = tonic::Request::new(HandoverRequest {
             group,
             to,
             step: step.into(),
             forwarded,
-        };
-        LeadershipClient::new(channel).handover(request).await?;
-        Ok(())
+        });
+        request.set_timeout(timeout);
+        let mut client = LeadershipClient::new(channel);
+        // The deadline also bounds connecting, which the request's does not.
+        match tokio::time::timeout(timeout, client.handover(request)).await {
+            Ok(answer) => answer.map(|_| ()),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "{addr} did not answer within {timeout:?}"
+            ))),
+        }
     }
 }
 
@@ -200,10 +211,15 @@ impl Peers {
         let channel = self
             .channel(addr)
             .map_err(|e| tonic::Status::unavailable(format!("{addr}: {e}")))?;
-        let reply = LeadershipClient::new(channel)
-            .lag(LagRequest { group })
-            .await?;
-        Ok(reply.into_inner().entries_behind)
+        let mut request = tonic::Request::new(LagRequest { group });
+        request.set_timeout(LAG_TIMEOUT);
+        let mut client = LeadershipClient::new(channel);
+        match tokio::time::timeout(LAG_TIMEOUT, client.lag(request)).await {
+            Ok(reply) => Ok(reply?.into_inner().entries_behind),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "{addr} did not answer within {LAG_TIMEOUT:?}"
+            ))),
+        }
     }
 }
 
@@ -339,14 +355,21 @@ impl RaftNetwork<PartitionRaft> for Connection {
             header: header.into(),
             entries,
         };
-        let appends = match &self.peer {
-            Ok(peer) => peer.appends.clone(),
-            Err(e) => return Err(RPCError::Network(e.clone())),
+        let reply = if !news && idle {
+            let heartbeats = match &self.peer {
+                Ok(peer) => peer.heartbeats.clone(),
+                Err(e) => return Err(RPCError::Network(e.clone())),
+            };
+            heartbeats
+                .send(request, option.hard_ttl())
+                .await
+                .map(|body| tonic::Response::new(RaftReply { body }))
+        } else {
+            // On its own: an append with entries waits for the follower's flush, which
+            // must not hold up other groups.
+            let mut client = self.client().map_err(RPCError::Network)?;
+            client.append_entries(timed(request, &option)).await
         };
-        let reply = appends
-            .append(request, !news && idle, option.hard_ttl())
-            .await
-            .map(|body| tonic::Response::new(RaftReply { body }));
         decode(reply).map_err(|f| self.failed(*f))
     }
 

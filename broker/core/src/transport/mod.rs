@@ -7,12 +7,11 @@
 //!
 //! * [`Peers`]: the connections to peers, shared by every group; [`Peers::group`] gives
 //!   the `RaftNetworkFactory` a group's `Raft` sends through.
-//! * `batch`: every group's appends to one peer go out together, heartbeats gathered
-//!   for a moment.
+//! * `heartbeats`: idle groups' heartbeats to one peer go out together.
 //! * [`RaftService`]: the gRPC service handing requests to this node's [`Groups`].
 
-mod batch;
 mod client;
+mod heartbeats;
 mod server;
 
 use openraft::{LogId, Vote};

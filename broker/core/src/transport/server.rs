@@ -26,21 +26,24 @@ const MAX_MESSAGE_BYTES: usize = 256 << 20;
 /// The Raft groups this node runs, by group id.
 pub type Groups = Arc<RwLock<HashMap<u64, Raft<PartitionRaft>>>>;
 
+/// How long one append of a batch may take before it is answered as failed.
+const BATCHED_BUDGET: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Groups whose proposals wait: their leadership is being handed over, and a proposal
 /// committed meanwhile would keep the voters from electing the new leader.
 #[derive(Clone, Debug, Default)]
 pub struct Holds(Arc<watch::Sender<BTreeSet<u64>>>);
 
 impl Holds {
-    /// Holds the proposals of `group` until the guard is dropped.
-    pub fn hold(&self, group: u64) -> HoldGuard {
-        self.0.send_modify(|held| {
-            held.insert(group);
-        });
-        HoldGuard {
-            holds: self.clone(),
-            group,
-        }
+    /// Holds the proposals of `group` until the guard is dropped; `None` if they are
+    /// held already (one handover of a group at a time).
+    pub fn hold(&self, group: u64) -> Option<HoldGuard> {
+        self.0
+            .send_if_modified(|held| held.insert(group))
+            .then(|| HoldGuard {
+                holds: self.clone(),
+                group,
+            })
     }
 
     /// Returns once proposals to `group` are not held.
@@ -130,6 +133,21 @@ async fn append(groups: &Groups, request: AppendRequest) -> Result<Bytes, Status
         .map_err(|e| Status::internal(e.to_string()))
 }
 
+/// One append's outcome as a batch reply carries it.
+fn outcome(result: Result<Bytes, Status>) -> AppendResult {
+    match result {
+        Ok(body) => AppendResult {
+            body,
+            ..AppendResult::default()
+        },
+        Err(status) => AppendResult {
+            body: Bytes::new(),
+            code: status.code().into(),
+            message: status.message().to_owned(),
+        },
+    }
+}
+
 /// The Raft result as the reply body.
 fn reply<T: Serialize, E: Serialize>(result: &Result<T, E>) -> Result<Response<RaftReply>, Status> {
     let body = serde_json::to_vec(result).map_err(|e| Status::internal(e.to_string()))?;
@@ -150,28 +168,31 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<AppendBatchRequest>,
     ) -> Result<Response<AppendBatchReply>, Status> {
-        // Concurrently: each group waits for its own flush.
+        let mut requests = request.into_inner().requests;
+        if requests.len() == 1
+            && let Some(request) = requests.pop()
+        {
+            let results = vec![outcome(append(&self.groups, request).await)];
+            return Ok(Response::new(AppendBatchReply { results }));
+        }
+        // Concurrently, each within a budget: one group's busy Raft must not hold up the
+        // answers of the others.
         let mut appends = tokio::task::JoinSet::new();
-        let requests = request.into_inner().requests;
         let count = requests.len();
         for (i, request) in requests.into_iter().enumerate() {
             let groups = self.groups.clone();
-            appends.spawn(async move { (i, append(&groups, request).await) });
+            appends.spawn(async move {
+                let appended = tokio::time::timeout(BATCHED_BUDGET, append(&groups, request));
+                let result = appended
+                    .await
+                    .unwrap_or_else(|_| Err(Status::unavailable("the group is busy")));
+                (i, result)
+            });
         }
         let mut results = vec![AppendResult::default(); count];
         while let Some(done) = appends.join_next().await {
             let (i, result) = done.map_err(|e| Status::internal(e.to_string()))?;
-            results[i] = match result {
-                Ok(body) => AppendResult {
-                    body,
-                    ..AppendResult::default()
-                },
-                Err(status) => AppendResult {
-                    body: Bytes::new(),
-                    code: status.code().into(),
-                    message: status.message().to_owned(),
-                },
-            };
+            results[i] = outcome(result);
         }
         Ok(Response::new(AppendBatchReply { results }))
     }
