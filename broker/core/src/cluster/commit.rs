@@ -26,8 +26,11 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 pub struct NewRecord<'a> {
     /// Milliseconds since the Unix epoch.
     pub timestamp: i64,
+    /// The record's key, if it has one.
     pub key: Option<&'a [u8]>,
+    /// The payload.
     pub value: &'a [u8],
+    /// Header names and values.
     pub headers: &'a [(&'a [u8], &'a [u8])],
 }
 

@@ -3,7 +3,6 @@
 //! protocols exist.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tonic::{Request, Response, Status};
 
@@ -55,9 +54,7 @@ impl Data for DataService {
         if request.records.is_empty() {
             return Err(Status::invalid_argument("no records to produce"));
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let now = super::now_ms();
         let records: Vec<NewRecord<'_>> = request
             .records
             .iter()

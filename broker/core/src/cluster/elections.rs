@@ -6,12 +6,16 @@
 //!
 //! So a node that finds one of its groups still campaigning in the same term on two
 //! looks in a row campaigns again at a random moment, off the tick: the other
-//! candidates grant its higher term.
+//! candidates grant its higher term. At most once every [`KICK_AT_MOST_EVERY`] per
+//! group: a candidate whose log is behind (a follower back from a pause) can never win,
+//! and openraft makes it wait longer after it learned of a longer log; campaigning it
+//! again and again would raise the term over and over and keep the up-to-date nodes
+//! from electing one of them.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::ServerState;
 
@@ -19,12 +23,17 @@ use super::ClusterNode;
 
 /// How often the groups are looked at; an election takes a round trip, far less.
 const LOOK_EVERY: Duration = Duration::from_millis(200);
+/// The least time between two extra campaigns of one group: above openraft's wait after
+/// a longer log was seen (twice the longest election timeout) plus an election timeout.
+const KICK_AT_MOST_EVERY: Duration = Duration::from_secs(4);
 
 /// Watches this node's groups until the node stops.
 pub(super) async fn break_ties(node: Arc<ClusterNode>) {
     let mut tick = tokio::time::interval(LOOK_EVERY);
     // Groups campaigning at the last look, with their term.
     let mut campaigning: HashMap<u64, u64> = HashMap::new();
+    // When each group was last made to campaign again.
+    let mut kicked: HashMap<u64, Instant> = HashMap::new();
     loop {
         tick.tick().await;
         let groups: Vec<_> = node
@@ -45,9 +54,14 @@ pub(super) async fn break_ties(node: Arc<ClusterNode>) {
                 continue;
             }
             now.insert(group, term);
-            if campaigning.get(&group) != Some(&term) {
+            if campaigning.get(&group) != Some(&term)
+                || kicked
+                    .get(&group)
+                    .is_some_and(|at| at.elapsed() < KICK_AT_MOST_EVERY)
+            {
                 continue;
             }
+            kicked.insert(group, Instant::now());
             let delay = random_below(LOOK_EVERY, (group, node.id));
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
@@ -63,6 +77,7 @@ pub(super) async fn break_ties(node: Arc<ClusterNode>) {
             });
         }
         campaigning = now;
+        kicked.retain(|_, at| at.elapsed() < KICK_AT_MOST_EVERY);
     }
 }
 

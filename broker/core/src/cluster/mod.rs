@@ -623,6 +623,13 @@ impl Started {
     }
 }
 
+/// Milliseconds since the Unix epoch (0 before it, as records and retention count time).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Stops the internal server when dropped.
 struct ServerGuard(Option<oneshot::Sender<()>>);
 

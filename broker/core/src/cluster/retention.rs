@@ -5,7 +5,7 @@
 //! cursors come with the messaging core).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use super::ClusterNode;
 use crate::meta::{Kind, Retention};
@@ -18,9 +18,7 @@ pub(super) async fn enforce(node: Arc<ClusterNode>) {
     let mut tick = tokio::time::interval(EVERY);
     loop {
         tick.tick().await;
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let now_ms = super::now_ms();
         let kept: Vec<(u64, Retention)> = {
             let view = node.view.borrow();
             view.destinations
