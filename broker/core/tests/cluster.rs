@@ -422,3 +422,89 @@ async fn retention_purges_old_segments_everywhere_and_a_topic_without_it_keeps_a
         node.close().await.expect("close");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_placed_after_retention_purged_is_backfilled_with_what_the_leader_keeps() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = cluster(dir.path(), 4).await;
+    let first = &nodes[&1];
+    // Retention keeps about 200 KiB: behind the last snapshot, so the purge point and the
+    // snapshot a new replica gets are apart.
+    let bounded = Spec {
+        retention: Retention {
+            ms: None,
+            bytes: Some(200 << 10),
+        },
+        ..spec("bounded", 1, 3)
+    };
+    let placed = create(first, bounded).await.expect("create").partitions[0].clone();
+    let value = vec![b'v'; 200];
+    let record = [petrel_core::cluster::NewRecord {
+        timestamp: 1,
+        key: None,
+        value: &value,
+        headers: &[],
+    }];
+    let mut written = 0;
+    for _ in 0..2100 {
+        written = first
+            .produce(Kind::Topic, "bounded", 0, &record)
+            .await
+            .expect("produce")
+            .1;
+    }
+    let start = |node: &ClusterNode| {
+        node.fetch(Kind::Topic, "bounded", 0, 0, 1)
+            .ok()
+            .and_then(|(batches, hw)| Some((batches.first()?.base_offset(), hw)))
+    };
+    let group = placed.group;
+    let leader = nodes[&placed.replicas[0]].leader(group).expect("a leader");
+    eventually("the leader purged by retention", || {
+        start(&nodes[&leader]).is_some_and(|(s, hw)| s > 100 && hw == written)
+    })
+    .await;
+
+    // A follower leaves; its replica goes to the fourth node, which catches up from a
+    // snapshot and must then hold everything the leader keeps.
+    let leaving = *placed
+        .replicas
+        .iter()
+        .find(|r| **r != leader)
+        .expect("a follower");
+    let newcomer = *nodes
+        .keys()
+        .find(|n| !placed.replicas.contains(n))
+        .expect("a fourth node");
+    first
+        .command(&Command::DecommissionNode { id: leaving })
+        .await
+        .expect("decommission");
+    let (kept_from, _) = start(&nodes[&leader]).expect("leader");
+    eventually("the new replica caught up", || {
+        start(&nodes[&newcomer]).is_some_and(|(_, hw)| hw == written)
+    })
+    .await;
+    let (from, _) = start(&nodes[&newcomer]).expect("new replica");
+    assert!(
+        from <= kept_from,
+        "the new replica starts at {from}, the leader keeps from {kept_from}"
+    );
+    let mut offset = from;
+    let mut records = 0;
+    while offset < written {
+        let (batches, _) = nodes[&newcomer]
+            .fetch(Kind::Topic, "bounded", 0, offset, 64 << 10)
+            .expect("fetch");
+        let last = batches.last().expect("more batches").next_offset();
+        records += batches
+            .iter()
+            .map(|b| u64::from(b.record_count()))
+            .sum::<u64>();
+        offset = last;
+    }
+    assert_eq!(records, written - from, "no gap on the new replica");
+    for node in nodes.into_values() {
+        node.close().await.expect("close");
+    }
+}

@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use openraft::Raft;
+use petrel_log::RecordBatch;
 use tonic::{Request, Response, Status};
 
 use super::partitions::members;
@@ -20,12 +21,17 @@ use super::{ClusterError, ClusterNode, Started};
 use crate::meta::{Kind, MetaError, Partition};
 use crate::raft::{NodeId, PartitionRaft};
 use crate::transport::proto::leadership_server::{Leadership, LeadershipServer};
-use crate::transport::proto::{HandoverReply, HandoverRequest, HandoverStep, LagReply, LagRequest};
+use crate::transport::proto::{
+    HandoverReply, HandoverRequest, HandoverStep, LagReply, LagRequest, ReadLogReply,
+    ReadLogRequest,
+};
 
 /// How long a handover may take, and the longest a voter holds its elections for one.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the target campaigns again while the others' leases run out.
 const CAMPAIGN_EVERY: Duration = Duration::from_millis(250);
+/// The most bytes a replica backfills from its leader after a snapshot.
+const BACKFILL_AT_MOST: usize = 1 << 30;
 /// How long a node leads a partition preferring another replica before handing it back.
 const PREFERRED_AFTER: Duration = Duration::from_secs(10);
 /// How long a voter may take to hold or resume its elections.
@@ -182,6 +188,50 @@ impl ClusterNode {
                 })
                 .collect(),
         )
+    }
+
+    /// The batches `group`'s leader keeps below offset `upto`, for this node's replica
+    /// that caught up from a snapshot; none if the leader cannot be asked, or they come
+    /// to more than [`BACKFILL_AT_MOST`] (the replica then lacks them, as it would
+    /// without a backfill).
+    pub(super) async fn backfill(&self, group: u64, upto: u64) -> Vec<RecordBatch> {
+        let leader = self.leader(group).filter(|l| *l != self.id);
+        let Some(addr) = leader.and_then(|id| self.address(id)) else {
+            tracing::warn!(group, "no leader to backfill from");
+            return Vec::new();
+        };
+        let (mut batches, mut bytes, mut offset) = (Vec::new(), 0, 0);
+        while offset < upto {
+            let page = match self.peers.read_log(&addr, group, offset, upto).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(group, error = %e, "backfilling from the leader");
+                    return Vec::new();
+                }
+            };
+            if page.is_empty() {
+                break;
+            }
+            let before = offset;
+            for raw in page {
+                bytes += raw.len();
+                match RecordBatch::from_bytes(raw) {
+                    Ok(b) => {
+                        offset = b.next_offset();
+                        batches.push(b);
+                    }
+                    Err(e) => {
+                        tracing::warn!(group, error = %e, "a backfilled batch does not decode");
+                        return Vec::new();
+                    }
+                }
+            }
+            if bytes > BACKFILL_AT_MOST || offset <= before {
+                tracing::warn!(group, bytes, "backfill too large or not advancing; skipped");
+                return Vec::new();
+            }
+        }
+        batches
     }
 
     /// The address of node `id` as the metadata knows it.
@@ -433,6 +483,31 @@ impl Leadership for LeadershipService {
             }
         }
         Ok(Response::new(HandoverReply {}))
+    }
+
+    async fn read_log(
+        &self,
+        request: Request<ReadLogRequest>,
+    ) -> Result<Response<ReadLogReply>, Status> {
+        let request = request.into_inner();
+        let node = self.node.get()?;
+        let reader = node
+            .replicas
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&request.group)
+            .map(|r| r.reader.clone())
+            .ok_or_else(|| {
+                Status::not_found(format!("no replica of raft group {} here", request.group))
+            })?;
+        let max_bytes = usize::try_from(request.max_bytes.max(1)).unwrap_or(usize::MAX);
+        let batches = reader
+            .read_raw(request.offset, request.upto, max_bytes)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(|b| b.as_bytes().clone())
+            .collect();
+        Ok(Response::new(ReadLogReply { batches }))
     }
 
     async fn lag(&self, request: Request<LagRequest>) -> Result<Response<LagReply>, Status> {

@@ -173,7 +173,7 @@ fn partition_config(defaults: &PartitionConfig, destination: &Destination) -> Pa
 
 /// Starts the local replica of `partition`; its preferred leader initialises a new group.
 async fn start(
-    node: &ClusterNode,
+    node: &Arc<ClusterNode>,
     metadata: &Metadata,
     destination: &Destination,
     partition: &Partition,
@@ -186,7 +186,19 @@ async fn start(
     } else {
         node.storage.open_partition(group, config)?
     };
-    let (mut store, machine) = raft::open(log, &raft_dir(&node.root, group))?;
+    let (store, machine) = raft::open(log, &raft_dir(&node.root, group))?;
+    // A replica that catches up from a snapshot fetches what its leader keeps below it.
+    let weak = Arc::downgrade(node);
+    let backfill: raft::Backfill = Arc::new(move |upto| {
+        let weak = weak.clone();
+        Box::pin(async move {
+            match weak.upgrade() {
+                Some(node) => node.backfill(group, upto).await,
+                None => Vec::new(),
+            }
+        })
+    });
+    let mut store = store.with_backfill(backfill);
     let replica = Replica {
         reader: openraft::storage::RaftLogStorage::get_log_reader(&mut store).await,
         high_watermark: machine.high_watermark(),

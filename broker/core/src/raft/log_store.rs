@@ -33,7 +33,19 @@ pub struct LogStore {
     /// Where the log goes on once emptied: the offset after the last entry of the state
     /// the state machine holds (set when it installs a snapshot).
     resume: Arc<AtomicU64>,
+    /// Where an emptied log gets the batches its leader still keeps below `resume`.
+    backfill: Option<Backfill>,
 }
+
+/// Fetches from a group's leader the batches its log keeps below an offset (all of them,
+/// Raft's own entries too, in order), for a replica that caught up from a snapshot:
+/// a snapshot holds state only, and the messages retention still keeps below it must
+/// not be missing on the new replica. An empty answer means none could be had.
+pub type Backfill = Arc<
+    dyn Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<RecordBatch>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Reads a partition's Raft log while its `LogStore` appends. It does not keep the log:
 /// once the store is dropped (the group stopped), reads fail and the log returns to the
@@ -70,7 +82,44 @@ impl LogStore {
             last,
             reader,
             resume,
+            backfill: None,
         })
+    }
+
+    /// Fills an emptied log from `backfill` before it goes on after a snapshot.
+    pub fn with_backfill(mut self, backfill: Backfill) -> Self {
+        self.backfill = Some(backfill);
+        self
+    }
+
+    /// The batches below `resume` to write first into this emptied log: fetched, and
+    /// kept only if they are contiguous and end exactly at `resume`.
+    async fn backfilled(&self, resume: u64) -> Vec<RecordBatch> {
+        let Some(backfill) = &self.backfill else {
+            return Vec::new();
+        };
+        let empty = {
+            let log = read(&self.log);
+            log.start_offset() == log.next_offset() && log.next_offset() < resume
+        };
+        if !empty {
+            return Vec::new();
+        }
+        let batches = backfill(resume).await;
+        let contiguous = batches
+            .windows(2)
+            .all(|w| w[0].next_offset() == w[1].base_offset());
+        let ends = batches.last().map(RecordBatch::next_offset);
+        if !contiguous || ends != Some(resume) {
+            if !batches.is_empty() {
+                tracing::warn!(
+                    resume,
+                    "backfill does not end where the snapshot does; skipped"
+                );
+            }
+            return Vec::new();
+        }
+        batches
     }
 }
 
@@ -181,6 +230,23 @@ impl LogReader {
             return Ok(None);
         }
         Ok(batch_at(&log, point)?.raft_index().checked_sub(1))
+    }
+
+    /// Every batch, Raft's own entries too, from the one at `offset` (or the log's start,
+    /// if later) up to `upto`: about `max_bytes` of them, at least one if any.
+    pub fn read_raw(
+        &self,
+        offset: u64,
+        upto: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<RecordBatch>, RaftStoreError> {
+        let log = self.log.upgrade().ok_or(RaftStoreError::Stopped)?;
+        let log = read(&log);
+        let at = offset.max(log.start_offset());
+        if at >= upto.min(log.next_offset()) {
+            return Ok(Vec::new());
+        }
+        Ok(log.read(at, max_bytes, upto)?)
     }
 
     /// Message batches from the one holding `offset` on, up to about `max_bytes` (at least
@@ -298,8 +364,31 @@ impl RaftLogStorage<PartitionRaft> for LogStore {
         I: IntoIterator<Item = Entry<PartitionRaft>> + Send,
         I::IntoIter: Send,
     {
+        let entries: Vec<Entry<PartitionRaft>> = entries.into_iter().collect();
+        let resume = entries
+            .first()
+            .and_then(placed_at)
+            .unwrap_or(self.resume.load(Ordering::Acquire));
+        let mut batches = if entries.is_empty() {
+            Vec::new()
+        } else {
+            self.backfilled(resume).await
+        };
         let mut log = write(&self.log);
-        let mut batches = Vec::new();
+        if let Some(first) = batches.first()
+            && log.start_offset() == log.next_offset()
+            && first.base_offset() >= log.next_offset()
+        {
+            log.skip_to(first.base_offset())
+                .map_err(|e| write_err(&e))?;
+            tracing::info!(
+                from = first.base_offset(),
+                to = resume,
+                "backfilled the messages the leader keeps below its snapshot"
+            );
+        } else {
+            batches.clear();
+        }
         let mut last = None;
         for e in entries {
             let placed = placed_at(&e);

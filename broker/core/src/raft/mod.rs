@@ -33,7 +33,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use entry::EntryError;
 pub use error::RaftStoreError;
-pub use log_store::{LogReader, LogStore};
+pub use log_store::{Backfill, LogReader, LogStore};
 pub use state_machine::{Application, GroupState, Machine, PartitionApp, PartitionMachine};
 
 /// Opens a partition's Raft storage: its log store over `log`, and its state machine,

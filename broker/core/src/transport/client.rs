@@ -25,12 +25,18 @@ use super::proto::leadership_client::LeadershipClient;
 use super::proto::raft_transport_client::RaftTransportClient;
 use super::proto::{
     AppendRequest, HandoverRequest, HandoverStep, LagRequest, PingRequest, RaftReply, RaftRequest,
+    ReadLogRequest,
 };
 use crate::raft::{NodeId, PartitionRaft, Proposal, entry};
 
 /// A group that has replicated nothing for this long is idle: its heartbeats may wait to
 /// be batched with others.
 const IDLE_AFTER: Duration = Duration::from_secs(1);
+
+/// Bytes of batches one `read_log` asks for.
+const READ_LOG_BYTES: u32 = 16 << 20;
+/// How long one `read_log` may take.
+const READ_LOG_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a leader may take to tell how far its replicas are behind.
 const LAG_TIMEOUT: Duration = Duration::from_secs(1);
@@ -187,6 +193,33 @@ impl Peers {
 }
 
 impl Peers {
+    /// Batches of `group` from `offset` up to `upto` as the node at `addr` stores them.
+    pub async fn read_log(
+        &self,
+        addr: &str,
+        group: u64,
+        offset: u64,
+        upto: u64,
+    ) -> Result<Vec<bytes::Bytes>, tonic::Status> {
+        let channel = self
+            .channel(addr)
+            .map_err(|e| tonic::Status::unavailable(format!("{addr}: {e}")))?;
+        let mut request = tonic::Request::new(ReadLogRequest {
+            group,
+            offset,
+            upto,
+            max_bytes: READ_LOG_BYTES,
+        });
+        request.set_timeout(READ_LOG_TIMEOUT);
+        let mut client = LeadershipClient::new(channel).max_decoding_message_size(64 << 20);
+        match tokio::time::timeout(READ_LOG_TIMEOUT, client.read_log(request)).await {
+            Ok(reply) => Ok(reply?.into_inner().batches),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "{addr} did not answer within {READ_LOG_TIMEOUT:?}"
+            ))),
+        }
+    }
+
     /// Whether the node at `addr` answers within `timeout`.
     pub async fn ping(&self, addr: &str, timeout: Duration) -> bool {
         let Ok(channel) = self.channel(addr) else {
