@@ -89,6 +89,38 @@ async fn create(node: &ClusterNode, spec: Spec) -> Result<Destination, ClusterEr
     }
 }
 
+/// A one-partition topic `bounded` (replication factor 3) keeping `bytes` per partition.
+fn bounded(bytes: u64) -> Spec {
+    Spec {
+        retention: Retention {
+            ms: None,
+            bytes: Some(bytes),
+        },
+        ..spec("bounded", 1, 3)
+    }
+}
+
+/// Produces `n` records of 200 bytes to partition 0 of `topic` through `node`, one at a
+/// time (an entry each); returns the offset of the first and the offset after the last.
+async fn fill(node: &Arc<ClusterNode>, topic: &str, n: usize) -> (u64, u64) {
+    let value = vec![b'v'; 200];
+    let record = [petrel_core::cluster::NewRecord {
+        timestamp: 1,
+        key: None,
+        value: &value,
+        headers: &[],
+    }];
+    let mut taken = Vec::new();
+    for _ in 0..n {
+        taken.push(
+            node.produce(Kind::Topic, topic, 0, &record)
+                .await
+                .expect("produce"),
+        );
+    }
+    (taken[0].0, taken[taken.len() - 1].1)
+}
+
 fn proposal(value: &str) -> Proposal {
     let mut b = BatchBuilder::new();
     b.push(1, None, value.as_bytes(), &[]);
@@ -365,40 +397,17 @@ async fn retention_purges_old_segments_everywhere_and_a_topic_without_it_keeps_a
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = cluster(dir.path(), 3).await;
     let first = &nodes[&1];
-    let bounded = Spec {
-        retention: Retention {
-            ms: None,
-            bytes: Some(16 << 10),
-        },
-        ..spec("bounded", 1, 3)
-    };
-    create(first, bounded).await.expect("create bounded");
+    create(first, bounded(16 << 10))
+        .await
+        .expect("create bounded");
     create(first, spec("kept", 1, 3))
         .await
         .expect("create kept");
     // Entries enough for Raft's own purging (a snapshot every 1000, then all but the last
     // 1000 of those it covers) to have reached records, were it on: only retention may.
-    let value = vec![b'v'; 200];
-    let record = [petrel_core::cluster::NewRecord {
-        timestamp: 1,
-        key: None,
-        value: &value,
-        headers: &[],
-    }];
-    let mut offsets = Vec::new();
-    for _ in 0..2100 {
-        for topic in ["bounded", "kept"] {
-            let taken = first
-                .produce(Kind::Topic, topic, 0, &record)
-                .await
-                .expect("produce");
-            if topic == "kept" {
-                offsets.push(taken);
-            }
-        }
-    }
+    fill(first, "bounded", 2100).await;
     // The first offsets went to Raft's own entries.
-    let (first_kept, written) = (offsets[0].0, offsets[offsets.len() - 1].1);
+    let (first_kept, written) = fill(first, "kept", 2100).await;
     let first_offset = |node: &ClusterNode, topic: &str| {
         node.fetch(Kind::Topic, topic, 0, 0, 1)
             .ok()
@@ -430,29 +439,12 @@ async fn a_replica_placed_after_retention_purged_is_backfilled_with_what_the_lea
     let first = &nodes[&1];
     // Retention keeps about 200 KiB: behind the last snapshot, so the purge point and the
     // snapshot a new replica gets are apart.
-    let bounded = Spec {
-        retention: Retention {
-            ms: None,
-            bytes: Some(200 << 10),
-        },
-        ..spec("bounded", 1, 3)
-    };
-    let placed = create(first, bounded).await.expect("create").partitions[0].clone();
-    let value = vec![b'v'; 200];
-    let record = [petrel_core::cluster::NewRecord {
-        timestamp: 1,
-        key: None,
-        value: &value,
-        headers: &[],
-    }];
-    let mut written = 0;
-    for _ in 0..2100 {
-        written = first
-            .produce(Kind::Topic, "bounded", 0, &record)
-            .await
-            .expect("produce")
-            .1;
-    }
+    let placed = create(first, bounded(200 << 10))
+        .await
+        .expect("create")
+        .partitions[0]
+        .clone();
+    let (_, written) = fill(first, "bounded", 2100).await;
     let start = |node: &ClusterNode| {
         node.fetch(Kind::Topic, "bounded", 0, 0, 1)
             .ok()
