@@ -472,30 +472,25 @@ async fn a_replica_placed_after_retention_purged_is_backfilled_with_what_the_lea
         .command(&Command::DecommissionNode { id: leaving })
         .await
         .expect("decommission");
-    let (kept_from, _) = start(&nodes[&leader]).expect("leader");
     eventually("the new replica caught up", || {
         start(&nodes[&newcomer]).is_some_and(|(_, hw)| hw == written)
     })
     .await;
+    // The snapshot it caught up from covers the first 2000 entries; retention keeps about
+    // 200 KiB (some 750 records), so the records below the snapshot came by backfill.
+    // (Exact starts differ: each replica applies retention on its own tick.)
     let (from, _) = start(&nodes[&newcomer]).expect("new replica");
     assert!(
-        from <= kept_from,
-        "the new replica starts at {from}, the leader keeps from {kept_from}"
+        from + 500 < written,
+        "the new replica starts at {from} of {written}: nothing below its snapshot"
     );
-    let mut offset = from;
-    let mut records = 0;
-    while offset < written {
-        let (batches, _) = nodes[&newcomer]
-            .fetch(Kind::Topic, "bounded", 0, offset, 64 << 10)
-            .expect("fetch");
-        let last = batches.last().expect("more batches").next_offset();
-        records += batches
-            .iter()
-            .map(|b| u64::from(b.record_count()))
-            .sum::<u64>();
-        offset = last;
-    }
-    assert_eq!(records, written - from, "no gap on the new replica");
+    // In one read (its own retention may purge meanwhile): every record from its first.
+    let (batches, _) = nodes[&newcomer]
+        .fetch(Kind::Topic, "bounded", 0, 0, 4 << 20)
+        .expect("fetch");
+    let begin = batches.first().expect("batches").base_offset();
+    let records: u64 = batches.iter().map(|b| u64::from(b.record_count())).sum();
+    assert_eq!(records, written - begin, "no gap on the new replica");
     for node in nodes.into_values() {
         node.close().await.expect("close");
     }
