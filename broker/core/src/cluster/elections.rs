@@ -24,8 +24,11 @@ use super::ClusterNode;
 /// How often the groups are looked at; an election takes a round trip, far less.
 const LOOK_EVERY: Duration = Duration::from_millis(200);
 /// The least time between two extra campaigns of one group: above openraft's wait after
-/// a longer log was seen (twice the longest election timeout) plus an election timeout.
-const KICK_AT_MOST_EVERY: Duration = Duration::from_secs(4);
+/// a longer log was seen (twice the longest election timeout, 2 s), so a stale candidate
+/// campaigns not much more often than it would anyway, and short enough that a kick
+/// spent while the leader lease still held (right after a leader died) leaves time for
+/// one more within the 5 s a failover may take.
+const KICK_AT_MOST_EVERY: Duration = Duration::from_millis(2500);
 
 /// Watches this node's groups until the node stops.
 pub(super) async fn break_ties(node: Arc<ClusterNode>) {
