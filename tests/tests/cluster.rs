@@ -585,20 +585,11 @@ mod failover {
         let writer = std::thread::spawn(move || -> anyhow::Result<Vec<String>> {
             tokio::runtime::Runtime::new()?.block_on(produce(via, "during", 300))
         });
-        let moved = super::petrel(
-            via,
-            &[
-                "topic",
-                "transfer-leader",
-                "ledger",
-                "--partition",
-                "0",
-                "--to",
-                &to.to_string(),
-                "-o",
-                "json",
-            ],
-        )?;
+        let transfer = |to: &str| {
+            let args = ["topic", "transfer-leader", "ledger", "--partition", "0"];
+            super::petrel(via, &[&args[..], &["--to", to, "-o", "json"]].concat())
+        };
+        let moved = transfer(&to.to_string())?;
         ensure!(moved.status.success(), "{}", super::text(&moved.stderr));
         let shown: serde_json::Value = serde_json::from_slice(&moved.stdout)?;
         ensure!(shown["placement"][0]["leader"] == to, "{shown}");
@@ -634,18 +625,7 @@ mod failover {
         }
 
         // Only a replica can lead it.
-        let refused = super::petrel(
-            via,
-            &[
-                "topic",
-                "transfer-leader",
-                "ledger",
-                "--partition",
-                "0",
-                "--to",
-                "9",
-            ],
-        )?;
+        let refused = transfer("9")?;
         ensure!(!refused.status.success());
         let message = super::text(&refused.stderr);
         ensure!(message.contains("node 9 holds no replica"), "{message}");

@@ -98,13 +98,6 @@ impl LogStore {
         let Some(backfill) = &self.backfill else {
             return Vec::new();
         };
-        let empty = {
-            let log = read(&self.log);
-            log.start_offset() == log.next_offset() && log.next_offset() < resume
-        };
-        if !empty {
-            return Vec::new();
-        }
         let batches = backfill(resume).await;
         let contiguous = batches
             .windows(2)
@@ -364,30 +357,30 @@ impl RaftLogStorage<PartitionRaft> for LogStore {
         I: IntoIterator<Item = Entry<PartitionRaft>> + Send,
         I::IntoIter: Send,
     {
-        let entries: Vec<Entry<PartitionRaft>> = entries.into_iter().collect();
+        let mut entries = entries.into_iter().peekable();
         let resume = entries
-            .first()
+            .peek()
             .and_then(placed_at)
             .unwrap_or(self.resume.load(Ordering::Acquire));
-        let mut batches = if entries.is_empty() {
-            Vec::new()
-        } else {
-            self.backfilled(resume).await
-        };
+        // Only an emptied log that goes on above its end is backfilled (a replica that
+        // caught up from a snapshot): one cheap look on every other append.
+        let gap = |log: &Log| log.start_offset() == log.next_offset() && log.next_offset() < resume;
+        let mut batches = Vec::new();
+        if self.backfill.is_some() && entries.peek().is_some() && gap(&read(&self.log)) {
+            batches = self.backfilled(resume).await;
+        }
         let mut log = write(&self.log);
-        if let Some(first) = batches.first()
-            && log.start_offset() == log.next_offset()
-            && first.base_offset() >= log.next_offset()
-        {
-            log.skip_to(first.base_offset())
-                .map_err(|e| write_err(&e))?;
-            tracing::info!(
-                from = first.base_offset(),
-                to = resume,
-                "backfilled the messages the leader keeps below its snapshot"
-            );
-        } else {
-            batches.clear();
+        match batches.first() {
+            Some(first) if gap(&log) && first.base_offset() >= log.next_offset() => {
+                log.skip_to(first.base_offset())
+                    .map_err(|e| write_err(&e))?;
+                tracing::info!(
+                    from = first.base_offset(),
+                    to = resume,
+                    "backfilled the messages the leader keeps below its snapshot"
+                );
+            }
+            _ => batches.clear(),
         }
         let mut last = None;
         for e in entries {

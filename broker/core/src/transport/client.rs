@@ -161,6 +161,32 @@ impl Peers {
 }
 
 impl Peers {
+    /// Sends `message` to the node at `addr` through `call`, within `timeout` from the
+    /// start: the request's own deadline does not bound connecting.
+    async fn call<T, R, F, Fut>(
+        &self,
+        addr: &str,
+        timeout: Duration,
+        message: T,
+        call: F,
+    ) -> Result<R, tonic::Status>
+    where
+        F: FnOnce(Channel, tonic::Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let channel = self
+            .channel(addr)
+            .map_err(|e| tonic::Status::unavailable(format!("{addr}: {e}")))?;
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(timeout);
+        match tokio::time::timeout(timeout, call(channel, request)).await {
+            Ok(answer) => Ok(answer?.into_inner()),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "{addr} did not answer within {timeout:?}"
+            ))),
+        }
+    }
+
     /// Asks the node at `addr` to take `step` of handing `group`'s leadership to `to`.
     pub async fn handover(
         &self,
@@ -171,28 +197,19 @@ impl Peers {
         forwarded: bool,
         timeout: Duration,
     ) -> Result<(), tonic::Status> {
-        let channel = self
-            .channel(addr)
-            .map_err(|e| tonic::Status::unavailable(format!("{addr}: {e}")))?;
-        let mut request = tonic::Request::new(HandoverRequest {
+        let request = HandoverRequest {
             group,
             to,
             step: step.into(),
             forwarded,
-        });
-        request.set_timeout(timeout);
-        let mut client = LeadershipClient::new(channel);
-        // The deadline also bounds connecting, which the request's does not.
-        match tokio::time::timeout(timeout, client.handover(request)).await {
-            Ok(answer) => answer.map(|_| ()),
-            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-                "{addr} did not answer within {timeout:?}"
-            ))),
-        }
+        };
+        self.call(addr, timeout, request, |channel, request| async move {
+            LeadershipClient::new(channel).handover(request).await
+        })
+        .await
+        .map(|_| ())
     }
-}
 
-impl Peers {
     /// Batches of `group` from `offset` up to `upto` as the node at `addr` stores them.
     pub async fn read_log(
         &self,
@@ -201,38 +218,37 @@ impl Peers {
         offset: u64,
         upto: u64,
     ) -> Result<Vec<bytes::Bytes>, tonic::Status> {
-        let channel = self
-            .channel(addr)
-            .map_err(|e| tonic::Status::unavailable(format!("{addr}: {e}")))?;
-        let mut request = tonic::Request::new(ReadLogRequest {
+        let request = ReadLogRequest {
             group,
             offset,
             upto,
             max_bytes: READ_LOG_BYTES,
-        });
-        request.set_timeout(READ_LOG_TIMEOUT);
-        let mut client = LeadershipClient::new(channel).max_decoding_message_size(64 << 20);
-        match tokio::time::timeout(READ_LOG_TIMEOUT, client.read_log(request)).await {
-            Ok(reply) => Ok(reply?.into_inner().batches),
-            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-                "{addr} did not answer within {READ_LOG_TIMEOUT:?}"
-            ))),
-        }
+        };
+        let reply = self
+            .call(
+                addr,
+                READ_LOG_TIMEOUT,
+                request,
+                |channel, request| async move {
+                    let mut client =
+                        LeadershipClient::new(channel).max_decoding_message_size(64 << 20);
+                    client.read_log(request).await
+                },
+            )
+            .await?;
+        Ok(reply.batches)
     }
 
     /// Whether the node at `addr` answers within `timeout`.
     pub async fn ping(&self, addr: &str, timeout: Duration) -> bool {
-        let Ok(channel) = self.channel(addr) else {
-            return false;
-        };
-        let mut request = tonic::Request::new(PingRequest {});
-        request.set_timeout(timeout);
-        let mut client = RaftTransportClient::new(channel);
-        // The request's deadline bounds the answer; the timer also bounds the connect.
-        matches!(
-            tokio::time::timeout(timeout, client.ping(request)).await,
-            Ok(Ok(_))
+        self.call(
+            addr,
+            timeout,
+            PingRequest {},
+            |channel, request| async move { RaftTransportClient::new(channel).ping(request).await },
         )
+        .await
+        .is_ok()
     }
 
     /// How far each replica of `group` is behind, from its leader at `addr`.
@@ -241,18 +257,15 @@ impl Peers {
         addr: &str,
         group: u64,
     ) -> Result<std::collections::HashMap<NodeId, u64>, tonic::Status> {
-        let channel = self
-            .channel(addr)
-            .map_err(|e| tonic::Status::unavailable(format!("{addr}: {e}")))?;
-        let mut request = tonic::Request::new(LagRequest { group });
-        request.set_timeout(LAG_TIMEOUT);
-        let mut client = LeadershipClient::new(channel);
-        match tokio::time::timeout(LAG_TIMEOUT, client.lag(request)).await {
-            Ok(reply) => Ok(reply?.into_inner().entries_behind),
-            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-                "{addr} did not answer within {LAG_TIMEOUT:?}"
-            ))),
-        }
+        let reply = self
+            .call(
+                addr,
+                LAG_TIMEOUT,
+                LagRequest { group },
+                |channel, request| async move { LeadershipClient::new(channel).lag(request).await },
+            )
+            .await?;
+        Ok(reply.entries_behind)
     }
 }
 
