@@ -14,7 +14,7 @@ use tempfile::TempDir;
 
 use crate::binary::petrel_command;
 use crate::http::{HttpResponse, http_get};
-use crate::port::free_port;
+use crate::port::{free_port, free_port_other_than};
 
 /// How often a wait re-checks its condition.
 const POLL: Duration = Duration::from_millis(20);
@@ -28,22 +28,40 @@ pub struct Serve {
     envs: Vec<(OsString, OsString)>,
     workdir: TempDir,
     http_port: u16,
+    amqp_port: u16,
 }
 
 impl Serve {
-    /// `petrel serve --bind 127.0.0.1 --http-port <free port> --data-dir <workdir>/data`.
+    /// `petrel serve --bind 127.0.0.1 --http-port <free port> --amqp-port <free port>
+    /// --data-dir <workdir>/data`.
     pub fn new() -> anyhow::Result<Serve> {
         let serve = Serve::bare()?;
-        let port = serve.http_port.to_string();
+        let http = serve.http_port.to_string();
+        let amqp = serve.amqp_port.to_string();
         let data_dir = serve.data_dir();
         Ok(serve
-            .args(["--bind", "127.0.0.1", "--http-port", &port])
+            .args(["--bind", "127.0.0.1", "--http-port", &http])
+            .args(["--amqp-port", &amqp])
             .arg("--data-dir")
             .arg(data_dir))
     }
 
-    /// `petrel serve` with no setting but `PETREL_INTERNAL_PORT=0`: the test must get
-    /// [`Serve::http_port`] to the process itself (flag, environment or config file) to
+    /// Like [`Serve::new`], with the data in `dir` (which outlives the process, so that a
+    /// test can start a node again on it).
+    pub fn on_data_dir(dir: &Path) -> anyhow::Result<Serve> {
+        let serve = Serve::bare()?;
+        let http = serve.http_port.to_string();
+        let amqp = serve.amqp_port.to_string();
+        Ok(serve
+            .args(["--bind", "127.0.0.1", "--http-port", &http])
+            .args(["--amqp-port", &amqp])
+            .arg("--data-dir")
+            .arg(dir))
+    }
+
+    /// `petrel serve` with no setting but `PETREL_INTERNAL_PORT=0` and
+    /// `PETREL_AMQP_PORT=0`: the test must get [`Serve::http_port`] (and
+    /// [`Serve::amqp_port`]) to the process itself (flag, environment or config file) to
     /// reach it.
     pub fn bare() -> anyhow::Result<Serve> {
         let workdir = tempfile::Builder::new()
@@ -51,12 +69,17 @@ impl Serve {
             .tempdir()
             .context("cannot create a temp dir")?;
         let http_port = free_port().context("cannot find a free port")?;
+        let amqp_port = free_port_other_than(&[http_port]).context("cannot find a free port")?;
         Ok(Serve {
             args: vec!["serve".into()],
-            // Any free internal port unless a test picks one, so that nodes run in parallel.
-            envs: vec![("PETREL_INTERNAL_PORT".into(), "0".into())],
+            // Any free port unless a test picks one, so that nodes run in parallel.
+            envs: vec![
+                ("PETREL_INTERNAL_PORT".into(), "0".into()),
+                ("PETREL_AMQP_PORT".into(), "0".into()),
+            ],
             workdir,
             http_port,
+            amqp_port,
         })
     }
 
@@ -81,6 +104,11 @@ impl Serve {
     /// The port the test means the HTTP listener to use.
     pub fn http_port(&self) -> u16 {
         self.http_port
+    }
+
+    /// The port the test means the AMQP listener to use.
+    pub fn amqp_port(&self) -> u16 {
+        self.amqp_port
     }
 
     /// The process's working directory (deleted when the process handle is dropped).
@@ -127,6 +155,7 @@ impl Serve {
         Ok(PetrelProcess {
             child,
             http_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, self.http_port)),
+            amqp_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, self.amqp_port)),
             stdout,
             stderr,
             readers,
@@ -144,7 +173,10 @@ impl Serve {
 }
 
 /// Copies a pipe into `sink` line by line until EOF.
-fn capture(pipe: impl Read + Send + 'static, sink: Arc<Mutex<String>>) -> JoinHandle<()> {
+pub(crate) fn capture(
+    pipe: impl Read + Send + 'static,
+    sink: Arc<Mutex<String>>,
+) -> JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
@@ -185,6 +217,7 @@ pub struct Exited {
 pub struct PetrelProcess {
     child: Child,
     http_addr: SocketAddr,
+    amqp_addr: SocketAddr,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
@@ -196,6 +229,16 @@ impl PetrelProcess {
     /// Where the test expects the HTTP listener: 127.0.0.1 and the [`Serve::http_port`].
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Where the test expects the AMQP listener: 127.0.0.1 and the [`Serve::amqp_port`].
+    pub fn amqp_addr(&self) -> SocketAddr {
+        self.amqp_addr
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<amqp port>/%2f`: the default vhost as `guest`.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.amqp_addr)
     }
 
     /// `GET path` on the HTTP listener.

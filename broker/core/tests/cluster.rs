@@ -79,6 +79,7 @@ fn spec(name: &str, partitions: u32, rf: u32) -> Spec {
         replication_factor: rf,
         durability: Durability::Always,
         retention: Retention::default(),
+        declared: Default::default(),
     }
 }
 

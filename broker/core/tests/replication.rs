@@ -385,6 +385,7 @@ async fn the_metadata_group_applies_the_same_commands_on_every_node() {
         replication_factor: 3,
         durability: meta::Durability::Always,
         retention: meta::Retention::default(),
+        declared: Default::default(),
     };
     let created = run(Command::Create(spec.clone())).await.expect("created");
     let Outcome::Destination(orders) = created else {

@@ -54,7 +54,7 @@ impl AdminService {
             Outcome::Destination(d) | Outcome::Deleted(d) => {
                 Ok(Response::new(destination(&d, node)))
             }
-            Outcome::Nodes | Outcome::Placement(_) => {
+            Outcome::Nodes | Outcome::Placement(_) | Outcome::Exchanges => {
                 Err(Status::internal("the command changed no destination"))
             }
         }
@@ -246,6 +246,7 @@ impl Admin for AdminService {
                 ms: spec.retention_ms,
                 bytes: spec.retention_bytes,
             },
+            declared: meta::Declared::default(),
         };
         self.command(Command::Create(spec)).await
     }

@@ -24,6 +24,8 @@ pub const DEFAULT_BIND: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 pub const DEFAULT_HTTP_PORT: u16 = 9464;
 /// Default port of the internal listener (Raft between nodes).
 pub const DEFAULT_INTERNAL_PORT: u16 = 9470;
+/// Default port of the AMQP 0-9-1 listener (RabbitMQ's).
+pub const DEFAULT_AMQP_PORT: u16 = 5672;
 /// Default node id of a single node.
 pub const DEFAULT_NODE_ID: u64 = 1;
 /// Log filter used when neither a log level setting nor `RUST_LOG` is given.
@@ -89,6 +91,14 @@ pub struct Settings {
     #[arg(long, env = "PETREL_INTERNAL_BIND", value_name = "IP")]
     pub internal_bind: Option<IpAddr>,
 
+    /// Port of the AMQP 0-9-1 listener; 0 picks a free port [default: 5672]
+    #[arg(long, env = "PETREL_AMQP_PORT", value_name = "PORT")]
+    pub amqp_port: Option<u16>,
+
+    /// IP address of the AMQP listener [default: the value of --bind]
+    #[arg(long, env = "PETREL_AMQP_BIND", value_name = "IP")]
+    pub amqp_bind: Option<IpAddr>,
+
     /// Log line format [default: text]
     #[arg(long, env = "PETREL_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -151,6 +161,8 @@ impl Settings {
             replicas: self.replicas.or(lower.replicas),
             internal_port: self.internal_port.or(lower.internal_port),
             internal_bind: self.internal_bind.or(lower.internal_bind),
+            amqp_port: self.amqp_port.or(lower.amqp_port),
+            amqp_bind: self.amqp_bind.or(lower.amqp_bind),
             log_format: self.log_format.or(lower.log_format),
             log_level: self.log_level.or(lower.log_level),
             fsync_policy: self.fsync_policy.or(lower.fsync_policy),
@@ -237,6 +249,10 @@ pub struct Config {
     pub internal_port: u16,
     /// Address of the internal listener, overriding [`Config::bind`].
     pub internal_bind: Option<IpAddr>,
+    /// Port of the AMQP listener; 0 picks a free one.
+    pub amqp_port: u16,
+    /// Address of the AMQP listener, overriding [`Config::bind`].
+    pub amqp_bind: Option<IpAddr>,
     /// Log line format.
     pub log_format: LogFormat,
     /// Log filter directives; `None` means `RUST_LOG`, else [`DEFAULT_LOG_LEVEL`].
@@ -256,6 +272,8 @@ impl Default for Config {
             peers: BTreeMap::new(),
             internal_port: DEFAULT_INTERNAL_PORT,
             internal_bind: None,
+            amqp_port: DEFAULT_AMQP_PORT,
+            amqp_bind: None,
             log_format: LogFormat::default(),
             log_level: None,
             storage: StorageSettings::default(),
@@ -295,6 +313,8 @@ impl Config {
             },
             internal_port: settings.internal_port.unwrap_or(defaults.internal_port),
             internal_bind: settings.internal_bind,
+            amqp_port: settings.amqp_port.unwrap_or(defaults.amqp_port),
+            amqp_bind: settings.amqp_bind,
             log_format: settings.log_format.unwrap_or(defaults.log_format),
             log_level: settings.log_level,
             storage: StorageSettings {
@@ -320,6 +340,11 @@ impl Config {
     /// The address the internal listener binds.
     pub fn internal_addr(&self) -> SocketAddr {
         SocketAddr::new(self.internal_bind.unwrap_or(self.bind), self.internal_port)
+    }
+
+    /// The address the AMQP listener binds.
+    pub fn amqp_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.amqp_bind.unwrap_or(self.bind), self.amqp_port)
     }
 
     /// The address the HTTP listener binds.
@@ -644,6 +669,8 @@ write_buffer_bytes: 0
             replicas,
             internal_port,
             internal_bind,
+            amqp_port,
+            amqp_bind,
             log_format,
             log_level,
             fsync_policy,
@@ -656,7 +683,8 @@ write_buffer_bytes: 0
         // A file does not name itself; `http_bind`, `peers` and `internal_bind` are shown
         // commented out.
         assert!(config.is_none() && http_bind.is_none());
-        assert!(peers.is_none() && internal_bind.is_none());
+        assert!(peers.is_none() && internal_bind.is_none() && amqp_bind.is_none());
+        assert!(amqp_port.is_some());
         assert!(peer_pattern.is_none() && replicas.is_none());
         assert!(node_id.is_some() && internal_port.is_some());
         assert!(data_dir.is_some() && bind.is_some() && http_port.is_some());
@@ -762,6 +790,8 @@ write_buffer_bytes: 0
             "--replicas=8",
             "--internal-port=7",
             "--internal-bind=::2",
+            "--amqp-port=9",
+            "--amqp-bind=::3",
             "--log-format=json",
             "--log-level=warn",
             "--fsync-policy=never",
@@ -783,6 +813,8 @@ write_buffer_bytes: 0
             replicas: Some(8),
             internal_port: Some(7),
             internal_bind: Some("::2".parse().expect("literal")),
+            amqp_port: Some(9),
+            amqp_bind: Some("::3".parse().expect("literal")),
             log_format: Some(LogFormat::Json),
             log_level: Some("warn".to_owned()),
             fsync_policy: Some(FsyncPolicy::Never),

@@ -59,6 +59,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The AMQP listener's address could not be bound.
+    #[error("cannot listen for AMQP on {addr}")]
+    BindAmqp {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The internal listener's address could not be bound.
     #[error("cannot listen for peers on {addr}")]
     BindInternal {
@@ -120,6 +129,7 @@ pub struct Server {
     config: Config,
     http: http::HttpServer,
     internal: TcpListener,
+    amqp: TcpListener,
     readiness: Readiness,
     metrics: Metrics,
 }
@@ -139,11 +149,16 @@ impl Server {
         let bind_error = |source| Error::BindInternal { addr, source };
         let internal = TcpListener::bind(addr).await.map_err(bind_error)?;
         tracing::info!(addr = %internal.local_addr().map_err(bind_error)?, "internal listener bound");
+        let addr = config.amqp_addr();
+        let bind_error = |source| Error::BindAmqp { addr, source };
+        let amqp = TcpListener::bind(addr).await.map_err(bind_error)?;
+        tracing::info!(addr = %amqp.local_addr().map_err(bind_error)?, "amqp listener bound");
         let http = http::HttpServer::start(listener, local, readiness.clone(), metrics.clone());
         Ok(Server {
             config,
             http,
             internal,
+            amqp,
             readiness,
             metrics,
         })
@@ -152,6 +167,11 @@ impl Server {
     /// The address the internal listener actually bound (useful with port 0).
     pub fn internal_addr(&self) -> std::io::Result<SocketAddr> {
         self.internal.local_addr()
+    }
+
+    /// The address the AMQP listener actually bound (useful with port 0).
+    pub fn amqp_addr(&self) -> std::io::Result<SocketAddr> {
+        self.amqp.local_addr()
     }
 
     /// The address the HTTP listener actually bound (useful with port 0).
@@ -177,6 +197,7 @@ impl Server {
             config,
             http,
             internal,
+            amqp,
             readiness,
             metrics,
         } = self;
@@ -213,17 +234,29 @@ impl Server {
                     }
                 };
                 admin.started(node.clone());
+                let (stop_amqp, amqp_stopped) = tokio::sync::watch::channel(false);
+                let amqp_addr = amqp.local_addr().ok();
+                let messaging = petrel_core::messaging::Messaging::new(node.clone());
+                let amqp = tokio::spawn(petrel_protocols::amqp::serve(
+                    amqp,
+                    messaging,
+                    petrel_protocols::amqp::Settings::default(),
+                    amqp_stopped,
+                ));
                 let watching = metrics.watch_cluster(node.metadata());
                 readiness.advance(Phase::Ready);
                 metrics.set_up(true);
                 tracing::info!(
                     http = %http.local_addr(),
                     internal = %node.addr(),
+                    amqp = ?amqp_addr,
                     node_id = node.id(),
                     version = env!("CARGO_PKG_VERSION"),
                     "petrel is ready"
                 );
                 shutdown.await;
+                let _ = stop_amqp.send(true);
+                let _ = amqp.await;
                 watching.abort();
                 Some(node)
             }

@@ -16,6 +16,7 @@ fn loopback_config(data_dir: std::path::PathBuf) -> Config {
         bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
         http_port: 0,
         internal_port: 0,
+        amqp_port: 0,
         ..Config::default()
     }
 }

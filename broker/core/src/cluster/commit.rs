@@ -69,14 +69,15 @@ impl GroupCommit {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues `records` for `group` and waits until they are committed; if no proposal
-    /// of the group is under way, starts proposing (on a task of its own, so that a
-    /// producer that goes away leaves none of the others waiting).
-    pub async fn produce(
+    /// Queues `records` for `group` now, in call order, and returns what waits until
+    /// they are committed; if no proposal of the group is under way, starts proposing
+    /// (on a task of its own, so that a producer that goes away leaves none of the
+    /// others waiting).
+    pub fn produce(
         node: &Arc<ClusterNode>,
         group: u64,
         records: &[NewRecord<'_>],
-    ) -> Result<Offsets, Arc<ClusterError>> {
+    ) -> impl Future<Output = Result<Offsets, Arc<ClusterError>>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
         let bytes: usize = records
             .iter()
@@ -106,12 +107,14 @@ impl GroupCommit {
             let node = node.clone();
             tokio::spawn(async move { node.commit.propose_all(&node, group).await });
         }
-        answer.await.map_err(|_| {
-            Arc::new(ClusterError::Raft {
-                group,
-                message: "the node stopped before the append was committed".into(),
-            })
-        })?
+        async move {
+            answer.await.map_err(|_| {
+                Arc::new(ClusterError::Raft {
+                    group,
+                    message: "the node stopped before the append was committed".into(),
+                })
+            })?
+        }
     }
 
     /// Proposes what is waiting for `group`, batch after batch, until nothing is.

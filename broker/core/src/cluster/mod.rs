@@ -112,8 +112,14 @@ impl ClusterError {
         match self {
             ClusterError::Shared(e) => e.code(),
             ClusterError::Meta(MetaError::AlreadyExists { .. }) => Code::AlreadyExists,
-            ClusterError::Meta(MetaError::NotFound { .. } | MetaError::UnknownNode(_))
+            ClusterError::Meta(
+                MetaError::NotFound { .. }
+                | MetaError::UnknownNode(_)
+                | MetaError::ExchangeNotFound(_),
+            )
             | ClusterError::NoGroup(_) => Code::NotFound,
+            ClusterError::Meta(MetaError::PreconditionFailed(_)) => Code::FailedPrecondition,
+            ClusterError::Meta(MetaError::AccessRefused(_)) => Code::PermissionDenied,
             ClusterError::Meta(MetaError::InvalidArgument(_)) => Code::InvalidArgument,
             ClusterError::NotReplica { .. } => Code::FailedPrecondition,
             ClusterError::NoLeader { .. } => Code::Unavailable,
@@ -133,6 +139,7 @@ impl From<ClusterError> for tonic::Status {
 struct Replica {
     reader: raft::LogReader,
     high_watermark: watch::Receiver<u64>,
+    app: watch::Receiver<raft::PartitionApp>,
 }
 
 /// A running node.
@@ -434,8 +441,26 @@ impl ClusterNode {
         }
     }
 
+    /// The high watermark of this node's replica of `group`, as it moves.
+    pub fn high_watermark(&self, group: u64) -> Option<watch::Receiver<u64>> {
+        self.replica(group, |r| r.high_watermark.clone())
+    }
+
+    /// What this node's replica of `group` has applied of its consumers' settles.
+    pub fn settled(&self, group: u64) -> Option<crate::messaging::cursor::Settled> {
+        self.replica(group, |r| r.app.borrow().settled.clone())
+    }
+
+    fn replica<T>(&self, group: u64, f: impl FnOnce(&Replica) -> T) -> Option<T> {
+        self.replicas
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&group)
+            .map(f)
+    }
+
     /// The group of partition `number` of a queue or topic, with its replicas.
-    fn partition(
+    pub fn partition(
         &self,
         kind: Kind,
         name: &str,
@@ -470,10 +495,22 @@ impl ClusterNode {
         partition: u32,
         records: &[NewRecord<'_>],
     ) -> Result<Offsets, ClusterError> {
+        self.enqueue(kind, name, partition, records)?.await
+    }
+
+    /// Like [`ClusterNode::produce`], but the records are queued before this returns, so
+    /// that one producer's appends keep their call order while their commits overlap.
+    pub fn enqueue(
+        self: &Arc<Self>,
+        kind: Kind,
+        name: &str,
+        partition: u32,
+        records: &[NewRecord<'_>],
+    ) -> Result<impl Future<Output = Result<Offsets, ClusterError>> + Send + 'static, ClusterError>
+    {
         let group = self.partition(kind, name, partition)?.group;
-        commit::GroupCommit::produce(self, group, records)
-            .await
-            .map_err(ClusterError::Shared)
+        let committed = commit::GroupCommit::produce(self, group, records);
+        Ok(async move { committed.await.map_err(ClusterError::Shared) })
     }
 
     /// Committed message batches of a partition from this node's replica, from `offset`
@@ -487,21 +524,28 @@ impl ClusterNode {
         max_bytes: usize,
     ) -> Result<(Vec<petrel_log::RecordBatch>, u64), ClusterError> {
         let placed = self.partition(kind, name, partition)?;
-        let replicas = self
-            .replicas
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let replica = replicas
-            .get(&placed.group)
+        self.read(placed.group, offset, max_bytes)
             .ok_or(ClusterError::NotReplica {
                 group: placed.group,
-                replicas: placed.replicas.clone(),
-            })?;
-        let high_watermark = *replica.high_watermark.borrow();
-        let batches = replica
-            .reader
-            .read_messages(offset, max_bytes, high_watermark)?;
-        Ok((batches, high_watermark))
+                replicas: placed.replicas,
+            })?
+    }
+
+    /// Committed message batches of `group` from this node's replica (`None` if it holds
+    /// none), from `offset` on (about `max_bytes`), and the replica's high watermark.
+    pub fn read(
+        &self,
+        group: u64,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Option<Result<(Vec<petrel_log::RecordBatch>, u64), ClusterError>> {
+        self.replica(group, |replica| {
+            let high_watermark = *replica.high_watermark.borrow();
+            let batches = replica
+                .reader
+                .read_messages(offset, max_bytes, high_watermark)?;
+            Ok((batches, high_watermark))
+        })
     }
 
     /// Where the metadata says a group not held here is led: its preferred leader.
@@ -624,7 +668,7 @@ impl Started {
 }
 
 /// Milliseconds since the Unix epoch (0 before it, as records and retention count time).
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

@@ -186,7 +186,8 @@ async fn start(
     } else {
         node.storage.open_partition(group, config)?
     };
-    let (store, machine) = raft::open(log, &raft_dir(&node.root, group))?;
+    let (app, app_rx) = tokio::sync::watch::channel(raft::PartitionApp::default());
+    let (store, machine) = raft::open_group(log, &raft_dir(&node.root, group), Some(app))?;
     // A replica that catches up from a snapshot fetches what its leader keeps below it.
     let weak = Arc::downgrade(node);
     let backfill: raft::Backfill = Arc::new(move |upto| {
@@ -202,6 +203,7 @@ async fn start(
     let replica = Replica {
         reader: openraft::storage::RaftLogStorage::get_log_reader(&mut store).await,
         high_watermark: machine.high_watermark(),
+        app: app_rx,
     };
     let raft = Raft::new(
         node.id,

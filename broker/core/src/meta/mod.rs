@@ -5,18 +5,24 @@
 //!
 //! * `state`: the metadata and the commands, a pure state machine (placement spreads
 //!   replicas and preferred leaders evenly; refusals change nothing).
+//! * `exchanges`: exchanges and bindings, and the pure routing through them.
 //! * [`proposal`] and [`outcome`]: a command into a proposal for the group, and its
 //!   result out of what applying it answered.
 
+mod exchanges;
 mod state;
 
 use petrel_log::{BatchBuilder, BatchError, RecordBatch};
 
 use crate::raft::{Application, Applied, Proposal};
 
+pub use exchanges::{
+    Arguments, BUILTIN as BUILTIN_EXCHANGES, Binding, Exchange, ExchangeKind, Exchanges,
+    headers_match, topic_matches,
+};
 pub use state::{
-    Command, Destination, Durability, Kind, MAX_NAME_BYTES, MAX_PARTITIONS, MetaError, Metadata,
-    Node, NodeState, Outcome, Partition, Retention, Spec,
+    Command, Declared, Destination, Durability, Kind, MAX_NAME_BYTES, MAX_PARTITIONS, MetaError,
+    Metadata, Node, NodeState, Outcome, Partition, Retention, Spec,
 };
 
 /// The metadata group's id; partition groups count from 1.

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::exchanges::{Arguments, Binding, Exchange, Exchanges};
 use crate::raft::NodeId;
 
 /// Longest destination name, in bytes (RabbitMQ's limit for queue names).
@@ -68,6 +69,33 @@ pub struct Spec {
     pub durability: Durability,
     /// How long messages are kept (topics).
     pub retention: Retention,
+    /// How a queue was declared over AMQP (compared when it is declared again).
+    #[serde(default)]
+    pub declared: Declared,
+}
+
+/// A queue's declaration flags and arguments, as AMQP's queue.declare gives them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Declared {
+    /// Survives a restart (every queue does; kept to compare redeclarations).
+    pub durable: bool,
+    /// Used by its declaring connection only, and deleted with it.
+    pub exclusive: bool,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// `x-…` arguments.
+    pub arguments: Arguments,
+}
+
+impl Default for Declared {
+    fn default() -> Self {
+        Declared {
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments: Arguments::new(),
+        }
+    }
 }
 
 /// One partition of a destination: its Raft group and the nodes holding its replicas,
@@ -136,8 +164,16 @@ pub enum Command {
         durability: Option<Durability>,
         retention: Option<Retention>,
     },
-    /// A destination goes, with all its partitions.
+    /// A destination goes, with all its partitions (and a queue's bindings).
     Delete { kind: Kind, name: String },
+    /// An exchange is declared (or checked to exist as declared).
+    DeclareExchange { name: String, exchange: Exchange },
+    /// An exchange goes, with its bindings.
+    DeleteExchange { name: String, if_unused: bool },
+    /// A queue is bound to an exchange.
+    Bind(Binding),
+    /// A binding goes.
+    Unbind(Binding),
     /// A group's leader made its membership the placed replicas.
     Settled {
         group: u64,
@@ -160,6 +196,8 @@ pub enum Outcome {
     Deleted(Destination),
     /// A partition's placement.
     Placement(Partition),
+    /// Exchanges or bindings changed (or were as asked already).
+    Exchanges,
 }
 
 /// Why a command was refused; refusals change nothing.
@@ -177,6 +215,15 @@ pub enum MetaError {
     /// A value out of range, with what is allowed.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// No exchange of that name.
+    #[error("no exchange '{0}' in vhost '/'")]
+    ExchangeNotFound(String),
+    /// The request contradicts what exists.
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// Not permitted (a built-in exchange, a reserved name).
+    #[error("{0}")]
+    AccessRefused(String),
 }
 
 /// The cluster's metadata.
@@ -188,6 +235,9 @@ pub struct Metadata {
     pub destinations: BTreeMap<Kind, BTreeMap<String, Destination>>,
     /// The next partition group id (group 0 is the metadata group itself).
     pub next_group: u64,
+    /// Exchanges and bindings.
+    #[serde(default)]
+    pub exchanges: Exchanges,
 }
 
 fn invalid(message: impl Into<String>) -> MetaError {
@@ -272,7 +322,33 @@ impl Metadata {
                     .get_mut(&kind)
                     .and_then(|d| d.remove(&name))
                     .ok_or(MetaError::NotFound { kind, name })?;
+                if kind == Kind::Queue {
+                    self.exchanges.forget_queue(&removed.spec.name);
+                }
                 Ok(Outcome::Deleted(removed))
+            }
+            Command::DeclareExchange { name, exchange } => {
+                validate_name(&name)?;
+                self.exchanges.declare(&name, exchange)?;
+                Ok(Outcome::Exchanges)
+            }
+            Command::DeleteExchange { name, if_unused } => {
+                self.exchanges.delete(&name, if_unused)?;
+                Ok(Outcome::Exchanges)
+            }
+            Command::Bind(binding) => {
+                if self.destination(Kind::Queue, &binding.queue).is_none() {
+                    return Err(MetaError::NotFound {
+                        kind: Kind::Queue,
+                        name: binding.queue,
+                    });
+                }
+                self.exchanges.bind(binding)?;
+                Ok(Outcome::Exchanges)
+            }
+            Command::Unbind(binding) => {
+                self.exchanges.unbind(&binding)?;
+                Ok(Outcome::Exchanges)
             }
         }
     }
@@ -554,6 +630,7 @@ mod tests {
             replication_factor: rf,
             durability: Durability::Always,
             retention: Retention::default(),
+            declared: Declared::default(),
         }
     }
 

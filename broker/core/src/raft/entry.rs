@@ -1,15 +1,19 @@
 //! One Raft entry as one record batch, and back.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
+use bytes::Bytes;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 use petrel_log::{BatchBuilder, BatchError, RecordBatch};
 
 use super::{PartitionRaft, Proposal};
+use crate::cluster::now_ms;
 
 /// Keys of the one record of a control batch.
 const BLANK: &[u8] = b"raft.blank";
 const MEMBERSHIP: &[u8] = b"raft.membership";
+/// Key prefix of the one record of an application's command (a queue's settled
+/// messages): proposed like messages, applied by the group's application, skipped by
+/// consumers like Raft's own entries.
+pub(crate) const COMMAND: &[u8] = b"app.";
 
 /// Why an entry and a batch do not convert.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +25,7 @@ pub enum EntryError {
     #[error("membership record: {0}")]
     Membership(#[from] serde_json::Error),
     /// A proposal may not pass for one of Raft's own entries.
-    #[error("a proposal cannot be a control batch")]
+    #[error("a proposal cannot be a control batch other than a command")]
     ControlProposal,
     /// A control batch that is not one of Raft's own entries.
     #[error("malformed control batch: {0}")]
@@ -41,9 +45,10 @@ pub(crate) fn to_batch(
 /// entries as control batches (placed by the log that stores them).
 pub(crate) fn encode(entry: Entry<PartitionRaft>) -> Result<RecordBatch, EntryError> {
     match entry.payload {
-        EntryPayload::Normal(Proposal(batch)) if batch.is_control() => {
-            Err(EntryError::ControlProposal)
-        }
+        EntryPayload::Normal(Proposal(batch)) if batch.is_control() => match command(&batch)? {
+            Some(_) => Ok(batch),
+            None => Err(EntryError::ControlProposal),
+        },
         EntryPayload::Normal(Proposal(batch)) => Ok(batch),
         EntryPayload::Blank => Ok(control(BLANK, &[], entry.log_id)?),
         EntryPayload::Membership(m) => {
@@ -53,12 +58,33 @@ pub(crate) fn encode(entry: Entry<PartitionRaft>) -> Result<RecordBatch, EntryEr
 }
 
 fn control(kind: &[u8], value: &[u8], id: LogId<u64>) -> Result<RecordBatch, BatchError> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     let mut b = BatchBuilder::new().control();
-    b.push(now, Some(kind), value, &[]);
+    b.push(now_ms(), Some(kind), value, &[]);
     b.build(0, id.leader_id.term, id.index)
+}
+
+/// The command a control batch carries (its key without the prefix, and its value);
+/// `None` for one of Raft's own entries.
+pub(crate) fn command(batch: &RecordBatch) -> Result<Option<(Bytes, Bytes)>, EntryError> {
+    let records = batch.records()?;
+    let [record] = records.as_slice() else {
+        return Err(EntryError::Malformed("a control batch holds one record"));
+    };
+    Ok(match &record.key {
+        Some(key) if key.starts_with(COMMAND) => {
+            Some((key.slice(COMMAND.len()..), record.value.clone()))
+        }
+        _ => None,
+    })
+}
+
+/// A command batch for the group's application: `name` with `value`.
+pub(crate) fn command_batch(name: &str, value: &[u8]) -> Result<RecordBatch, BatchError> {
+    let mut key = COMMAND.to_vec();
+    key.extend_from_slice(name.as_bytes());
+    let mut b = BatchBuilder::new().control();
+    b.push(now_ms(), Some(&key), value, &[]);
+    b.build(0, 0, 0)
 }
 
 /// The log id a stored batch carries.
@@ -80,6 +106,7 @@ pub(crate) fn from_batch(batch: RecordBatch) -> Result<Entry<PartitionRaft>, Ent
         return Err(EntryError::Malformed("a control batch holds one record"));
     };
     let payload = match record.key.as_deref() {
+        Some(key) if key.starts_with(COMMAND) => EntryPayload::Normal(Proposal(batch.clone())),
         Some(BLANK) => EntryPayload::Blank,
         Some(MEMBERSHIP) => EntryPayload::Membership(serde_json::from_slice(&record.value)?),
         _ => return Err(EntryError::Malformed("unknown control record")),
@@ -113,6 +140,7 @@ mod tests {
             EntryPayload::Blank,
             EntryPayload::Membership(members),
             EntryPayload::Normal(Proposal(message())),
+            EntryPayload::Normal(Proposal(command_batch("settle", b"{}").expect("build"))),
         ];
         for (i, payload) in entries.into_iter().enumerate() {
             let entry = Entry {
@@ -125,9 +153,14 @@ mod tests {
             let back = from_batch(batch).expect("from batch");
             assert_eq!(back.log_id, entry.log_id);
             match (back.payload, entry.payload) {
+                (EntryPayload::Normal(Proposal(a)), EntryPayload::Normal(Proposal(_)))
+                    if a.is_control() =>
+                {
+                    let (name, value) = command(&a).expect("valid").expect("a command");
+                    assert_eq!((&name[..], &value[..]), (&b"settle"[..], &b"{}"[..]));
+                }
                 (EntryPayload::Normal(Proposal(a)), EntryPayload::Normal(Proposal(_))) => {
                     assert_eq!(a.records().expect("records").len(), 2);
-                    assert!(!a.is_control());
                 }
                 (a, b) => assert_eq!(format!("{a:?}"), format!("{b:?}")),
             }

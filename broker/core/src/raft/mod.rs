@@ -77,6 +77,14 @@ openraft::declare_raft_types!(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Proposal(pub RecordBatch);
 
+impl Proposal {
+    /// A command for the group's application (`Application::command`), e.g. a queue's
+    /// settled messages: stored in the log like Raft's own entries, read by no consumer.
+    pub fn command(name: &str, value: &[u8]) -> Result<Proposal, petrel_log::BatchError> {
+        entry::command_batch(name, value).map(Proposal)
+    }
+}
+
 impl Serialize for Proposal {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(self.0.as_bytes())

@@ -17,6 +17,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::messaging::cursor::{SETTLE, Settle, Settled};
+
 use super::{Applied, NodeId, PartitionRaft, Proposal, RaftStoreError, StorageError, files};
 
 /// What a group does with its message entries, beyond counting them.
@@ -25,14 +27,39 @@ pub trait Application:
 {
     /// Applies one message batch; returns the answer for whoever proposed it.
     fn apply(&mut self, batch: &RecordBatch) -> Option<serde_json::Value>;
+
+    /// Applies a command proposed with [`super::Proposal::command`].
+    fn command(&mut self, _name: &[u8], _value: &[u8]) -> Option<serde_json::Value> {
+        None
+    }
 }
 
-/// A partition's application: nothing yet beyond the offsets every group counts.
+/// A partition's application: what its consumers have settled (queues).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartitionApp {}
+pub struct PartitionApp {
+    /// Messages acknowledged (or dropped) for good.
+    #[serde(default)]
+    pub settled: Settled,
+}
 
 impl Application for PartitionApp {
-    fn apply(&mut self, _batch: &RecordBatch) -> Option<serde_json::Value> {
+    fn apply(&mut self, batch: &RecordBatch) -> Option<serde_json::Value> {
+        self.settled.appended += u64::from(batch.record_count());
+        None
+    }
+
+    fn command(&mut self, name: &[u8], value: &[u8]) -> Option<serde_json::Value> {
+        match name {
+            name if name == SETTLE.as_bytes() => match serde_json::from_slice::<Settle>(value) {
+                Ok(settle) => self.settled.apply(&settle),
+                // Proposed by this version of the code only; an undecodable one is logged
+                // and skipped alike on every replica.
+                Err(e) => tracing::warn!(error = %e, "undecodable settle command skipped"),
+            },
+            other => {
+                tracing::warn!(command = %String::from_utf8_lossy(other), "unknown command skipped")
+            }
+        }
         None
     }
 }
@@ -213,6 +240,13 @@ impl<A: Application> RaftStateMachine<PartitionRaft> for Machine<A> {
             let mut reply = None;
             match e.payload {
                 EntryPayload::Blank => s.log_next += 1,
+                // A command takes an offset too, but is no message.
+                EntryPayload::Normal(Proposal(batch)) if batch.is_control() => {
+                    s.log_next = batch.next_offset();
+                    if let Ok(Some((name, value))) = super::entry::command(&batch) {
+                        reply = s.app.command(&name, &value);
+                    }
+                }
                 EntryPayload::Normal(Proposal(batch)) => {
                     base_offset = batch.base_offset();
                     s.next_offset = batch.next_offset();

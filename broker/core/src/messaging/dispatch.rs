@@ -1,0 +1,536 @@
+//! A queue partition's dispatcher: the one task, on the partition's leader, that hands
+//! its messages to consumers and settles them (DESIGN.md §1, shared subscription).
+//!
+//! * Consumers get messages only against credit, which their connection grants (AMQP
+//!   prefetch, MQTT receive maximum), round-robin among those that have some.
+//! * A delivered message stays in flight, owned by the channel it went to, until that
+//!   channel settles it (ack) or gives it back (nack/reject with requeue, or closing): it
+//!   is then delivered again, flagged redelivered, before anything newer.
+//! * Settles are proposed through the partition's Raft group in batches, with the floor
+//!   below which everything is settled, so a new leader's dispatcher starts from there.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::cursor::{SETTLE, Settle, Settled};
+use super::message::Message;
+use crate::cluster::ClusterNode;
+use crate::raft::{NodeId, Proposal};
+
+/// Bytes read from the log at a time.
+const READ_BYTES: usize = 1 << 20;
+
+/// A message handed to a consumer.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The consumer it is for.
+    pub consumer: u64,
+    /// Its offset in the partition: what settles and requeues name.
+    pub offset: u64,
+    /// Delivered before (and given back).
+    pub redelivered: bool,
+    /// The message.
+    pub message: Message,
+}
+
+/// What a consumer's connection hears from a dispatcher.
+// Nearly every item is a delivery: boxing it would cost an allocation per message to
+// shrink the rare cancellation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Feed {
+    /// A message for one of its consumers.
+    Delivery(Delivery),
+    /// The consumer was cancelled by the broker: its queue was deleted, or its leader
+    /// moved (the client consumes again, as RabbitMQ's clients do on basic.cancel).
+    Cancelled {
+        /// The consumer.
+        consumer: u64,
+    },
+}
+
+/// Where a consumer's feed goes: its connection's, shared by its consumers.
+pub type Sink = mpsc::UnboundedSender<Feed>;
+
+/// A queue's counts, as its dispatcher knows them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages ready for delivery.
+    pub ready: u64,
+    /// Delivered, not yet acked.
+    pub unacked: u64,
+    /// Consumers attached.
+    pub consumers: u32,
+}
+
+/// What a dispatcher is asked to do.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Subscribe {
+        consumer: u64,
+        owner: u64,
+        sink: Sink,
+        auto_ack: bool,
+    },
+    Credit {
+        consumer: u64,
+        n: u32,
+    },
+    Cancel {
+        consumer: u64,
+    },
+    Settle {
+        offsets: Vec<u64>,
+    },
+    Requeue {
+        offsets: Vec<u64>,
+    },
+    Release {
+        owner: u64,
+    },
+    Stats(oneshot::Sender<Stats>),
+    /// Settles every message not in flight; answers how many.
+    Purge(oneshot::Sender<u64>),
+    /// One message for `owner` (basic.get), settled at once with `no_ack`; with the
+    /// messages left ready.
+    Get {
+        owner: u64,
+        no_ack: bool,
+        reply: oneshot::Sender<Option<(Delivery, u64)>>,
+    },
+}
+
+struct Slot {
+    id: u64,
+    owner: u64,
+    sink: Sink,
+    auto_ack: bool,
+    credit: u32,
+}
+
+pub(crate) struct Dispatcher {
+    node: Arc<ClusterNode>,
+    group: u64,
+    /// The queue, deleted when its last consumer goes if it is auto-delete.
+    queue: String,
+    auto_delete: bool,
+    /// Had a consumer (an auto-delete queue goes only after its first one left).
+    consumed: bool,
+    /// Messages not settled when this dispatcher started, and settled since.
+    unsettled_at_start: u64,
+    appended_at_start: u64,
+    settled_here: u64,
+    consumers: Vec<Slot>,
+    /// Where the round-robin goes on.
+    turn: usize,
+    /// The next offset to read from the log.
+    read_pos: u64,
+    /// Read, not yet delivered.
+    ready: VecDeque<(u64, Message)>,
+    /// Given back: delivered again first, lowest offset first.
+    redeliver: BTreeMap<u64, Message>,
+    /// Delivered and not settled, with the channel that owns each.
+    in_flight: BTreeMap<u64, (u64, Message)>,
+    /// Settled when this dispatcher started: skipped when read.
+    settled: Settled,
+    /// Settled here, not yet proposed.
+    to_settle: Vec<u64>,
+    floor_sent: u64,
+    settler: mpsc::UnboundedSender<Settle>,
+}
+
+impl Dispatcher {
+    /// Starts the dispatcher of `group`, which this node leads; it runs until the node
+    /// no longer does (or every handle is gone).
+    pub(crate) fn spawn(
+        node: Arc<ClusterNode>,
+        group: u64,
+        queue: String,
+        auto_delete: bool,
+        settled: Settled,
+    ) -> mpsc::UnboundedSender<Op> {
+        let (ops, rx) = mpsc::unbounded_channel();
+        let (settler, settles) = mpsc::unbounded_channel();
+        tokio::spawn(propose_settles(node.clone(), group, settles));
+        let dispatcher = Dispatcher {
+            node,
+            group,
+            queue,
+            auto_delete,
+            consumed: false,
+            unsettled_at_start: settled.unsettled(),
+            appended_at_start: settled.appended,
+            settled_here: 0,
+            consumers: Vec::new(),
+            turn: 0,
+            read_pos: settled.floor,
+            ready: VecDeque::new(),
+            redeliver: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            floor_sent: settled.floor,
+            settled,
+            to_settle: Vec::new(),
+            settler,
+        };
+        tokio::spawn(dispatcher.run(rx));
+        ops
+    }
+
+    async fn run(mut self, mut ops: mpsc::UnboundedReceiver<Op>) {
+        let (Some(mut high_watermark), Some(raft)) = (
+            self.node.high_watermark(self.group),
+            self.node.group(self.group),
+        ) else {
+            return;
+        };
+        let mut metrics = raft.metrics();
+        let me: NodeId = self.node.id();
+        loop {
+            self.pump();
+            self.flush_settles();
+            let starved = self.wants_messages() && self.read_pos >= *high_watermark.borrow();
+            tokio::select! {
+                op = ops.recv() => match op {
+                    Some(op) => {
+                        self.handle(op);
+                        while let Ok(op) = ops.try_recv() {
+                            self.handle(op);
+                        }
+                    }
+                    None => break,
+                },
+                changed = high_watermark.changed(), if starved => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                changed = metrics.changed() => {
+                    if changed.is_err() || metrics.borrow().current_leader != Some(me) {
+                        break;
+                    }
+                }
+            }
+        }
+        // Not the leader any more (or the queue is gone): the consumers are cancelled and
+        // the new leader's dispatcher delivers what is unsettled.
+        self.flush_settles();
+        for slot in &self.consumers {
+            let _ = slot.sink.send(Feed::Cancelled { consumer: slot.id });
+        }
+        tracing::info!(group = self.group, "queue dispatcher stopped");
+    }
+
+    fn handle(&mut self, op: Op) {
+        match op {
+            Op::Subscribe {
+                consumer,
+                owner,
+                sink,
+                auto_ack,
+            } => {
+                self.consumed = true;
+                self.consumers.push(Slot {
+                    id: consumer,
+                    owner,
+                    sink,
+                    auto_ack,
+                    credit: 0,
+                });
+            }
+            Op::Credit { consumer, n } => {
+                if let Some(slot) = self.consumers.iter_mut().find(|s| s.id == consumer) {
+                    slot.credit = slot.credit.saturating_add(n);
+                }
+            }
+            Op::Cancel { consumer } => {
+                self.consumers.retain(|s| s.id != consumer);
+                self.delete_if_unused();
+            }
+            Op::Settle { offsets } => {
+                for offset in offsets {
+                    if self.in_flight.remove(&offset).is_some() {
+                        self.to_settle.push(offset);
+                    }
+                }
+            }
+            Op::Stats(reply) => {
+                let _ = reply.send(self.stats());
+            }
+            Op::Purge(reply) => {
+                let _ = reply.send(self.purge());
+            }
+            Op::Get {
+                owner,
+                no_ack,
+                reply,
+            } => {
+                let got = self.take().map(|(offset, message, redelivered)| {
+                    if no_ack {
+                        self.to_settle.push(offset);
+                    } else {
+                        self.in_flight.insert(offset, (owner, message.clone()));
+                    }
+                    let delivery = Delivery {
+                        consumer: 0,
+                        offset,
+                        redelivered,
+                        message,
+                    };
+                    (delivery, self.stats().ready)
+                });
+                let _ = reply.send(got);
+            }
+            Op::Requeue { offsets } => {
+                for offset in offsets {
+                    if let Some((_, message)) = self.in_flight.remove(&offset) {
+                        self.redeliver.insert(offset, message);
+                    }
+                }
+            }
+            Op::Release { owner } => self.release(owner),
+        }
+    }
+
+    /// Gives back everything `owner` holds.
+    fn release(&mut self, owner: u64) {
+        let held: Vec<u64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, (o, _))| *o == owner)
+            .map(|(offset, _)| *offset)
+            .collect();
+        for offset in held {
+            if let Some((_, message)) = self.in_flight.remove(&offset) {
+                self.redeliver.insert(offset, message);
+            }
+        }
+    }
+
+    fn wants_messages(&self) -> bool {
+        self.ready.is_empty()
+            && self.redeliver.is_empty()
+            && self.consumers.iter().any(|s| s.credit > 0)
+    }
+
+    /// Delivers while some consumer has credit and a message is there.
+    fn pump(&mut self) {
+        while !self.consumers.is_empty() {
+            let Some(at) = self.next_consumer() else {
+                return;
+            };
+            let Some((offset, message, redelivered)) = self.take() else {
+                return;
+            };
+            let slot = &mut self.consumers[at];
+            let delivery = Delivery {
+                consumer: slot.id,
+                offset,
+                redelivered,
+                message: message.clone(),
+            };
+            if slot.sink.send(Feed::Delivery(delivery)).is_err() {
+                // The connection went away: its consumers go, and what it held comes back.
+                let owner = slot.owner;
+                self.consumers.retain(|s| s.owner != owner);
+                self.redeliver.insert(offset, message);
+                self.release(owner);
+                self.delete_if_unused();
+                continue;
+            }
+            slot.credit -= 1;
+            if slot.auto_ack {
+                self.to_settle.push(offset);
+            } else {
+                self.in_flight.insert(offset, (slot.owner, message));
+            }
+        }
+    }
+
+    /// The next message to hand out: given back ones first, then the log's.
+    fn take(&mut self) -> Option<(u64, Message, bool)> {
+        loop {
+            if let Some((offset, message)) = self.redeliver.pop_first() {
+                return Some((offset, message, true));
+            }
+            if let Some((offset, message)) = self.ready.pop_front() {
+                return Some((offset, message, false));
+            }
+            if !self.fill() {
+                return None;
+            }
+        }
+    }
+
+    /// Counts as this dispatcher knows them.
+    fn stats(&self) -> Stats {
+        let unsettled = self
+            .unsettled_at_start
+            .saturating_add(self.appended_since_start())
+            .saturating_sub(self.settled_here + self.to_settle.len() as u64);
+        let unacked = self.in_flight.len() as u64;
+        Stats {
+            ready: unsettled.saturating_sub(unacked),
+            unacked,
+            consumers: u32::try_from(self.consumers.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    fn appended_since_start(&self) -> u64 {
+        let now = self.node.settled(self.group).map_or(0, |s| s.appended);
+        now.saturating_sub(self.appended_at_start)
+    }
+
+    /// Settles everything ready (not what is in flight).
+    fn purge(&mut self) -> u64 {
+        let mut purged = 0;
+        while let Some((offset, _, _)) = self.take() {
+            self.to_settle.push(offset);
+            purged += 1;
+        }
+        purged
+    }
+
+    /// Deletes an auto-delete queue once its last consumer has gone.
+    fn delete_if_unused(&mut self) {
+        if !(self.auto_delete && self.consumed && self.consumers.is_empty()) {
+            return;
+        }
+        self.auto_delete = false;
+        let node = self.node.clone();
+        let queue = self.queue.clone();
+        tokio::spawn(async move {
+            let command = crate::meta::Command::Delete {
+                kind: crate::meta::Kind::Queue,
+                name: queue.clone(),
+            };
+            if let Err(e) = node.command(&command).await {
+                tracing::warn!(queue, error = %e, "deleting an auto-delete queue");
+            }
+        });
+    }
+
+    /// The next consumer with credit, round-robin.
+    fn next_consumer(&mut self) -> Option<usize> {
+        let n = self.consumers.len();
+        let at = (0..n)
+            .map(|i| (self.turn + i) % n)
+            .find(|&i| self.consumers[i].credit > 0)?;
+        self.turn = (at + 1) % n;
+        Some(at)
+    }
+
+    /// Reads the next messages from the log into `ready`, skipping settled ones; false
+    /// if there is nothing more to read.
+    fn fill(&mut self) -> bool {
+        let Some(read) = self.node.read(self.group, self.read_pos, READ_BYTES) else {
+            return false;
+        };
+        let (batches, high_watermark) = match read {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(group = self.group, error = %e, "reading a queue partition");
+                return false;
+            }
+        };
+        let Some(last) = batches.last() else {
+            // Only Raft's own entries and commands up to the high watermark.
+            self.read_pos = self.read_pos.max(high_watermark);
+            return false;
+        };
+        let next = last.next_offset();
+        for batch in batches {
+            let records = match batch.records() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(group = self.group, error = %e, "undecodable batch skipped");
+                    continue;
+                }
+            };
+            for record in records {
+                if record.offset >= self.read_pos && !self.settled.contains(record.offset) {
+                    self.ready
+                        .push_back((record.offset, Message::from_record(record)));
+                }
+            }
+        }
+        self.read_pos = next;
+        true
+    }
+
+    /// Everything below it is settled.
+    fn floor(&self) -> u64 {
+        [
+            self.in_flight.keys().next().copied(),
+            self.redeliver.keys().next().copied(),
+            self.ready.front().map(|(o, _)| *o),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(self.read_pos, u64::min)
+    }
+
+    fn flush_settles(&mut self) {
+        let floor = self.floor();
+        if self.to_settle.is_empty() && floor <= self.floor_sent {
+            return;
+        }
+        self.floor_sent = floor;
+        let settled = std::mem::take(&mut self.to_settle);
+        let count = settled.len() as u64;
+        self.settled_here += count;
+        let offsets = settled.into_iter().filter(|o| *o >= floor).collect();
+        let _ = self.settler.send(Settle {
+            floor,
+            offsets,
+            count,
+        });
+    }
+}
+
+/// Proposes settles through the group, merging those that queue up meanwhile.
+async fn propose_settles(
+    node: Arc<ClusterNode>,
+    group: u64,
+    mut settles: mpsc::UnboundedReceiver<Settle>,
+) {
+    while let Some(mut settle) = settles.recv().await {
+        while let Ok(more) = settles.try_recv() {
+            settle.floor = settle.floor.max(more.floor);
+            settle.offsets.extend(more.offsets);
+            settle.count += more.count;
+        }
+        let floor = settle.floor;
+        settle.offsets.retain(|o| *o >= floor);
+        let proposal = serde_json::to_vec(&settle)
+            .map_err(|e| e.to_string())
+            .and_then(|json| Proposal::command(SETTLE, &json).map_err(|e| e.to_string()));
+        let result = match proposal {
+            Ok(p) => node
+                .write(group, p)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        // Unsettled messages are delivered again by the next leader: at least once.
+        if let Err(e) = result {
+            tracing::warn!(group, error = %e, "settling messages");
+        }
+    }
+}
+
+/// The dispatcher's handle, for checks that it still runs.
+pub(crate) fn running(ops: &mpsc::UnboundedSender<Op>) -> bool {
+    !ops.is_closed()
+}
+
+/// Waits until `raft` of `group` has applied everything committed when asked: a new
+/// leader's state knows every settle its predecessor committed.
+pub(crate) async fn caught_up(node: &ClusterNode, group: u64) -> bool {
+    match node.group(group) {
+        Some(raft) => raft.ensure_linearizable().await.is_ok(),
+        None => false,
+    }
+}

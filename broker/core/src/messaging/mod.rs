@@ -1,0 +1,683 @@
+//! Messaging: what the protocol front-ends call (DESIGN.md §1, §2). Queues declared,
+//! messages published (routed through exchanges into queues), and consumers fed by each
+//! queue partition's dispatcher on its leader.
+//!
+//! * [`message`]: the protocol-neutral message and how it is stored as a record.
+//! * [`cursor`]: what a queue's consumers have settled, kept in its Raft state machine.
+//! * `dispatch`: the per-partition task that delivers against credit and settles.
+//!
+//! So far: the default exchange (routing key = queue name) and consumers connected to
+//! the queue leader's node.
+
+pub mod cursor;
+mod dispatch;
+pub mod message;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use dispatch::{Delivery, Feed, Sink, Stats};
+pub use message::{Message, Properties, Table, Value};
+
+use crate::cluster::{ClusterError, ClusterNode, NewRecord, now_ms};
+pub use crate::meta::ExchangeKind;
+use crate::meta::{
+    Arguments, Binding, Command, Declared, Durability, Exchange, Kind, MetaError, Retention, Spec,
+};
+use crate::raft::NodeId;
+use dispatch::{Dispatcher, Op};
+
+/// How long a new queue's leader may take to be elected.
+const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often to look whether a new queue's group has started here.
+const GROUP_START_POLL: Duration = Duration::from_millis(20);
+/// Replicas of a declared queue at most (as RabbitMQ's quorum queues).
+const QUEUE_REPLICAS: u32 = 3;
+
+/// Why a messaging request failed; each maps onto a protocol's own error.
+#[derive(Debug, thiserror::Error)]
+pub enum MessagingError {
+    /// No queue of that name.
+    #[error("no queue '{0}' in vhost '/'")]
+    QueueNotFound(String),
+    /// No exchange of that name.
+    #[error("no exchange '{0}' in vhost '/'")]
+    ExchangeNotFound(String),
+    /// The request contradicts what exists (e.g. redeclared differently).
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// Not permitted: a reserved name, a built-in exchange.
+    #[error("{0}")]
+    AccessRefused(String),
+    /// An exclusive queue of another connection.
+    #[error("cannot obtain exclusive access to locked queue '{0}' in vhost '/'")]
+    Locked(String),
+    /// The queue is led by another node; consuming there is not yet forwarded.
+    #[error("queue '{queue}' is led by node {leader:?}; connect to that node to consume")]
+    NotLeader {
+        /// The queue.
+        queue: String,
+        /// Its leader, if known.
+        leader: Option<NodeId>,
+    },
+    /// The cluster could not do it.
+    #[error(transparent)]
+    Cluster(ClusterError),
+}
+
+impl From<ClusterError> for MessagingError {
+    fn from(e: ClusterError) -> Self {
+        match e {
+            ClusterError::Meta(MetaError::NotFound {
+                kind: Kind::Queue,
+                name,
+            }) => MessagingError::QueueNotFound(name),
+            ClusterError::Meta(MetaError::ExchangeNotFound(name)) => {
+                MessagingError::ExchangeNotFound(name)
+            }
+            ClusterError::Meta(MetaError::PreconditionFailed(text)) => {
+                MessagingError::PreconditionFailed(text)
+            }
+            ClusterError::Meta(MetaError::AccessRefused(text)) => {
+                MessagingError::AccessRefused(text)
+            }
+            other => MessagingError::Cluster(other),
+        }
+    }
+}
+
+/// How a queue is declared (AMQP's queue.declare).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueOptions {
+    /// Only check that it exists.
+    pub passive: bool,
+    /// Survives a restart (every queue does so far: they are replicated logs).
+    pub durable: bool,
+    /// Used by the declaring connection only, and deleted when it closes.
+    pub exclusive: bool,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// `x-…` arguments.
+    pub arguments: Table,
+}
+
+/// How an exchange is declared (AMQP's exchange.declare).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExchangeOptions {
+    /// Its kind.
+    pub kind: ExchangeKind,
+    /// Only check that it exists.
+    pub passive: bool,
+    /// Survives a restart (every exchange does).
+    pub durable: bool,
+    /// Deleted when its last binding goes.
+    pub auto_delete: bool,
+    /// Takes no publishes from clients.
+    pub internal: bool,
+    /// `x-…` arguments.
+    pub arguments: Table,
+}
+
+/// A queue as declared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueInfo {
+    /// Its name.
+    pub name: String,
+    /// Messages ready for delivery.
+    pub messages: u64,
+    /// Consumers attached.
+    pub consumers: u32,
+}
+
+/// Where a published message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    /// Stored in this many queues.
+    Queues(u32),
+    /// No queue matched.
+    Unroutable,
+}
+
+/// A publish on its way to storage: completes once stored.
+pub type Publishing =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Routed, MessagingError>> + Send>>;
+
+/// A queue partition's dispatcher, as the channels that consume from it hold it.
+#[derive(Debug, Clone)]
+pub struct QueueHandle {
+    group: u64,
+    ops: mpsc::UnboundedSender<Op>,
+}
+
+impl QueueHandle {
+    /// Identifies the queue partition (its Raft group).
+    pub fn id(&self) -> u64 {
+        self.group
+    }
+
+    fn send(&self, op: Op) {
+        // A stopped dispatcher (leadership moved) gives everything back by itself.
+        let _ = self.ops.send(op);
+    }
+
+    /// More deliveries `consumer` may take.
+    pub fn credit(&self, consumer: u64, n: u32) {
+        self.send(Op::Credit { consumer, n });
+    }
+
+    /// No more deliveries for `consumer`; what it holds stays in flight.
+    pub fn cancel(&self, consumer: u64) {
+        self.send(Op::Cancel { consumer });
+    }
+
+    /// Messages done with for good (acked, or rejected without requeue).
+    pub fn settle(&self, offsets: Vec<u64>) {
+        self.send(Op::Settle { offsets });
+    }
+
+    /// Messages to deliver again.
+    pub fn requeue(&self, offsets: Vec<u64>) {
+        self.send(Op::Requeue { offsets });
+    }
+
+    /// Everything `owner` (a channel) holds, to deliver again: the channel closed.
+    pub fn release(&self, owner: u64) {
+        self.send(Op::Release { owner });
+    }
+
+    async fn ask<T>(&self, op: impl FnOnce(oneshot::Sender<T>) -> Op) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.send(op(tx));
+        rx.await.ok()
+    }
+}
+
+/// The messaging front door of a node.
+pub struct Messaging {
+    node: Arc<ClusterNode>,
+    dispatchers: Mutex<HashMap<u64, mpsc::UnboundedSender<Op>>>,
+    /// Exclusive queues declared through this node, by the connection that owns each.
+    exclusive: Mutex<HashMap<String, u64>>,
+    ids: AtomicU64,
+    turn: AtomicU64,
+}
+
+impl Messaging {
+    /// Messaging over `node`.
+    pub fn new(node: Arc<ClusterNode>) -> Arc<Self> {
+        Arc::new(Self {
+            node,
+            dispatchers: Mutex::new(HashMap::new()),
+            exclusive: Mutex::new(HashMap::new()),
+            ids: AtomicU64::new(1),
+            turn: AtomicU64::new(0),
+        })
+    }
+
+    /// A fresh id for a connection, channel or consumer, unique on this node.
+    pub fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Refuses `queue` to any connection but its exclusive owner.
+    fn check_exclusive(&self, queue: &str, connection: u64) -> Result<(), MessagingError> {
+        match lock(&self.exclusive).get(queue) {
+            Some(owner) if *owner != connection => Err(MessagingError::Locked(queue.to_owned())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Declares a queue for `connection`: creates it (replicated on up to three nodes;
+    /// an exclusive one on one) unless it exists, in which case it must have been
+    /// declared alike.
+    pub async fn declare_queue(
+        &self,
+        name: &str,
+        options: QueueOptions,
+        connection: u64,
+    ) -> Result<QueueInfo, MessagingError> {
+        self.check_exclusive(name, connection)?;
+        let declared = Declared {
+            durable: options.durable,
+            exclusive: options.exclusive,
+            auto_delete: options.auto_delete,
+            arguments: arguments(&options.arguments),
+        };
+        let existing = self
+            .node
+            .metadata()
+            .borrow()
+            .destination(Kind::Queue, name)
+            .map(|d| d.spec.declared.clone());
+        match existing {
+            Some(current) if !options.passive => equivalent(name, &current, &declared)?,
+            Some(_) => {}
+            None if options.passive => return Err(MessagingError::QueueNotFound(name.to_owned())),
+            None => {
+                let nodes = self.node.metadata().borrow().nodes.len();
+                let replicas = if options.exclusive { 1 } else { QUEUE_REPLICAS };
+                let spec = Spec {
+                    kind: Kind::Queue,
+                    name: name.to_owned(),
+                    partitions: 1,
+                    replication_factor: replicas.min(u32::try_from(nodes).unwrap_or(1).max(1)),
+                    durability: Durability::Always,
+                    retention: Retention::default(),
+                    declared: declared.clone(),
+                };
+                match self.node.command(&Command::Create(spec)).await {
+                    Ok(_) => {}
+                    // Declared meanwhile by someone else: it must be alike.
+                    Err(ClusterError::Meta(MetaError::AlreadyExists { .. })) => {
+                        let current = self
+                            .node
+                            .metadata()
+                            .borrow()
+                            .destination(Kind::Queue, name)
+                            .map(|d| d.spec.declared.clone())
+                            .unwrap_or_default();
+                        equivalent(name, &current, &declared)?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                if options.exclusive {
+                    lock(&self.exclusive).insert(name.to_owned(), connection);
+                }
+            }
+        }
+        let stats = self.stats(name).await?;
+        Ok(QueueInfo {
+            name: name.to_owned(),
+            messages: stats.ready,
+            consumers: stats.consumers,
+        })
+    }
+
+    /// A queue's counts: from its dispatcher where it runs here, else from this node's
+    /// replica (everything unsettled counted ready).
+    async fn stats(&self, queue: &str) -> Result<dispatch::Stats, MessagingError> {
+        let group = self.group(queue)?;
+        if let Some(ops) = self.running(group) {
+            let handle = QueueHandle { group, ops };
+            if let Some(stats) = handle.ask(Op::Stats).await {
+                return Ok(stats);
+            }
+        }
+        Ok(dispatch::Stats {
+            ready: self.node.settled(group).map_or(0, |s| s.unsettled()),
+            ..dispatch::Stats::default()
+        })
+    }
+
+    /// Deletes a queue (its messages and bindings); with `if_unused` / `if_empty` only
+    /// if it has no consumers / no messages. Answers how many messages it held.
+    pub async fn delete_queue(
+        &self,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+        connection: u64,
+    ) -> Result<u64, MessagingError> {
+        self.check_exclusive(name, connection)?;
+        let stats = match self.stats(name).await {
+            Ok(stats) => stats,
+            // Deleting a queue that is not there succeeds, as in RabbitMQ.
+            Err(MessagingError::QueueNotFound(_)) => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        if if_unused && stats.consumers > 0 {
+            return Err(MessagingError::PreconditionFailed(format!(
+                "queue '{name}' in vhost '/' in use"
+            )));
+        }
+        let messages = stats.ready + stats.unacked;
+        if if_empty && messages > 0 {
+            return Err(MessagingError::PreconditionFailed(format!(
+                "queue '{name}' in vhost '/' is not empty"
+            )));
+        }
+        let command = Command::Delete {
+            kind: Kind::Queue,
+            name: name.to_owned(),
+        };
+        match self.node.command(&command).await {
+            Ok(_) | Err(ClusterError::Meta(MetaError::NotFound { .. })) => {}
+            Err(e) => return Err(e.into()),
+        }
+        lock(&self.exclusive).remove(name);
+        Ok(messages)
+    }
+
+    /// Removes every ready message of a queue; answers how many.
+    pub async fn purge_queue(&self, name: &str, connection: u64) -> Result<u64, MessagingError> {
+        self.check_exclusive(name, connection)?;
+        let handle = self.queue(name).await?;
+        Ok(handle.ask(Op::Purge).await.unwrap_or(0))
+    }
+
+    /// One message of `queue` for channel `owner`, if any is ready, with the number
+    /// still ready after it.
+    pub async fn get(
+        &self,
+        queue: &str,
+        owner: u64,
+        no_ack: bool,
+        connection: u64,
+    ) -> Result<Option<(Delivery, QueueHandle, u64)>, MessagingError> {
+        self.check_exclusive(queue, connection)?;
+        let handle = self.queue(queue).await?;
+        let got = handle
+            .ask(|reply| Op::Get {
+                owner,
+                no_ack,
+                reply,
+            })
+            .await
+            .flatten();
+        Ok(got.map(|(delivery, left)| (delivery, handle, left)))
+    }
+
+    /// The exclusive queues of `connection` go with it.
+    pub fn connection_closed(self: &Arc<Self>, connection: u64) {
+        let owned: Vec<String> = {
+            let mut exclusive = lock(&self.exclusive);
+            let owned = exclusive
+                .iter()
+                .filter(|(_, c)| **c == connection)
+                .map(|(q, _)| q.clone())
+                .collect::<Vec<_>>();
+            for q in &owned {
+                exclusive.remove(q);
+            }
+            owned
+        };
+        for queue in owned {
+            let this = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = this.delete_queue(&queue, false, false, connection).await {
+                    tracing::warn!(queue, error = %e, "deleting an exclusive queue");
+                }
+            });
+        }
+    }
+
+    /// Declares an exchange, or checks that it exists (as declared).
+    pub async fn declare_exchange(
+        &self,
+        name: &str,
+        options: ExchangeOptions,
+    ) -> Result<(), MessagingError> {
+        let existing = self.node.metadata().borrow().exchanges.get(name);
+        if options.passive {
+            return match existing {
+                Some(_) => Ok(()),
+                None => Err(MessagingError::ExchangeNotFound(name.to_owned())),
+            };
+        }
+        if existing.is_none() && name.starts_with("amq.") {
+            return Err(MessagingError::AccessRefused(format!(
+                "exchange name '{name}' contains reserved prefix 'amq.*'"
+            )));
+        }
+        let exchange = Exchange {
+            kind: options.kind,
+            durable: options.durable,
+            auto_delete: options.auto_delete,
+            internal: options.internal,
+            arguments: arguments(&options.arguments),
+        };
+        self.node
+            .command(&Command::DeclareExchange {
+                name: name.to_owned(),
+                exchange,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes an exchange and its bindings.
+    pub async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), MessagingError> {
+        let command = Command::DeleteExchange {
+            name: name.to_owned(),
+            if_unused,
+        };
+        self.node.command(&command).await?;
+        Ok(())
+    }
+
+    /// Binds `queue` to `exchange` with `routing_key` (or unbinds it).
+    pub async fn bind(
+        &self,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+        args: &Table,
+        bind: bool,
+        connection: u64,
+    ) -> Result<(), MessagingError> {
+        self.check_exclusive(queue, connection)?;
+        let binding = Binding {
+            exchange: exchange.to_owned(),
+            queue: queue.to_owned(),
+            routing_key: routing_key.to_owned(),
+            arguments: arguments(args),
+        };
+        let command = if bind {
+            Command::Bind(binding)
+        } else {
+            Command::Unbind(binding)
+        };
+        self.node.command(&command).await?;
+        Ok(())
+    }
+
+    /// Publishes `message` through its exchange: routed and queued for storage before
+    /// this returns (so one publisher's messages keep their order); the returned future
+    /// completes once stored (committed on a majority of each queue's replicas).
+    pub fn publish(self: &Arc<Self>, message: &Message) -> Result<Publishing, MessagingError> {
+        let targets: Vec<(String, u32)> = {
+            let view = self.node.metadata();
+            let view = view.borrow();
+            let headers = || {
+                message
+                    .properties
+                    .headers
+                    .as_ref()
+                    .map(arguments)
+                    .unwrap_or_default()
+            };
+            let queues = view
+                .exchanges
+                .route(&message.exchange, &message.routing_key, &headers)
+                .ok_or_else(|| MessagingError::ExchangeNotFound(message.exchange.clone()))?;
+            queues
+                .into_iter()
+                .filter_map(|q| {
+                    let partitions = view.destination(Kind::Queue, &q)?.partitions.len() as u64;
+                    let turn = self.turn.fetch_add(1, Ordering::Relaxed) % partitions.max(1);
+                    Some((q, u32::try_from(turn).unwrap_or(0)))
+                })
+                .collect()
+        };
+        if targets.is_empty() {
+            return Ok(Box::pin(async { Ok(Routed::Unroutable) }));
+        }
+        let encoded = message::Encoded::new(message);
+        let mut scratch = Vec::new();
+        let record: NewRecord<'_> = encoded.record(now_ms(), &mut scratch);
+        let mut stored = Vec::with_capacity(targets.len());
+        for (queue, partition) in &targets {
+            stored.push(self.node.enqueue(
+                Kind::Queue,
+                queue,
+                *partition,
+                std::slice::from_ref(&record),
+            )?);
+        }
+        let queues = u32::try_from(stored.len()).unwrap_or(u32::MAX);
+        Ok(Box::pin(async move {
+            for s in stored {
+                s.await?;
+            }
+            Ok(Routed::Queues(queues))
+        }))
+    }
+
+    /// Attaches consumer `consumer` of channel `owner` (on `connection`) to `queue`:
+    /// deliveries go to `sink` once the returned handle grants credit.
+    pub async fn consume(
+        &self,
+        queue: &str,
+        consumer: u64,
+        owner: u64,
+        connection: u64,
+        sink: Sink,
+        auto_ack: bool,
+    ) -> Result<QueueHandle, MessagingError> {
+        self.check_exclusive(queue, connection)?;
+        let handle = self.queue(queue).await?;
+        handle.send(Op::Subscribe {
+            consumer,
+            owner,
+            sink,
+            auto_ack,
+        });
+        Ok(handle)
+    }
+
+    fn group(&self, queue: &str) -> Result<u64, MessagingError> {
+        Ok(self.node.partition(Kind::Queue, queue, 0)?.group)
+    }
+
+    /// The dispatcher of `queue` (its one partition so far), started if need be.
+    async fn queue(&self, queue: &str) -> Result<QueueHandle, MessagingError> {
+        let group = self.group(queue)?;
+        if let Some(ops) = self.running(group) {
+            return Ok(QueueHandle { group, ops });
+        }
+        let placed = self.node.partition(Kind::Queue, queue, 0)?;
+        let leader = if placed.replicas.contains(&self.node.id()) {
+            self.await_leader(group).await
+        } else {
+            placed.replicas.first().copied()
+        };
+        if leader != Some(self.node.id()) || !dispatch::caught_up(&self.node, group).await {
+            return Err(MessagingError::NotLeader {
+                queue: queue.to_owned(),
+                leader,
+            });
+        }
+        let auto_delete = self
+            .node
+            .metadata()
+            .borrow()
+            .destination(Kind::Queue, queue)
+            .is_some_and(|d| d.spec.declared.auto_delete);
+        let mut dispatchers = lock(&self.dispatchers);
+        let ops = match dispatchers.get(&group) {
+            Some(ops) if dispatch::running(ops) => ops.clone(),
+            _ => {
+                let settled = self.node.settled(group).unwrap_or_default();
+                let ops = Dispatcher::spawn(
+                    self.node.clone(),
+                    group,
+                    queue.to_owned(),
+                    auto_delete,
+                    settled,
+                );
+                dispatchers.insert(group, ops.clone());
+                ops
+            }
+        };
+        Ok(QueueHandle { group, ops })
+    }
+
+    fn running(&self, group: u64) -> Option<mpsc::UnboundedSender<Op>> {
+        lock(&self.dispatchers)
+            .get(&group)
+            .filter(|ops| dispatch::running(ops))
+            .cloned()
+    }
+
+    /// The leader of `group` once one is known here (a new queue elects one first);
+    /// `None` in time means none, or that this node holds no replica.
+    async fn await_leader(&self, group: u64) -> Option<NodeId> {
+        let deadline = Instant::now() + LEADER_TIMEOUT;
+        loop {
+            if let Some(leader) = self.node.leader(group) {
+                return Some(leader);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.node.group(group) {
+                Some(raft) => {
+                    let _ = raft
+                        .wait(Some(left))
+                        .metrics(|m| m.current_leader.is_some(), "a leader")
+                        .await;
+                }
+                // A queue just created: its group starts here in a moment.
+                None => tokio::time::sleep(GROUP_START_POLL.min(left)).await,
+            }
+        }
+    }
+}
+
+/// A redeclaration must match the declaration, as RabbitMQ requires.
+fn equivalent(name: &str, current: &Declared, asked: &Declared) -> Result<(), MessagingError> {
+    let differs = |what: &str, received: String, current: String| {
+        Err(MessagingError::PreconditionFailed(format!(
+            "inequivalent arg '{what}' for queue '{name}' in vhost '/': received '{received}' but current is '{current}'"
+        )))
+    };
+    if current.durable != asked.durable {
+        return differs(
+            "durable",
+            asked.durable.to_string(),
+            current.durable.to_string(),
+        );
+    }
+    if current.exclusive != asked.exclusive {
+        return differs(
+            "exclusive",
+            asked.exclusive.to_string(),
+            current.exclusive.to_string(),
+        );
+    }
+    if current.auto_delete != asked.auto_delete {
+        return differs(
+            "auto_delete",
+            asked.auto_delete.to_string(),
+            current.auto_delete.to_string(),
+        );
+    }
+    let keys: std::collections::BTreeSet<&String> = current
+        .arguments
+        .keys()
+        .chain(asked.arguments.keys())
+        .collect();
+    for key in keys {
+        let (a, c) = (asked.arguments.get(key), current.arguments.get(key));
+        if a != c {
+            let show =
+                |v: Option<&serde_json::Value>| v.map_or("none".to_owned(), |v| v.to_string());
+            return differs(key, show(a), show(c));
+        }
+    }
+    Ok(())
+}
+
+/// A neutral table as stored arguments.
+fn arguments(table: &Table) -> Arguments {
+    table
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), serde_json::to_value(v).ok()?)))
+        .collect()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

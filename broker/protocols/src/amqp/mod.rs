@@ -1,0 +1,67 @@
+//! AMQP 0-9-1, as RabbitMQ speaks it, so that its clients work unchanged (DESIGN.md §2).
+//!
+//! * `frame`: frames off and onto the wire (amq-protocol's codec; bodies sliced, not copied).
+//! * `connection`: one task per connection: handshake (SASL PLAIN and AMQPLAIN, tuning,
+//!   vhost), channels, queue declare, publish with confirms after the Raft commit,
+//!   consumers with prefetch, acks, nacks and rejects, heartbeats.
+//! * `convert`: properties and field tables to the core's neutral form and back.
+//! * `error`: reply codes, and which errors close a channel or the connection.
+//!
+//! So far the default exchange only; exchanges, bindings, `basic.get`, `tx` and the
+//! queue arguments come next.
+
+mod connection;
+mod convert;
+mod error;
+mod frame;
+
+use std::sync::Arc;
+
+use petrel_core::messaging::Messaging;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use error::code;
+
+/// The AMQP listener's limits, offered to clients in connection.tune.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Largest frame, in bytes (RabbitMQ's default).
+    pub frame_max: u32,
+    /// Highest channel number.
+    pub channel_max: u16,
+    /// Heartbeat interval offered, in seconds (0: none).
+    pub heartbeat: u16,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            frame_max: 131_072,
+            channel_max: 2047,
+            heartbeat: 60,
+        }
+    }
+}
+
+/// Accepts AMQP connections on `listener` until `stop` turns true; each is served on a
+/// task of its own.
+pub async fn serve(
+    listener: TcpListener,
+    messaging: Arc<Messaging>,
+    settings: Settings,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(connection::run(stream, peer, messaging.clone(), settings));
+                }
+                // Out of file descriptors and the like: the listener itself goes on.
+                Err(e) => tracing::warn!(error = %e, "accepting an AMQP connection"),
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! AMQP 0-9-1 against `petrel serve` with lapin, as a RabbitMQ user relies on it:
+//! durable queues surviving a restart, large volumes in order, a large message, acks,
+//! nacks and rejects, and the errors RabbitMQ gives for redeclaring and for exclusive
+//! queues.
+
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use petrel_tests::{PetrelProcess, Serve, Signal};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn petrel() -> anyhow::Result<PetrelProcess> {
+    let mut p = Serve::new()?.start()?;
+    p.wait_ready(TIMEOUT)?;
+    Ok(p)
+}
+
+async fn channel(petrel: &PetrelProcess) -> anyhow::Result<(Connection, Channel)> {
+    let conn = Connection::connect(&petrel.amqp_url(), ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    Ok((conn, channel))
+}
+
+async fn durable(channel: &Channel, name: &str) -> anyhow::Result<()> {
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(name.into(), options, FieldTable::default())
+        .await?;
+    Ok(())
+}
+
+/// Publishes `bodies` persistent to `queue` with confirms, a window at a time; every
+/// one must be acked.
+async fn publish_confirmed(
+    channel: &Channel,
+    queue: &str,
+    bodies: impl Iterator<Item = Vec<u8>>,
+    window: usize,
+) -> anyhow::Result<()> {
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut pending = Vec::with_capacity(window);
+    let persistent = BasicProperties::default().with_delivery_mode(2);
+    for body in bodies {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body,
+                persistent.clone(),
+            )
+            .await?;
+        pending.push(confirm);
+        if pending.len() == window {
+            for c in pending.drain(..) {
+                ensure!(
+                    matches!(c.await?, Confirmation::Ack(_)),
+                    "a publish was nacked"
+                );
+            }
+        }
+    }
+    for c in pending {
+        ensure!(
+            matches!(c.await?, Confirmation::Ack(_)),
+            "a publish was nacked"
+        );
+    }
+    Ok(())
+}
+
+/// Takes every message ready in `queue` with basic.get, acking each.
+async fn drain(channel: &Channel, queue: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut got = Vec::new();
+    while let Some(m) = channel
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await?
+    {
+        m.delivery.ack(BasicAckOptions::default()).await?;
+        got.push(m.delivery.data);
+    }
+    Ok(got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_messages_in_a_durable_queue_survive_a_restart() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut first = Serve::on_data_dir(dir.path())?.start()?;
+    first.wait_ready(TIMEOUT)?;
+    let (conn, ch) = channel(&first).await?;
+    durable(&ch, "orders").await?;
+    publish_confirmed(
+        &ch,
+        "orders",
+        (0..100u32).map(|i| i.to_be_bytes().to_vec()),
+        20,
+    )
+    .await?;
+    // The first ten are acked before the restart; the rest must all be there after it.
+    for _ in 0..10 {
+        let m = ch
+            .basic_get("orders".into(), BasicGetOptions::default())
+            .await?
+            .context("a message")?;
+        m.delivery.ack(BasicAckOptions::default()).await?;
+    }
+    // An ack has no answer: a declare-ok after it says the broker has read it.
+    durable(&ch, "orders").await?;
+    conn.close(200, "bye".into()).await?;
+    first.signal(Signal::Term)?;
+    first.wait_exit(TIMEOUT)?;
+
+    let mut second = Serve::on_data_dir(dir.path())?.start()?;
+    second.wait_ready(TIMEOUT)?;
+    let (_conn, ch) = channel(&second).await?;
+    let got = drain(&ch, "orders").await?;
+    let want: Vec<Vec<u8>> = (10..100u32).map(|i| i.to_be_bytes().to_vec()).collect();
+    assert_eq!(got, want, "exactly the unacked messages, in order");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_messages_arrive_complete_and_in_order() -> anyhow::Result<()> {
+    const N: u32 = 100_000;
+    let petrel = petrel()?;
+    let (_p, publisher) = channel(&petrel).await?;
+    let (_c, consumer_ch) = channel(&petrel).await?;
+    durable(&publisher, "bulk").await?;
+    consumer_ch
+        .basic_qos(500, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consumer_ch
+        .basic_consume(
+            "bulk".into(),
+            "bulk-consumer".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let bodies = (0..N).map(|i| {
+        let mut body = vec![0u8; 1024];
+        body[..4].copy_from_slice(&i.to_be_bytes());
+        body
+    });
+    let publishing =
+        tokio::spawn(async move { publish_confirmed(&publisher, "bulk", bodies, 1000).await });
+    let mut next = 0u32;
+    while next < N {
+        let delivery = tokio::time::timeout(TIMEOUT, consumer.next())
+            .await
+            .with_context(|| format!("no delivery within {TIMEOUT:?} after {next}"))?
+            .context("the consumer ended")??;
+        let seq = u32::from_be_bytes(delivery.data[..4].try_into()?);
+        ensure!(seq == next, "message {seq} arrived where {next} was due");
+        ensure!(
+            delivery.data.len() == 1024,
+            "message {seq} is {} bytes",
+            delivery.data.len()
+        );
+        next += 1;
+        if next.is_multiple_of(100) {
+            delivery.ack(BasicAckOptions { multiple: true }).await?;
+        }
+    }
+    publishing.await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_16_mib_message_round_trips() -> anyhow::Result<()> {
+    let petrel = petrel()?;
+    let (_conn, ch) = channel(&petrel).await?;
+    durable(&ch, "big").await?;
+    let body: Vec<u8> = (0..16 << 20).map(|i: u32| (i % 251) as u8).collect();
+    publish_confirmed(&ch, "big", std::iter::once(body.clone()), 1).await?;
+    let got = drain(&ch, "big").await?;
+    ensure!(got.len() == 1, "one message, got {}", got.len());
+    ensure!(
+        got[0] == body,
+        "the body came back changed ({} bytes)",
+        got[0].len()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacked_and_unacked_messages_come_back_redelivered_and_rejected_ones_go()
+-> anyhow::Result<()> {
+    let petrel = petrel()?;
+    let (_conn, ch) = channel(&petrel).await?;
+    durable(&ch, "work").await?;
+    publish_confirmed(
+        &ch,
+        "work",
+        [b"a", b"b", b"c"].iter().map(|b| b.to_vec()),
+        3,
+    )
+    .await?;
+
+    let a = ch
+        .basic_get("work".into(), BasicGetOptions::default())
+        .await?
+        .context("a")?;
+    ensure!(a.delivery.data == b"a" && !a.delivery.redelivered);
+    a.delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await?;
+    let a = ch
+        .basic_get("work".into(), BasicGetOptions::default())
+        .await?
+        .context("a again")?;
+    ensure!(
+        a.delivery.data == b"a" && a.delivery.redelivered,
+        "a nacked message comes back first, redelivered"
+    );
+    a.delivery
+        .reject(BasicRejectOptions { requeue: false })
+        .await?;
+
+    // A consumer's channel closes with "b" unacked: another consumer gets it, redelivered.
+    let (_conn2, other) = channel(&petrel).await?;
+    let b = other
+        .basic_get("work".into(), BasicGetOptions::default())
+        .await?
+        .context("b")?;
+    ensure!(b.delivery.data == b"b");
+    other.close(200, "bye".into()).await?;
+    let got: Vec<(Vec<u8>, bool)> = {
+        let mut got = Vec::new();
+        while let Some(m) = ch
+            .basic_get("work".into(), BasicGetOptions::default())
+            .await?
+        {
+            m.delivery.ack(BasicAckOptions::default()).await?;
+            got.push((m.delivery.data, m.delivery.redelivered));
+        }
+        got
+    };
+    assert_eq!(
+        got,
+        vec![(b"b".to_vec(), true), (b"c".to_vec(), false)],
+        "the rejected 'a' is gone"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeclaring_differently_is_406_and_an_exclusive_queue_is_405_to_others()
+-> anyhow::Result<()> {
+    let petrel = petrel()?;
+    let (_conn, ch) = channel(&petrel).await?;
+    let mut ttl = FieldTable::default();
+    ttl.insert("x-message-ttl".into(), AMQPValue::LongInt(60_000));
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare("q".into(), options, ttl.clone()).await?;
+    ch.queue_declare("q".into(), options, ttl)
+        .await
+        .context("the same again is fine")?;
+    let err = ch
+        .queue_declare("q".into(), options, FieldTable::default())
+        .await
+        .expect_err("other arguments");
+    ensure!(
+        err.to_string().contains("406") || format!("{err:?}").contains("PRECONDITION_FAILED"),
+        "{err:?}"
+    );
+
+    let (_conn, owner) = channel(&petrel).await?;
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    let q = owner
+        .queue_declare("".into(), exclusive, FieldTable::default())
+        .await?;
+    ensure!(
+        q.name().as_str().starts_with("amq.gen-"),
+        "server-named: {}",
+        q.name()
+    );
+    let (_conn, intruder) = channel(&petrel).await?;
+    let err = intruder
+        .basic_consume(
+            q.name().clone(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("another connection's exclusive queue");
+    ensure!(
+        format!("{err:?}").contains("RESOURCE_LOCKED") || format!("{err:?}").contains("405"),
+        "{err:?}"
+    );
+    Ok(())
+}
