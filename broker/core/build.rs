@@ -3,7 +3,10 @@
 use std::error::Error;
 
 const PROTO_ROOT: &str = "proto";
-const PROTOS: &[&str] = &["petrel/internal/v1/raft.proto"];
+const PROTOS: &[&str] = &[
+    "petrel/internal/v1/raft.proto",
+    "petrel/internal/v1/queues.proto",
+];
 
 fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed={PROTO_ROOT}");

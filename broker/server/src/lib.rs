@@ -225,7 +225,8 @@ impl Server {
             Some(Ok(storage)) => {
                 let admin =
                     admin::AdminService::new(config.node_id, &config.data_dir, readiness.clone());
-                let node = match join_cluster(&config, storage, internal, &admin).await {
+                let queues = petrel_core::messaging::MessagingSlot::default();
+                let node = match join_cluster(&config, storage, internal, &admin, &queues).await {
                     Ok(node) => node,
                     Err(err) => {
                         readiness.advance(Phase::Stopping);
@@ -237,6 +238,7 @@ impl Server {
                 let (stop_amqp, amqp_stopped) = tokio::sync::watch::channel(false);
                 let amqp_addr = amqp.local_addr().ok();
                 let messaging = petrel_core::messaging::Messaging::new(node.clone());
+                queues.set(&messaging);
                 let amqp = tokio::spawn(petrel_protocols::amqp::serve(
                     amqp,
                     messaging,
@@ -309,6 +311,7 @@ async fn join_cluster(
     storage: Storage,
     internal: TcpListener,
     admin: &admin::AdminService,
+    queues: &petrel_core::messaging::MessagingSlot,
 ) -> Result<Arc<ClusterNode>, Error> {
     let node = NodeConfig {
         id: config.node_id,
@@ -317,7 +320,7 @@ async fn join_cluster(
         raft: raft_config(),
         partition_defaults: config.partition_defaults(),
     };
-    let services = tonic::service::Routes::new(admin.server());
+    let services = tonic::service::Routes::new(admin.server()).add_service(queues.server());
     ClusterNode::start(node, storage, internal, services)
         .await
         .map_err(|source| Error::Cluster {

@@ -441,6 +441,16 @@ impl ClusterNode {
         }
     }
 
+    /// Connections to this node's peers.
+    pub(crate) fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    /// The internal address of node `id`, as the metadata has it.
+    pub fn addr_of(&self, id: NodeId) -> Option<String> {
+        self.view.borrow().nodes.get(&id).map(|n| n.addr.clone())
+    }
+
     /// The high watermark of this node's replica of `group`, as it moves.
     pub fn high_watermark(&self, group: u64) -> Option<watch::Receiver<u64>> {
         self.replica(group, |r| r.high_watermark.clone())

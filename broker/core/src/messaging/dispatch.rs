@@ -9,7 +9,7 @@
 //! * Settles are proposed through the partition's Raft group in batches, with the floor
 //!   below which everything is settled, so a new leader's dispatcher starts from there.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -90,6 +90,12 @@ pub(crate) enum Op {
     Release {
         owner: u64,
     },
+    /// Offsets `owner` holds, delivered by a dispatcher before this one (through a relay):
+    /// in flight once read, not delivered again.
+    Adopt {
+        owner: u64,
+        offsets: Vec<u64>,
+    },
     Stats(oneshot::Sender<Stats>),
     /// Settles every message not in flight; answers how many.
     Purge(oneshot::Sender<u64>),
@@ -135,6 +141,8 @@ pub(crate) struct Dispatcher {
     in_flight: BTreeMap<u64, (u64, Message)>,
     /// Settled when this dispatcher started: skipped when read.
     settled: Settled,
+    /// Held by a channel since before this dispatcher (offset → owner): in flight once read.
+    adopted: HashMap<u64, u64>,
     /// Settled here, not yet proposed.
     to_settle: Vec<u64>,
     floor_sent: u64,
@@ -169,6 +177,7 @@ impl Dispatcher {
             ready: VecDeque::new(),
             redeliver: BTreeMap::new(),
             in_flight: BTreeMap::new(),
+            adopted: HashMap::new(),
             floor_sent: settled.floor,
             settled,
             to_settle: Vec::new(),
@@ -250,8 +259,17 @@ impl Dispatcher {
             }
             Op::Settle { offsets } => {
                 for offset in offsets {
-                    if self.in_flight.remove(&offset).is_some() {
+                    if self.in_flight.remove(&offset).is_some()
+                        || self.adopted.remove(&offset).is_some()
+                    {
                         self.to_settle.push(offset);
+                    }
+                }
+            }
+            Op::Adopt { owner, offsets } => {
+                for offset in offsets {
+                    if offset >= self.read_pos && !self.settled.contains(offset) {
+                        self.adopted.insert(offset, owner);
                     }
                 }
             }
@@ -284,6 +302,8 @@ impl Dispatcher {
             }
             Op::Requeue { offsets } => {
                 for offset in offsets {
+                    // An adopted one not read yet is delivered when it is.
+                    self.adopted.remove(&offset);
                     if let Some((_, message)) = self.in_flight.remove(&offset) {
                         self.redeliver.insert(offset, message);
                     }
@@ -295,6 +315,7 @@ impl Dispatcher {
 
     /// Gives back everything `owner` holds.
     fn release(&mut self, owner: u64) {
+        self.adopted.retain(|_, o| *o != owner);
         let held: Vec<u64> = self
             .in_flight
             .iter()
@@ -449,9 +470,16 @@ impl Dispatcher {
                 }
             };
             for record in records {
-                if record.offset >= self.read_pos && !self.settled.contains(record.offset) {
-                    self.ready
-                        .push_back((record.offset, Message::from_record(record)));
+                if record.offset < self.read_pos || self.settled.contains(record.offset) {
+                    continue;
+                }
+                let offset = record.offset;
+                let message = Message::from_record(record);
+                match self.adopted.remove(&offset) {
+                    Some(owner) => {
+                        self.in_flight.insert(offset, (owner, message));
+                    }
+                    None => self.ready.push_back((offset, message)),
                 }
             }
         }

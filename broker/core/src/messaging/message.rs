@@ -190,6 +190,30 @@ impl<'a> Encoded<'a> {
 }
 
 impl Message {
+    /// The message as a one-record batch, to send between nodes.
+    pub fn to_batch(&self) -> Result<bytes::Bytes, petrel_log::BatchError> {
+        let encoded = Encoded::new(self);
+        let mut scratch = Vec::new();
+        let r = encoded.record(0, &mut scratch);
+        let mut b = petrel_log::BatchBuilder::new();
+        b.push(r.timestamp, r.key, r.value, r.headers);
+        Ok(b.build(0, 0, 0)?.as_bytes().clone())
+    }
+
+    /// The message of a batch made by [`Message::to_batch`].
+    pub fn from_batch(bytes: bytes::Bytes) -> Result<Message, petrel_log::BatchError> {
+        let batch = petrel_log::RecordBatch::from_bytes(bytes)?;
+        let record =
+            batch
+                .records()?
+                .into_iter()
+                .next()
+                .ok_or(petrel_log::BatchError::MalformedRecords(
+                    "an empty message batch",
+                ))?;
+        Ok(Message::from_record(record))
+    }
+
     /// The message a stored record holds; properties that do not decode are dropped.
     pub fn from_record(record: Record) -> Message {
         let mut m = Message {

@@ -4,14 +4,17 @@
 //!
 //! * [`message`]: the protocol-neutral message and how it is stored as a record.
 //! * [`cursor`]: what a queue's consumers have settled, kept in its Raft state machine.
-//! * `dispatch`: the per-partition task that delivers against credit and settles.
-//!
-//! So far: the default exchange (routing key = queue name) and consumers connected to
-//! the queue leader's node.
+//! * `dispatch`: the per-partition task, on its leader, that delivers against credit and
+//!   settles.
+//! * `relay` and `service`: consumers on other nodes reach that task through a relay on
+//!   their node, over one internal stream per queue partition, which survives a change of
+//!   leader without delivering a settled message again.
 
 pub mod cursor;
 mod dispatch;
 pub mod message;
+mod relay;
+mod service;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use dispatch::{Delivery, Feed, Sink, Stats};
 pub use message::{Message, Properties, Table, Value};
+pub use service::{MessagingSlot, QueuesService};
 
 use crate::cluster::{ClusterError, ClusterNode, NewRecord, now_ms};
 pub use crate::meta::ExchangeKind;
@@ -33,6 +37,8 @@ use dispatch::{Dispatcher, Op};
 
 /// How long a new queue's leader may take to be elected.
 const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a queue's counts may take to come from its dispatcher.
+const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often to look whether a new queue's group has started here.
 const GROUP_START_POLL: Duration = Duration::from_millis(20);
 /// Replicas of a declared queue at most (as RabbitMQ's quorum queues).
@@ -159,7 +165,7 @@ impl QueueHandle {
         self.group
     }
 
-    fn send(&self, op: Op) {
+    pub(crate) fn send(&self, op: Op) {
         // A stopped dispatcher (leadership moved) gives everything back by itself.
         let _ = self.ops.send(op);
     }
@@ -189,7 +195,7 @@ impl QueueHandle {
         self.send(Op::Release { owner });
     }
 
-    async fn ask<T>(&self, op: impl FnOnce(oneshot::Sender<T>) -> Op) -> Option<T> {
+    pub(crate) async fn ask<T>(&self, op: impl FnOnce(oneshot::Sender<T>) -> Op) -> Option<T> {
         let (tx, rx) = oneshot::channel();
         self.send(op(tx));
         rx.await.ok()
@@ -199,7 +205,10 @@ impl QueueHandle {
 /// The messaging front door of a node.
 pub struct Messaging {
     node: Arc<ClusterNode>,
+    /// The dispatchers of queue partitions this node leads, by group.
     dispatchers: Mutex<HashMap<u64, mpsc::UnboundedSender<Op>>>,
+    /// Relays to the dispatchers of queue partitions led elsewhere, by group.
+    relays: Mutex<HashMap<u64, mpsc::UnboundedSender<Op>>>,
     /// Exclusive queues declared through this node, by the connection that owns each.
     exclusive: Mutex<HashMap<String, u64>>,
     ids: AtomicU64,
@@ -212,6 +221,7 @@ impl Messaging {
         Arc::new(Self {
             node,
             dispatchers: Mutex::new(HashMap::new()),
+            relays: Mutex::new(HashMap::new()),
             exclusive: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(1),
             turn: AtomicU64::new(0),
@@ -303,7 +313,10 @@ impl Messaging {
         let group = self.group(queue)?;
         if let Some(ops) = self.running(group) {
             let handle = QueueHandle { group, ops };
-            if let Some(stats) = handle.ask(Op::Stats).await {
+            // A relay between leaders answers later; the local replica's count does then.
+            if let Ok(Some(stats)) =
+                tokio::time::timeout(STATS_TIMEOUT, handle.ask(Op::Stats)).await
+            {
                 return Ok(stats);
             }
         }
@@ -553,7 +566,8 @@ impl Messaging {
         Ok(self.node.partition(Kind::Queue, queue, 0)?.group)
     }
 
-    /// The dispatcher of `queue` (its one partition so far), started if need be.
+    /// The dispatcher of `queue` (its one partition so far): started here if this node
+    /// leads it, else reached through a relay to its leader.
     async fn queue(&self, queue: &str) -> Result<QueueHandle, MessagingError> {
         let group = self.group(queue)?;
         if let Some(ops) = self.running(group) {
@@ -563,44 +577,64 @@ impl Messaging {
         let leader = if placed.replicas.contains(&self.node.id()) {
             self.await_leader(group).await
         } else {
-            placed.replicas.first().copied()
+            None
         };
-        if leader != Some(self.node.id()) || !dispatch::caught_up(&self.node, group).await {
-            return Err(MessagingError::NotLeader {
-                queue: queue.to_owned(),
-                leader,
-            });
+        if leader == Some(self.node.id()) {
+            return self.local(group).await;
         }
-        let auto_delete = self
-            .node
-            .metadata()
-            .borrow()
-            .destination(Kind::Queue, queue)
-            .is_some_and(|d| d.spec.declared.auto_delete);
-        let mut dispatchers = lock(&self.dispatchers);
-        let ops = match dispatchers.get(&group) {
-            Some(ops) if dispatch::running(ops) => ops.clone(),
-            _ => {
-                let settled = self.node.settled(group).unwrap_or_default();
-                let ops = Dispatcher::spawn(
-                    self.node.clone(),
-                    group,
-                    queue.to_owned(),
-                    auto_delete,
-                    settled,
-                );
-                dispatchers.insert(group, ops.clone());
-                ops
-            }
-        };
+        let mut relays = lock(&self.relays);
+        relays.retain(|_, ops| dispatch::running(ops));
+        let ops = relays
+            .entry(group)
+            .or_insert_with(|| relay::Relay::spawn(self.node.clone(), group, queue.to_owned()))
+            .clone();
         Ok(QueueHandle { group, ops })
     }
 
+    /// The dispatcher of partition `group`, which this node must lead; started if need be.
+    pub(crate) async fn local(&self, group: u64) -> Result<QueueHandle, MessagingError> {
+        let (queue, auto_delete) = {
+            let view = self.node.metadata();
+            let view = view.borrow();
+            let found = view.destinations.get(&Kind::Queue).and_then(|queues| {
+                queues
+                    .values()
+                    .find(|d| d.partitions.iter().any(|p| p.group == group))
+            });
+            match found {
+                Some(d) => (d.spec.name.clone(), d.spec.declared.auto_delete),
+                None => return Err(MessagingError::QueueNotFound(format!("(group {group})"))),
+            }
+        };
+        let leader = self.await_leader(group).await;
+        if leader != Some(self.node.id()) || !dispatch::caught_up(&self.node, group).await {
+            return Err(MessagingError::NotLeader { queue, leader });
+        }
+        let mut dispatchers = lock(&self.dispatchers);
+        // Stopped dispatchers (leadership moved, queue deleted) are forgotten here.
+        dispatchers.retain(|_, ops| dispatch::running(ops));
+        if let Some(ops) = dispatchers.get(&group) {
+            return Ok(QueueHandle {
+                group,
+                ops: ops.clone(),
+            });
+        }
+        let settled = self.node.settled(group).unwrap_or_default();
+        let ops = Dispatcher::spawn(self.node.clone(), group, queue, auto_delete, settled);
+        dispatchers.insert(group, ops.clone());
+        Ok(QueueHandle { group, ops })
+    }
+
+    /// The running dispatcher of `group` here, else its running relay.
     fn running(&self, group: u64) -> Option<mpsc::UnboundedSender<Op>> {
-        lock(&self.dispatchers)
-            .get(&group)
-            .filter(|ops| dispatch::running(ops))
-            .cloned()
+        [&self.dispatchers, &self.relays]
+            .into_iter()
+            .find_map(|map| {
+                lock(map)
+                    .get(&group)
+                    .filter(|ops| dispatch::running(ops))
+                    .cloned()
+            })
     }
 
     /// The leader of `group` once one is known here (a new queue elects one first);

@@ -97,6 +97,17 @@ impl Peers {
     fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         Ok(self.peer(addr)?.channel)
     }
+
+    /// A client of the `Queues` service of the node at `addr`.
+    pub fn queues(
+        &self,
+        addr: &str,
+    ) -> Result<super::proto::queues_client::QueuesClient<Channel>, tonic::transport::Error> {
+        Ok(
+            super::proto::queues_client::QueuesClient::new(self.channel(addr)?)
+                .max_decoding_message_size(256 << 20),
+        )
+    }
 }
 
 /// One peer: its connection, and the queue gathering idle groups' heartbeats to it.

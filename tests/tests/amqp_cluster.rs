@@ -1,0 +1,140 @@
+//! AMQP in a 3-node cluster: a client may use any node, and the queue leader's crash
+//! loses no confirmed message and delivers none twice to a consumer that acks.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use petrel_api::admin::v1::admin_client::AdminClient;
+use petrel_api::admin::v1::{DestinationRef, Kind};
+use petrel_tests::Signal;
+use petrel_tests::cluster::Cluster;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn channel(url: &str) -> anyhow::Result<(Connection, Channel)> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    Ok((conn, channel))
+}
+
+/// The queue's leader as node `port` (internal) knows it, once it knows one other than `not`.
+async fn leader(port: u16, queue: &str, not: Option<u64>) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + TIMEOUT;
+    let mut client = AdminClient::connect(format!("http://127.0.0.1:{port}")).await?;
+    loop {
+        let d = client
+            .get_destination(DestinationRef {
+                kind: Kind::Queue.into(),
+                name: queue.into(),
+            })
+            .await?
+            .into_inner();
+        if let Some(l) = d.partitions.first().and_then(|p| p.leader)
+            && Some(l) != not
+        {
+            return Ok(l);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no leader for {queue} within {TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_on_another_node_gets_every_confirmed_message_once_across_a_leader_crash()
+-> anyhow::Result<()> {
+    const N: u32 = 2000;
+    let mut cluster = Cluster::start(3)?;
+    let url = |cluster: &Cluster, i: usize| cluster.nodes[i].amqp_url();
+    let (_c, setup) = channel(&url(&cluster, 0)).await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    setup
+        .queue_declare("ha".into(), durable, FieldTable::default())
+        .await?;
+    let leader = leader(cluster.ports[0], "ha", None).await?;
+    // Publisher and consumer on the two other nodes.
+    let others: Vec<usize> = (0..3).filter(|i| *i as u64 + 1 != leader).collect();
+    let (publisher_conn, publisher) = channel(&url(&cluster, others[0])).await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut confirms = Vec::new();
+    for i in 0..N {
+        confirms.push(
+            publisher
+                .basic_publish(
+                    "".into(),
+                    "ha".into(),
+                    BasicPublishOptions::default(),
+                    &i.to_be_bytes(),
+                    BasicProperties::default().with_delivery_mode(2),
+                )
+                .await?,
+        );
+    }
+    for c in confirms {
+        ensure!(
+            matches!(c.await?, Confirmation::Ack(_)),
+            "a publish was nacked"
+        );
+    }
+    publisher_conn.close(200, "done".into()).await?;
+
+    let (_conn, consumer_ch) = channel(&url(&cluster, others[1])).await?;
+    consumer_ch
+        .basic_qos(50, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consumer_ch
+        .basic_consume(
+            "ha".into(),
+            "survivor".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut seen = HashSet::new();
+    let mut killed = false;
+    while seen.len() < N as usize {
+        let delivery = tokio::time::timeout(TIMEOUT, consumer.next())
+            .await
+            .with_context(|| {
+                let logs: Vec<String> = cluster.nodes.iter().map(|n| n.stdout()).collect();
+                format!(
+                    "no delivery within {TIMEOUT:?} after {}\n{}",
+                    seen.len(),
+                    logs.join("\n=====\n")
+                )
+            })?
+            .context("the consumer was cancelled")??;
+        let i = u32::from_be_bytes(delivery.data[..4].try_into()?);
+        ensure!(
+            seen.insert(i),
+            "message {i} delivered twice (after {} distinct)",
+            seen.len()
+        );
+        delivery.ack(BasicAckOptions::default()).await?;
+        if !killed && seen.len() == N as usize / 2 {
+            cluster.nodes[leader as usize - 1].signal(Signal::Kill)?;
+            killed = true;
+        }
+    }
+    ensure!(killed);
+    // Nothing is left, and nothing more comes.
+    let extra = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await;
+    ensure!(extra.is_err(), "a delivery after all {N}: {extra:?}");
+    let _ = cluster.restart(leader as usize - 1, false)?;
+    Ok(())
+}
