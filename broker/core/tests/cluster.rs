@@ -496,3 +496,78 @@ async fn a_replica_placed_after_retention_purged_is_backfilled_with_what_the_lea
         node.close().await.expect("close");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_log_lets_go_of_what_its_consumers_settled_and_keeps_the_rest() {
+    use petrel_core::messaging::{Message, Messaging, QueueOptions};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = cluster(dir.path(), 3).await;
+    let messaging = Messaging::new(nodes[&1].clone());
+    let durable = QueueOptions {
+        durable: true,
+        ..QueueOptions::default()
+    };
+    messaging
+        .declare_queue("work", durable, 1)
+        .await
+        .expect("declare");
+    // An entry each, enough for snapshots (every 1000 entries) to cover most of them.
+    for i in 0..2100 {
+        let message = Message {
+            routing_key: "work".into(),
+            body: format!("{i:0200}").into_bytes().into(),
+            ..Message::default()
+        };
+        messaging
+            .publish(&message)
+            .expect("routed")
+            .await
+            .expect("stored");
+    }
+    let group = nodes[&1]
+        .partition(Kind::Queue, "work", 0)
+        .expect("placed")
+        .group;
+    let get = || async {
+        messaging
+            .get("work", 7, false, 1)
+            .await
+            .expect("get")
+            .expect("a message")
+    };
+    // Message 1500 stays unacked; every other one is acked.
+    let mut held = None;
+    for i in 0..2100 {
+        let (d, queue, _) = get().await;
+        if i == 1500 {
+            held = Some(d.offset);
+        } else {
+            queue.settle(vec![d.offset]);
+        }
+    }
+    let held = held.expect("held");
+    let start = |node: &ClusterNode| {
+        node.fetch(Kind::Queue, "work", 0, 0, 1)
+            .ok()
+            .and_then(|(batches, _)| Some(batches.first()?.base_offset()))
+    };
+    for node in nodes.values() {
+        eventually(
+            "every replica let go of the settled messages before the held one",
+            || {
+                node.settled(group).is_some_and(|s| s.count == 2099)
+                    && start(node).is_some_and(|s| s > 1000)
+            },
+        )
+        .await;
+        let s = start(node).expect("readable");
+        assert!(
+            s <= held,
+            "the unacked message at {held} was purged (the log starts at {s})"
+        );
+    }
+    for node in nodes.into_values() {
+        node.close().await.expect("close");
+    }
+}

@@ -393,6 +393,18 @@ impl Log {
         point
     }
 
+    /// Where a log whose records below `offset` are no longer needed (a queue's settled
+    /// floor) may start: the start of the segment holding `offset`, so that only whole
+    /// segments before it go; `start_offset` if none may.
+    pub fn release_point(&self, offset: u64) -> u64 {
+        self.state
+            .segments
+            .range(..=offset)
+            .next_back()
+            .map_or(self.state.start, |(base, _)| *base)
+            .max(self.state.start)
+    }
+
     /// Removes the batch containing `offset` and everything after it (Raft conflict
     /// resolution). Durable when it returns.
     pub fn truncate_from(&mut self, offset: u64) -> Result<()> {

@@ -1,8 +1,11 @@
-//! Retention of topics: every replica purges its log of the sealed segments its topic's
-//! retention lets go (by record time and by size, whole segments), through its Raft, which
-//! purges only what a snapshot covers. Raft purges partition logs for nothing else, so a
-//! topic without retention keeps everything; queues keep what is not acknowledged (their
-//! cursors come with the messaging core).
+//! What each replica lets go of its log, through its Raft (which purges only what a
+//! snapshot covers); Raft purges partition logs for nothing else.
+//!
+//! * Topics: the sealed segments their retention lets go (by record time and by size,
+//!   whole segments); a topic without retention keeps everything.
+//! * Queues: the segments wholly below the settled floor that the queue's Raft state
+//!   machine holds (DESIGN.md §4, compaction by release cursor): acknowledged messages
+//!   leave the disk, and everything not yet settled stays.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,32 +16,52 @@ use crate::meta::{Kind, Retention};
 /// How often retention is looked at: the check is a walk over a few segments in memory.
 const EVERY: Duration = Duration::from_secs(1);
 
+/// What one partition keeps.
+#[derive(Debug, Clone, Copy)]
+enum Keep {
+    /// A topic's retention.
+    Retained(Retention),
+    /// A queue's unsettled messages.
+    Unsettled,
+}
+
 /// Applies retention until the node stops.
 pub(super) async fn enforce(node: Arc<ClusterNode>) {
     let mut tick = tokio::time::interval(EVERY);
     loop {
         tick.tick().await;
         let now_ms = super::now_ms();
-        let kept: Vec<(u64, Retention)> = {
+        let kept: Vec<(u64, Keep)> = {
             let view = node.view.borrow();
-            view.destinations
+            let topics = view
+                .destinations
                 .get(&Kind::Topic)
                 .into_iter()
                 .flat_map(|topics| topics.values())
                 .filter(|d| d.spec.retention.ms.is_some() || d.spec.retention.bytes.is_some())
-                .flat_map(|d| d.partitions.iter().map(|p| (p.group, d.spec.retention)))
-                .collect()
-        };
-        for (group, retention) in kept {
-            let release = node
-                .replicas
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get(&group)
-                .map(|r| {
-                    r.reader
-                        .release_index(now_ms, retention.ms, retention.bytes)
+                .flat_map(|d| {
+                    let keep = Keep::Retained(d.spec.retention);
+                    d.partitions.iter().map(move |p| (p.group, keep))
                 });
+            let queues = view
+                .destinations
+                .get(&Kind::Queue)
+                .into_iter()
+                .flat_map(|queues| queues.values())
+                .flat_map(|d| d.partitions.iter().map(|p| (p.group, Keep::Unsettled)));
+            topics.chain(queues).collect()
+        };
+        for (group, keep) in kept {
+            let release = node.replica(group, |r| match keep {
+                Keep::Retained(retention) => {
+                    r.reader
+                        .release_index(now_ms, (retention.ms, retention.bytes), None)
+                }
+                Keep::Unsettled => {
+                    let floor = r.app.borrow().settled.floor;
+                    r.reader.release_index(now_ms, (None, None), Some(floor))
+                }
+            });
             let (Some(Ok(Some(index))), Some(raft)) = (release, node.group(group)) else {
                 continue;
             };
@@ -47,7 +70,7 @@ pub(super) async fn enforce(node: Arc<ClusterNode>) {
                 continue;
             }
             if let Err(e) = raft.trigger().purge_log(index).await {
-                tracing::warn!(group, error = %e, "purging by retention");
+                tracing::warn!(group, error = %e, "purging what the log no longer needs");
             }
         }
     }

@@ -208,17 +208,23 @@ fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
 }
 
 impl LogReader {
-    /// The last Raft index retention lets go (`keep_ms` by record time, `keep_bytes` by
-    /// size, whole sealed segments), if any: the entries up to it may be purged.
+    /// The last Raft index a purge may remove: the entries before the start of the
+    /// sealed segments retention lets go (by record time `keep_ms` before `now_ms`, and by
+    /// size `keep_bytes`), or — with `settled_below` — those wholly below a queue's settled
+    /// floor; `None` if nothing may go.
     pub fn release_index(
         &self,
         now_ms: i64,
-        keep_ms: Option<u64>,
-        keep_bytes: Option<u64>,
+        retention: (Option<u64>, Option<u64>),
+        settled_below: Option<u64>,
     ) -> Result<Option<u64>, RaftStoreError> {
         let log = self.log.upgrade().ok_or(RaftStoreError::Stopped)?;
         let log = read(&log);
-        let point = log.retention_point(now_ms, keep_ms, keep_bytes);
+        let (keep_ms, keep_bytes) = retention;
+        let point = match settled_below {
+            Some(floor) => log.release_point(floor),
+            None => log.retention_point(now_ms, keep_ms, keep_bytes),
+        };
         if point <= log.start_offset() || point >= log.next_offset() {
             return Ok(None);
         }
