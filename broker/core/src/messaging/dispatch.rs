@@ -10,17 +10,21 @@
 //!   below which everything is settled, so a new leader's dispatcher starts from there.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::Messaging;
 use super::cursor::{SETTLE, Settle, Settled};
-use super::message::Message;
-use crate::cluster::ClusterNode;
+use super::message::{Message, Value};
+use super::policy::{Policy, dead_lettered};
+use crate::cluster::{ClusterNode, now_ms};
 use crate::raft::{NodeId, Proposal};
 
-/// Bytes read from the log at a time.
+/// Bytes read from the log at a time for consumers.
 const READ_BYTES: usize = 1 << 20;
+/// Bytes read to look at the head of a queue nobody consumes.
+const PEEK_BYTES: usize = 64 << 10;
 
 /// A message handed to a consumer.
 #[derive(Debug, Clone)]
@@ -87,6 +91,10 @@ pub(crate) enum Op {
     Requeue {
         offsets: Vec<u64>,
     },
+    /// Rejected without requeue: dead-lettered (or dropped).
+    Reject {
+        offsets: Vec<u64>,
+    },
     Release {
         owner: u64,
     },
@@ -116,12 +124,32 @@ struct Slot {
     credit: u32,
 }
 
+/// What a dispatcher is told of its queue.
+pub(crate) struct QueueRules {
+    /// The queue's name.
+    pub name: String,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+    /// Its arguments' rules.
+    pub policy: Policy,
+}
+
+/// Owner of messages being dead-lettered: in flight until their copy is stored.
+const DEAD_LETTERING: u64 = 0;
+
 pub(crate) struct Dispatcher {
     node: Arc<ClusterNode>,
+    /// Routes dead-lettered messages.
+    messaging: Weak<Messaging>,
+    /// This dispatcher's own operations, for the tasks it starts.
+    me: mpsc::WeakUnboundedSender<Op>,
     group: u64,
     /// The queue, deleted when its last consumer goes if it is auto-delete.
     queue: String,
     auto_delete: bool,
+    policy: Policy,
+    /// Times each message in flight or given back was returned.
+    returned: HashMap<u64, u32>,
     /// Had a consumer (an auto-delete queue goes only after its first one left).
     consumed: bool,
     /// Messages not settled when this dispatcher started, and settled since.
@@ -154,9 +182,9 @@ impl Dispatcher {
     /// no longer does (or every handle is gone).
     pub(crate) fn spawn(
         node: Arc<ClusterNode>,
+        messaging: Weak<Messaging>,
         group: u64,
-        queue: String,
-        auto_delete: bool,
+        rules: QueueRules,
         settled: Settled,
     ) -> mpsc::UnboundedSender<Op> {
         let (ops, rx) = mpsc::unbounded_channel();
@@ -164,9 +192,13 @@ impl Dispatcher {
         tokio::spawn(propose_settles(node.clone(), group, settles));
         let dispatcher = Dispatcher {
             node,
+            messaging,
+            me: ops.downgrade(),
             group,
-            queue,
-            auto_delete,
+            queue: rules.name,
+            auto_delete: rules.auto_delete,
+            policy: rules.policy,
+            returned: HashMap::new(),
             consumed: false,
             unsettled_at_start: settled.unsettled(),
             appended_at_start: settled.appended,
@@ -197,10 +229,16 @@ impl Dispatcher {
         let mut metrics = raft.metrics();
         let me: NodeId = self.node.id();
         loop {
+            self.enforce();
             self.pump();
             self.flush_settles();
             let starved = self.wants_messages() && self.read_pos >= *high_watermark.borrow();
+            // A length limit applies as messages arrive, consumers or not.
+            let watch = starved || self.policy.max_length.is_some();
+            // The head message's expiry, if it has one, wakes the dispatcher.
+            let expiry = self.head_expiry();
             tokio::select! {
+                () = sleep_until(expiry) => {}
                 op = ops.recv() => match op {
                     Some(op) => {
                         self.handle(op);
@@ -210,7 +248,7 @@ impl Dispatcher {
                     }
                     None => break,
                 },
-                changed = high_watermark.changed(), if starved => {
+                changed = high_watermark.changed(), if watch => {
                     if changed.is_err() {
                         break;
                     }
@@ -262,6 +300,7 @@ impl Dispatcher {
                     if self.in_flight.remove(&offset).is_some()
                         || self.adopted.remove(&offset).is_some()
                     {
+                        self.returned.remove(&offset);
                         self.to_settle.push(offset);
                     }
                 }
@@ -305,7 +344,19 @@ impl Dispatcher {
                     // An adopted one not read yet is delivered when it is.
                     self.adopted.remove(&offset);
                     if let Some((_, message)) = self.in_flight.remove(&offset) {
-                        self.redeliver.insert(offset, message);
+                        self.give_back(offset, message);
+                    }
+                }
+            }
+            Op::Reject { offsets } => {
+                for offset in offsets {
+                    match self.in_flight.remove(&offset) {
+                        Some((_, message)) => self.dead_letter(offset, message, "rejected"),
+                        // Read later: dropped then, as it cannot be dead-lettered unread.
+                        None if self.adopted.remove(&offset).is_some() => {
+                            self.to_settle.push(offset)
+                        }
+                        None => {}
                     }
                 }
             }
@@ -324,7 +375,7 @@ impl Dispatcher {
             .collect();
         for offset in held {
             if let Some((_, message)) = self.in_flight.remove(&offset) {
-                self.redeliver.insert(offset, message);
+                self.give_back(offset, message);
             }
         }
     }
@@ -369,8 +420,28 @@ impl Dispatcher {
         }
     }
 
-    /// The next message to hand out: given back ones first, then the log's.
+    /// The next message to hand out, given back ones first, then the log's; expired
+    /// ones are dead-lettered on the way. One given back carries how often it was, as
+    /// RabbitMQ's quorum queues say it (`x-delivery-count`).
     fn take(&mut self) -> Option<(u64, Message, bool)> {
+        loop {
+            let (offset, mut message, redelivered) = self.next_message()?;
+            if self.expired(&message) {
+                self.dead_letter(offset, message, "expired");
+                continue;
+            }
+            if let Some(n) = self.returned.get(&offset) {
+                message
+                    .properties
+                    .headers
+                    .get_or_insert_with(Default::default)
+                    .insert("x-delivery-count".into(), Value::I64(i64::from(*n)));
+            }
+            return Some((offset, message, redelivered));
+        }
+    }
+
+    fn next_message(&mut self) -> Option<(u64, Message, bool)> {
         loop {
             if let Some((offset, message)) = self.redeliver.pop_first() {
                 return Some((offset, message, true));
@@ -378,10 +449,128 @@ impl Dispatcher {
             if let Some((offset, message)) = self.ready.pop_front() {
                 return Some((offset, message, false));
             }
-            if !self.fill() {
+            // Without consumers only the head is looked at (expiry, length limit).
+            let bytes = if self.consumers.is_empty() {
+                PEEK_BYTES
+            } else {
+                READ_BYTES
+            };
+            if !self.fill(bytes) {
                 return None;
             }
         }
+    }
+
+    /// Puts back a message that `next_message` took.
+    fn put_back(&mut self, offset: u64, message: Message, redelivered: bool) {
+        if redelivered {
+            self.redeliver.insert(offset, message);
+        } else {
+            self.ready.push_front((offset, message));
+        }
+    }
+
+    /// A message returned by its consumer: delivered again, unless it was returned more
+    /// often than the queue's delivery limit allows.
+    fn give_back(&mut self, offset: u64, message: Message) {
+        let returned = self.returned.entry(offset).or_default();
+        *returned += 1;
+        if self
+            .policy
+            .delivery_limit
+            .is_some_and(|limit| u64::from(*returned) > limit)
+        {
+            self.returned.remove(&offset);
+            self.dead_letter(offset, message, "delivery_limit");
+        } else {
+            self.redeliver.insert(offset, message);
+        }
+    }
+
+    /// When `message` expires (ms since the epoch) by the queue's TTL or its own
+    /// `expiration`, if it does.
+    fn expires_at(&self, message: &Message) -> Option<i64> {
+        let own = message.properties.ttl_ms().ok().flatten();
+        let ttl = match (self.policy.message_ttl, own) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(
+            message
+                .published_ms
+                .saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX)),
+        )
+    }
+
+    fn expired(&self, message: &Message) -> bool {
+        self.expires_at(message).is_some_and(|at| at <= now_ms())
+    }
+
+    /// When the message at the head (as far as it is read) expires, if it does.
+    fn head_expiry(&self) -> Option<tokio::time::Instant> {
+        let head = match self.redeliver.first_key_value() {
+            Some((_, m)) => m,
+            None => &self.ready.front()?.1,
+        };
+        let wait = self.expires_at(head)?.saturating_sub(now_ms()).max(0);
+        Some(tokio::time::Instant::now() + std::time::Duration::from_millis(wait.unsigned_abs()))
+    }
+
+    /// The queue's rules that apply without a consumer: expired messages at the head
+    /// go, and the oldest ready ones beyond the length limit.
+    fn enforce(&mut self) {
+        if let Some(max) = self.policy.max_length {
+            let mut ready = self.stats().ready;
+            while ready > max {
+                match self.next_message() {
+                    Some((offset, message, _)) => {
+                        self.dead_letter(offset, message, "maxlen");
+                        ready -= 1;
+                    }
+                    None => break,
+                }
+            }
+        }
+        while let Some((offset, message, redelivered)) = self.next_message() {
+            if !self.expired(&message) {
+                self.put_back(offset, message, redelivered);
+                break;
+            }
+            self.dead_letter(offset, message, "expired");
+        }
+    }
+
+    /// Dead-letters `message` (at `offset`) to the queue's dead-letter exchange, settling
+    /// it once its copy is stored there (at least once, as RabbitMQ's quorum queues do);
+    /// without one, or if it cannot be routed, it is dropped.
+    fn dead_letter(&mut self, offset: u64, message: Message, reason: &str) {
+        let (Some(to), Some(messaging)) = (&self.policy.dead_letter, self.messaging.upgrade())
+        else {
+            self.to_settle.push(offset);
+            return;
+        };
+        let dead = dead_lettered(&message, &self.queue, reason, to, now_ms());
+        let stored = match messaging.publish(&dead) {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(queue = %self.queue, error = %e, "dead-lettering: dropped instead");
+                self.to_settle.push(offset);
+                return;
+            }
+        };
+        self.in_flight.insert(offset, (DEAD_LETTERING, message));
+        let me = self.me.clone();
+        let queue = self.queue.clone();
+        tokio::spawn(async move {
+            if let Err(e) = stored.await {
+                tracing::warn!(queue, error = %e, "dead-lettering: dropped instead");
+            }
+            if let Some(me) = me.upgrade() {
+                let _ = me.send(Op::Settle {
+                    offsets: vec![offset],
+                });
+            }
+        });
     }
 
     /// Counts as this dispatcher knows them.
@@ -406,7 +595,7 @@ impl Dispatcher {
     /// Settles everything ready (not what is in flight).
     fn purge(&mut self) -> u64 {
         let mut purged = 0;
-        while let Some((offset, _, _)) = self.take() {
+        while let Some((offset, _, _)) = self.next_message() {
             self.to_settle.push(offset);
             purged += 1;
         }
@@ -444,8 +633,8 @@ impl Dispatcher {
 
     /// Reads the next messages from the log into `ready`, skipping settled ones; false
     /// if there is nothing more to read.
-    fn fill(&mut self) -> bool {
-        let Some(read) = self.node.read(self.group, self.read_pos, READ_BYTES) else {
+    fn fill(&mut self, max_bytes: usize) -> bool {
+        let Some(read) = self.node.read(self.group, self.read_pos, max_bytes) else {
             return false;
         };
         let (batches, high_watermark) = match read {
@@ -514,6 +703,14 @@ impl Dispatcher {
             offsets,
             count,
         });
+    }
+}
+
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 

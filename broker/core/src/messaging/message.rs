@@ -107,6 +107,9 @@ pub struct Message {
     pub properties: Properties,
     /// The payload, never copied between the socket buffers and the log.
     pub body: Bytes,
+    /// When it was stored, in milliseconds since the Unix epoch (its record's timestamp);
+    /// 0 before.
+    pub published_ms: i64,
 }
 
 const EXCHANGE: &[u8] = b"exchange";
@@ -189,12 +192,26 @@ impl<'a> Encoded<'a> {
     }
 }
 
+impl Properties {
+    /// The per-message time to live (`expiration`, milliseconds as a string), if set;
+    /// `Err` if it is no such number.
+    pub fn ttl_ms(&self) -> Result<Option<u64>, String> {
+        match &self.expiration {
+            None => Ok(None),
+            Some(text) => text
+                .parse::<u64>()
+                .map(Some)
+                .map_err(|_| format!("invalid expiration '{text}' for message")),
+        }
+    }
+}
+
 impl Message {
     /// The message as a one-record batch, to send between nodes.
     pub fn to_batch(&self) -> Result<bytes::Bytes, petrel_log::BatchError> {
         let encoded = Encoded::new(self);
         let mut scratch = Vec::new();
-        let r = encoded.record(0, &mut scratch);
+        let r = encoded.record(self.published_ms, &mut scratch);
         let mut b = petrel_log::BatchBuilder::new();
         b.push(r.timestamp, r.key, r.value, r.headers);
         Ok(b.build(0, 0, 0)?.as_bytes().clone())
@@ -222,6 +239,7 @@ impl Message {
                 .map(|k| String::from_utf8_lossy(&k).into_owned())
                 .unwrap_or_default(),
             body: record.value,
+            published_ms: record.timestamp,
             ..Message::default()
         };
         let p = &mut m.properties;
@@ -294,6 +312,7 @@ mod tests {
                 cluster_id: Some("x".into()),
             },
             body: Bytes::from_static(b"hello"),
+            published_ms: 5,
         };
         let encoded = Encoded::new(&message);
         let mut scratch = Vec::new();

@@ -13,12 +13,13 @@
 pub mod cursor;
 mod dispatch;
 pub mod message;
+mod policy;
 mod relay;
 mod service;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -33,10 +34,13 @@ use crate::meta::{
     Arguments, Binding, Command, Declared, Durability, Exchange, Kind, MetaError, Retention, Spec,
 };
 use crate::raft::NodeId;
-use dispatch::{Dispatcher, Op};
+use dispatch::{Dispatcher, Op, QueueRules};
+use policy::Policy;
 
 /// How long a new queue's leader may take to be elected.
 const LEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the queues whose rules apply without consumers are looked for.
+const WATCH_QUEUES: Duration = Duration::from_secs(1);
 /// How long a queue's counts may take to come from its dispatcher.
 const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often to look whether a new queue's group has started here.
@@ -190,6 +194,11 @@ impl QueueHandle {
         self.send(Op::Requeue { offsets });
     }
 
+    /// Messages rejected without requeue: dead-lettered, or dropped.
+    pub fn reject(&self, offsets: Vec<u64>) {
+        self.send(Op::Reject { offsets });
+    }
+
     /// Everything `owner` (a channel) holds, to deliver again: the channel closed.
     pub fn release(&self, owner: u64) {
         self.send(Op::Release { owner });
@@ -205,6 +214,8 @@ impl QueueHandle {
 /// The messaging front door of a node.
 pub struct Messaging {
     node: Arc<ClusterNode>,
+    /// Itself, for the dispatchers (which dead-letter through it) and its own tasks.
+    me: Weak<Messaging>,
     /// The dispatchers of queue partitions this node leads, by group.
     dispatchers: Mutex<HashMap<u64, mpsc::UnboundedSender<Op>>>,
     /// Relays to the dispatchers of queue partitions led elsewhere, by group.
@@ -218,14 +229,17 @@ pub struct Messaging {
 impl Messaging {
     /// Messaging over `node`.
     pub fn new(node: Arc<ClusterNode>) -> Arc<Self> {
-        Arc::new(Self {
+        let messaging = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             node,
             dispatchers: Mutex::new(HashMap::new()),
             relays: Mutex::new(HashMap::new()),
             exclusive: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(1),
             turn: AtomicU64::new(0),
-        })
+        });
+        tokio::spawn(watch_queues(Arc::downgrade(&messaging)));
+        messaging
     }
 
     /// A fresh id for a connection, channel or consumer, unique on this node.
@@ -257,6 +271,10 @@ impl Messaging {
             auto_delete: options.auto_delete,
             arguments: arguments(&options.arguments),
         };
+        if !options.passive {
+            Policy::from_arguments(name, &declared.arguments)
+                .map_err(MessagingError::PreconditionFailed)?;
+        }
         let existing = self
             .node
             .metadata()
@@ -593,7 +611,7 @@ impl Messaging {
 
     /// The dispatcher of partition `group`, which this node must lead; started if need be.
     pub(crate) async fn local(&self, group: u64) -> Result<QueueHandle, MessagingError> {
-        let (queue, auto_delete) = {
+        let rules = {
             let view = self.node.metadata();
             let view = view.borrow();
             let found = view.destinations.get(&Kind::Queue).and_then(|queues| {
@@ -602,10 +620,17 @@ impl Messaging {
                     .find(|d| d.partitions.iter().any(|p| p.group == group))
             });
             match found {
-                Some(d) => (d.spec.name.clone(), d.spec.declared.auto_delete),
+                Some(d) => QueueRules {
+                    name: d.spec.name.clone(),
+                    auto_delete: d.spec.declared.auto_delete,
+                    // Checked when declared; a queue created otherwise has none.
+                    policy: Policy::from_arguments(&d.spec.name, &d.spec.declared.arguments)
+                        .unwrap_or_default(),
+                },
                 None => return Err(MessagingError::QueueNotFound(format!("(group {group})"))),
             }
         };
+        let queue = rules.name.clone();
         let leader = self.await_leader(group).await;
         if leader != Some(self.node.id()) || !dispatch::caught_up(&self.node, group).await {
             return Err(MessagingError::NotLeader { queue, leader });
@@ -620,7 +645,7 @@ impl Messaging {
             });
         }
         let settled = self.node.settled(group).unwrap_or_default();
-        let ops = Dispatcher::spawn(self.node.clone(), group, queue, auto_delete, settled);
+        let ops = Dispatcher::spawn(self.node.clone(), self.me.clone(), group, rules, settled);
         dispatchers.insert(group, ops.clone());
         Ok(QueueHandle { group, ops })
     }
@@ -655,6 +680,43 @@ impl Messaging {
                 }
                 // A queue just created: its group starts here in a moment.
                 None => tokio::time::sleep(GROUP_START_POLL.min(left)).await,
+            }
+        }
+    }
+}
+
+/// Starts the dispatchers of the queues this node leads whose rules apply without a
+/// consumer (a TTL, a length limit), so that they apply from the start; until the
+/// messaging is dropped.
+async fn watch_queues(messaging: Weak<Messaging>) {
+    let mut tick = tokio::time::interval(WATCH_QUEUES);
+    loop {
+        tick.tick().await;
+        let Some(messaging) = messaging.upgrade() else {
+            return;
+        };
+        let me = messaging.node.id();
+        let watched: Vec<u64> = {
+            let view = messaging.node.metadata();
+            let view = view.borrow();
+            view.destinations
+                .get(&Kind::Queue)
+                .into_iter()
+                .flat_map(|queues| queues.values())
+                .filter(|d| {
+                    Policy::from_arguments(&d.spec.name, &d.spec.declared.arguments)
+                        .is_ok_and(|p| p.watches())
+                })
+                .flat_map(|d| d.partitions.iter().map(|p| p.group))
+                .filter(|group| messaging.node.leader(*group) == Some(me))
+                .collect()
+        };
+        for group in watched {
+            if lock(&messaging.dispatchers)
+                .get(&group)
+                .is_none_or(|ops| !dispatch::running(ops))
+            {
+                let _ = messaging.local(group).await;
             }
         }
     }

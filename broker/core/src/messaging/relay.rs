@@ -235,6 +235,13 @@ impl Relay {
                 }
                 Up::Requeue(Offsets { offsets })
             }
+            Op::Reject { offsets } => {
+                for o in &offsets {
+                    self.held.remove(o);
+                    self.remember(*o);
+                }
+                Up::Reject(Offsets { offsets })
+            }
             Op::Release { owner } => {
                 self.held.retain(|_, o| *o != owner);
                 Up::Release(owner)

@@ -168,6 +168,7 @@ impl Bridge {
             }
             Up::Settle(o) => self.queue.settle(o.offsets),
             Up::Requeue(o) => self.queue.requeue(o.offsets),
+            Up::Reject(o) => self.queue.reject(o.offsets),
             Up::Release(remote) => {
                 if let Some(owner) = self.owners.remove(&remote) {
                     self.queue.release(owner);

@@ -338,7 +338,7 @@ pub fn headers_match(binding: &Arguments, headers: &Arguments) -> bool {
 
 /// The text of a string argument in neutral JSON form (`{"short": "…"}`, or `{"long":
 /// [bytes]}`), so that a short and a long string of the same text compare equal.
-fn text(v: &serde_json::Value) -> Option<String> {
+pub(crate) fn text(v: &serde_json::Value) -> Option<String> {
     let (kind, inner) = v.as_object()?.iter().next()?;
     match kind.as_str() {
         "short" => inner.as_str().map(str::to_owned),

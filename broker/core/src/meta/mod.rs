@@ -16,6 +16,7 @@ use petrel_log::{BatchBuilder, BatchError, RecordBatch};
 
 use crate::raft::{Application, Applied, Proposal};
 
+pub(crate) use exchanges::text as argument_text;
 pub use exchanges::{
     Arguments, BUILTIN as BUILTIN_EXCHANGES, Binding, Exchange, ExchangeKind, Exchanges,
     headers_match, topic_matches,

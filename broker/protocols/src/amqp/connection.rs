@@ -1037,8 +1037,9 @@ impl Connection {
         }
         for (queue, offsets) in by_queue.into_values() {
             match how {
-                Settle::Ack | Settle::Drop => queue.settle(offsets),
+                Settle::Ack => queue.settle(offsets),
                 Settle::Requeue => queue.requeue(offsets),
+                Settle::Drop => queue.reject(offsets),
             }
         }
         for (id, n) in credits {
@@ -1147,7 +1148,14 @@ impl Connection {
                 .map(convert::properties)
                 .unwrap_or_default(),
             body,
+            published_ms: 0,
         };
+        if let Err(text) = message.properties.ttl_ms() {
+            return Err(Closing::channel(
+                code::PRECONDITION_FAILED,
+                format!("PRECONDITION_FAILED - {text}"),
+            ));
+        }
         let tag = chan.confirm.then(|| {
             let tag = chan.next_publish_tag;
             chan.next_publish_tag += 1;
@@ -1441,7 +1449,7 @@ impl Connection {
 enum Settle {
     Ack,
     Requeue,
-    /// Rejected without requeue: dropped (dead-lettering comes with exchanges).
+    /// Rejected without requeue: dead-lettered, or dropped.
     Drop,
 }
 

@@ -1,0 +1,268 @@
+//! A queue's arguments (`x-…`, as RabbitMQ names them) as the rules its dispatcher
+//! applies: message TTL, length limit, dead-lettering, delivery limit. Checked when the
+//! queue is declared, so a queue never holds arguments it cannot apply.
+
+use super::message::{Message, Table, Value};
+use crate::meta::{Arguments, argument_text as text};
+
+/// Where dead-lettered messages go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DeadLetter {
+    pub exchange: String,
+    /// The routing key they get; their own if `None`.
+    pub routing_key: Option<String>,
+}
+
+/// The rules of one queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Policy {
+    /// Milliseconds a message may wait in the queue.
+    pub message_ttl: Option<u64>,
+    /// Ready messages kept at most: the oldest beyond it are dropped (or dead-lettered),
+    /// RabbitMQ's default `x-overflow`, `drop-head`.
+    pub max_length: Option<u64>,
+    pub dead_letter: Option<DeadLetter>,
+    /// Times a message may be returned (nacked, rejected with requeue, or left unacked by
+    /// a closing channel) before it is dead-lettered.
+    pub delivery_limit: Option<u64>,
+}
+
+impl Policy {
+    /// The rules `arguments` ask for, or why they are invalid (as RabbitMQ words it).
+    pub(crate) fn from_arguments(queue: &str, arguments: &Arguments) -> Result<Policy, String> {
+        let invalid = |key: &str, why: &str| {
+            format!("invalid arg '{key}' for queue '{queue}' in vhost '/': {why}")
+        };
+        let count = |key: &str| -> Result<Option<u64>, String> {
+            match arguments.get(key) {
+                None => Ok(None),
+                Some(v) => match integer(v) {
+                    Some(n) if n >= 0 => Ok(Some(n.unsigned_abs())),
+                    Some(n) => Err(invalid(key, &format!("{{value_negative,{n}}}"))),
+                    None => Err(invalid(key, &format!("{{unacceptable_type,{v}}}"))),
+                },
+            }
+        };
+        let string = |key: &str| -> Result<Option<String>, String> {
+            match arguments.get(key) {
+                None => Ok(None),
+                Some(v) => text(v)
+                    .map(Some)
+                    .ok_or_else(|| invalid(key, &format!("{{unacceptable_type,{v}}}"))),
+            }
+        };
+        match string("x-queue-type")?.as_deref() {
+            None | Some("classic" | "quorum") => {}
+            Some(other) => {
+                return Err(invalid(
+                    "x-queue-type",
+                    &format!("{other:?} is not supported (classic and quorum are)"),
+                ));
+            }
+        }
+        match string("x-overflow")?.as_deref() {
+            None | Some("drop-head") => {}
+            Some(other) => {
+                return Err(invalid(
+                    "x-overflow",
+                    &format!("{other:?} is not supported yet (drop-head is)"),
+                ));
+            }
+        }
+        let dead_letter = string("x-dead-letter-exchange")?.map(|exchange| DeadLetter {
+            exchange,
+            routing_key: None,
+        });
+        let routing_key = string("x-dead-letter-routing-key")?;
+        let dead_letter = match (dead_letter, routing_key) {
+            (Some(d), routing_key) => Some(DeadLetter { routing_key, ..d }),
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "x-dead-letter-routing-key",
+                    "x-dead-letter-exchange is not set",
+                ));
+            }
+            (None, None) => None,
+        };
+        Ok(Policy {
+            message_ttl: count("x-message-ttl")?,
+            max_length: count("x-max-length")?,
+            dead_letter,
+            delivery_limit: count("x-delivery-limit")?,
+        })
+    }
+
+    /// Whether the dispatcher must watch the queue even without consumers: its TTL and
+    /// length limit apply as time passes and messages arrive, and a queue that
+    /// dead-letters is how RabbitMQ users delay messages (each with its own expiration).
+    pub(crate) fn watches(&self) -> bool {
+        self.message_ttl.is_some() || self.max_length.is_some() || self.dead_letter.is_some()
+    }
+}
+
+/// `message` as it is dead-lettered from `queue` for `reason` (`rejected`, `expired`,
+/// `maxlen`, `delivery_limit`): to the dead-letter exchange, with RabbitMQ's `x-death`
+/// history (one entry per queue and reason, counted, the latest first) and
+/// `x-first-death-*` headers; an expired message loses its `expiration`.
+pub(crate) fn dead_lettered(
+    message: &Message,
+    queue: &str,
+    reason: &str,
+    to: &DeadLetter,
+    now_ms: i64,
+) -> Message {
+    let long = |s: &str| Value::Long(s.as_bytes().to_vec());
+    let mut dead = message.clone();
+    dead.exchange.clone_from(&to.exchange);
+    if let Some(key) = &to.routing_key {
+        dead.routing_key.clone_from(key);
+    }
+    if reason == "expired" {
+        dead.properties.expiration = None;
+    }
+    let headers = dead.properties.headers.get_or_insert_with(Table::new);
+    let same = |entry: &Value| match entry {
+        Value::Table(t) => {
+            t.get("queue") == Some(&long(queue)) && t.get("reason") == Some(&long(reason))
+        }
+        _ => false,
+    };
+    let mut deaths = match headers.remove("x-death") {
+        Some(Value::Array(entries)) => entries,
+        _ => Vec::new(),
+    };
+    let count = match deaths.iter().position(same).map(|i| deaths.remove(i)) {
+        Some(Value::Table(t)) => match t.get("count") {
+            Some(Value::I64(n)) => n + 1,
+            _ => 1,
+        },
+        _ => 1,
+    };
+    let mut entry = Table::new();
+    entry.insert("count".into(), Value::I64(count));
+    entry.insert("reason".into(), long(reason));
+    entry.insert("queue".into(), long(queue));
+    entry.insert(
+        "time".into(),
+        Value::Timestamp(u64::try_from(now_ms / 1000).unwrap_or(0)),
+    );
+    entry.insert("exchange".into(), long(&message.exchange));
+    entry.insert(
+        "routing-keys".into(),
+        Value::Array(vec![long(&message.routing_key)]),
+    );
+    if let Some(expiration) = &message.properties.expiration {
+        entry.insert("original-expiration".into(), long(expiration));
+    }
+    deaths.insert(0, Value::Table(entry));
+    headers.insert("x-death".into(), Value::Array(deaths));
+    for (key, value) in [
+        ("x-first-death-reason", reason),
+        ("x-first-death-queue", queue),
+        ("x-first-death-exchange", message.exchange.as_str()),
+    ] {
+        headers.entry(key.into()).or_insert_with(|| long(value));
+    }
+    dead
+}
+
+/// An integer argument in neutral JSON form (`{"i32": 5}` and the like).
+fn integer(v: &serde_json::Value) -> Option<i64> {
+    let (kind, inner) = v.as_object()?.iter().next()?;
+    match kind.as_str() {
+        "i8" | "u8" | "i16" | "u16" | "i32" | "u32" | "i64" => inner.as_i64(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn args(pairs: &[(&str, serde_json::Value)]) -> Arguments {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn rabbitmq_arguments_become_rules() {
+        let policy = Policy::from_arguments(
+            "q",
+            &args(&[
+                ("x-message-ttl", json!({"i32": 500})),
+                ("x-max-length", json!({"i64": 2})),
+                ("x-dead-letter-exchange", json!({"long": [100, 108, 120]})),
+                ("x-dead-letter-routing-key", json!({"short": "dead"})),
+                ("x-delivery-limit", json!({"u8": 3})),
+                (
+                    "x-queue-type",
+                    json!({"long": [113, 117, 111, 114, 117, 109]}),
+                ),
+                ("x-unknown", json!({"bool": true})),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(policy.message_ttl, Some(500));
+        assert_eq!(policy.max_length, Some(2));
+        assert_eq!(policy.delivery_limit, Some(3));
+        assert_eq!(
+            policy.dead_letter,
+            Some(DeadLetter {
+                exchange: "dlx".into(),
+                routing_key: Some("dead".into())
+            })
+        );
+    }
+
+    #[test]
+    fn a_dead_lettered_message_carries_its_history() {
+        let to = DeadLetter {
+            exchange: "dlx".into(),
+            routing_key: None,
+        };
+        let mut message = Message {
+            exchange: "in".into(),
+            routing_key: "k".into(),
+            ..Message::default()
+        };
+        message.properties.expiration = Some("100".into());
+        let once = dead_lettered(&message, "q", "expired", &to, 5_000);
+        assert_eq!(
+            (once.exchange.as_str(), once.routing_key.as_str()),
+            ("dlx", "k")
+        );
+        assert_eq!(once.properties.expiration, None);
+        let twice = dead_lettered(&once, "q", "expired", &to, 6_000);
+        let headers = twice.properties.headers.expect("headers");
+        let Some(Value::Array(deaths)) = headers.get("x-death") else {
+            panic!("x-death: {headers:?}");
+        };
+        assert_eq!(deaths.len(), 1, "one entry per queue and reason");
+        let Value::Table(entry) = &deaths[0] else {
+            panic!("an entry is a table");
+        };
+        assert_eq!(entry.get("count"), Some(&Value::I64(2)));
+        assert_eq!(
+            headers.get("x-first-death-reason"),
+            Some(&Value::Long(b"expired".to_vec()))
+        );
+    }
+
+    #[test]
+    fn invalid_arguments_are_refused_with_rabbitmqs_words() {
+        let refuse = |pairs: &[(&str, serde_json::Value)]| {
+            Policy::from_arguments("q", &args(pairs)).expect_err("invalid")
+        };
+        assert!(refuse(&[("x-message-ttl", json!({"i32": -1}))]).contains("value_negative"));
+        assert!(refuse(&[("x-max-length", json!({"short": "ten"}))]).contains("unacceptable_type"));
+        assert!(refuse(&[("x-overflow", json!({"short": "sideways"}))]).contains("x-overflow"));
+        assert!(refuse(&[("x-queue-type", json!({"short": "stream"}))]).contains("x-queue-type"));
+        assert!(
+            refuse(&[("x-dead-letter-routing-key", json!({"short": "k"}))]).contains("not set")
+        );
+    }
+}
