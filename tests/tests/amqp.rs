@@ -313,3 +313,57 @@ async fn redeclaring_differently_is_406_and_an_exclusive_queue_is_405_to_others(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_applies_publishes_and_acks_on_commit_and_forgets_them_on_rollback()
+-> anyhow::Result<()> {
+    let petrel = petrel()?;
+    let (_conn, tx) = channel(&petrel).await?;
+    let (_conn2, other) = channel(&petrel).await?;
+    durable(&tx, "ledger").await?;
+    let get = |ch: &Channel| {
+        let ch = ch.clone();
+        async move {
+            anyhow::Ok(
+                ch.basic_get("ledger".into(), BasicGetOptions { no_ack: true })
+                    .await?
+                    .map(|m| m.delivery.data),
+            )
+        }
+    };
+    tx.tx_select().await?;
+    let publish = |body: &'static [u8]| {
+        tx.basic_publish(
+            "".into(),
+            "ledger".into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default(),
+        )
+    };
+    publish(b"a").await?;
+    ensure!(get(&other).await?.is_none(), "nothing before the commit");
+    tx.tx_commit().await?;
+    ensure!(
+        get(&other).await? == Some(b"a".to_vec()),
+        "a after the commit"
+    );
+    publish(b"b").await?;
+    tx.tx_rollback().await?;
+    tx.tx_commit().await?;
+    ensure!(get(&other).await?.is_none(), "b was rolled back");
+
+    // An ack in a rolled-back transaction is forgotten: the message stays unacked, and
+    // comes back when the channel closes.
+    publish(b"c").await?;
+    tx.tx_commit().await?;
+    let c = tx
+        .basic_get("ledger".into(), BasicGetOptions::default())
+        .await?
+        .context("c")?;
+    c.delivery.ack(BasicAckOptions::default()).await?;
+    tx.tx_rollback().await?;
+    tx.close(200, "bye".into()).await?;
+    ensure!(get(&other).await? == Some(b"c".to_vec()), "c came back");
+    Ok(())
+}

@@ -456,6 +456,11 @@ impl ClusterNode {
         self.replica(group, |r| r.high_watermark.clone())
     }
 
+    /// Messages appended to this node's replica of `group` in all.
+    pub fn appended(&self, group: u64) -> Option<u64> {
+        self.replica(group, |r| r.app.borrow().settled.appended)
+    }
+
     /// What this node's replica of `group` has applied of its consumers' settles.
     pub fn settled(&self, group: u64) -> Option<crate::messaging::cursor::Settled> {
         self.replica(group, |r| r.app.borrow().settled.clone())

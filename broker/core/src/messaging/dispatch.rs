@@ -588,7 +588,7 @@ impl Dispatcher {
     }
 
     fn appended_since_start(&self) -> u64 {
-        let now = self.node.settled(self.group).map_or(0, |s| s.appended);
+        let now = self.node.appended(self.group).unwrap_or(0);
         now.saturating_sub(self.appended_at_start)
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use amq_protocol::frame::{AMQPContentHeader, AMQPFrame, ProtocolVersion};
 use amq_protocol::protocol::{
-    AMQPClass, BasicProperties, basic, channel, confirm, connection, exchange, queue,
+    AMQPClass, BasicProperties, basic, channel, confirm, connection, exchange, queue, tx,
 };
 use amq_protocol::types::parsing::parse_field_table;
 use amq_protocol::types::{AMQPValue, FieldTable, ShortString};
@@ -116,6 +116,17 @@ struct Channel {
     confirm_upto: Option<u64>,
     /// The queue declared last: what an empty queue name means.
     last_queue: Option<String>,
+    /// In tx mode: what waits for tx.commit.
+    tx: Option<Transaction>,
+}
+
+/// Publishes and acknowledgements of a channel in tx mode, until commit or rollback.
+#[derive(Default)]
+struct Transaction {
+    /// Messages, and whether each is mandatory.
+    publishes: Vec<(Message, bool)>,
+    /// Delivery tag, multiple, and how.
+    settles: Vec<(u64, bool, Settle)>,
 }
 
 /// Where the handshake is.
@@ -570,6 +581,12 @@ impl Connection {
             AMQPClass::Basic(m) => self.on_basic(ch, m).await,
             AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => {
                 if let Some(chan) = self.channels.get_mut(&ch) {
+                    if chan.tx.is_some() {
+                        return Err(Closing::channel(
+                            code::PRECONDITION_FAILED,
+                            "PRECONDITION_FAILED - cannot switch from tx to confirm mode",
+                        ));
+                    }
                     chan.confirm = true;
                 }
                 if !select.nowait {
@@ -580,6 +597,7 @@ impl Connection {
                 }
                 Ok(())
             }
+            AMQPClass::Tx(m) => self.on_tx(ch, m).await,
             other => Err(Closing::connection(
                 code::NOT_IMPLEMENTED,
                 format!(
@@ -874,9 +892,11 @@ impl Connection {
                 self.recover(ch, r.requeue);
                 Ok(())
             }
-            M::Ack(a) => self.settle(ch, a.delivery_tag, a.multiple, Settle::Ack),
-            M::Nack(n) => self.settle(ch, n.delivery_tag, n.multiple, Settle::reject(n.requeue)),
-            M::Reject(r) => self.settle(ch, r.delivery_tag, false, Settle::reject(r.requeue)),
+            M::Ack(a) => self.acknowledge(ch, a.delivery_tag, a.multiple, Settle::Ack),
+            M::Nack(n) => {
+                self.acknowledge(ch, n.delivery_tag, n.multiple, Settle::reject(n.requeue))
+            }
+            M::Reject(r) => self.acknowledge(ch, r.delivery_tag, false, Settle::reject(r.requeue)),
             other => Err(Closing::connection(
                 code::NOT_IMPLEMENTED,
                 format!("NOT_IMPLEMENTED - basic method {other:?} is not supported yet"),
@@ -1002,6 +1022,89 @@ impl Connection {
     /// requeues it whatever `requeue` says).
     fn recover(&mut self, ch: u16, _requeue: bool) {
         let _ = self.settle(ch, 0, true, Settle::Requeue);
+    }
+
+    /// An ack, nack or reject: applied now, or at tx.commit in tx mode.
+    fn acknowledge(
+        &mut self,
+        ch: u16,
+        tag: u64,
+        multiple: bool,
+        how: Settle,
+    ) -> Result<(), Closing> {
+        if let Some(tx) = self.channels.get_mut(&ch).and_then(|c| c.tx.as_mut()) {
+            tx.settles.push((tag, multiple, how));
+            return Ok(());
+        }
+        self.settle(ch, tag, multiple, how)
+    }
+
+    /// The tx class: publishes and acknowledgements wait for commit, which stores every
+    /// publish before it answers; rollback forgets them.
+    async fn on_tx(&mut self, ch: u16, m: &tx::AMQPMethod) -> Result<(), Closing> {
+        use tx::AMQPMethod as M;
+        let not_transactional = || {
+            Closing::channel(
+                code::PRECONDITION_FAILED,
+                "PRECONDITION_FAILED - channel is not transactional",
+            )
+        };
+        let Some(chan) = self.channels.get_mut(&ch) else {
+            return Ok(());
+        };
+        match m {
+            M::Select(_) => {
+                if chan.confirm {
+                    return Err(Closing::channel(
+                        code::PRECONDITION_FAILED,
+                        "PRECONDITION_FAILED - cannot switch from confirm to tx mode",
+                    ));
+                }
+                chan.tx.get_or_insert_with(Transaction::default);
+                self.method(ch, AMQPClass::Tx(M::SelectOk(tx::SelectOk {})));
+            }
+            M::Rollback(_) => {
+                let tx = chan.tx.as_mut().ok_or_else(not_transactional)?;
+                *tx = Transaction::default();
+                self.method(ch, AMQPClass::Tx(M::RollbackOk(tx::RollbackOk {})));
+            }
+            M::Commit(_) => {
+                let tx = chan.tx.as_mut().ok_or_else(not_transactional)?;
+                let Transaction { publishes, settles } = std::mem::take(tx);
+                let mut stored = Vec::with_capacity(publishes.len());
+                for (message, mandatory) in publishes {
+                    let publishing = self.messaging.publish(&message).map_err(channel_error)?;
+                    stored.push((publishing, mandatory.then_some(message)));
+                }
+                for (publishing, mandatory) in stored {
+                    let result = publishing.await;
+                    if let Err(e) = &result {
+                        return Err(Closing::channel(
+                            code::INTERNAL_ERROR,
+                            format!("INTERNAL_ERROR - a publish of the transaction failed: {e}"),
+                        ));
+                    }
+                    let report = Stored {
+                        channel: ch,
+                        tag: None,
+                        mandatory,
+                        result,
+                    };
+                    self.on_stored(report);
+                }
+                for (tag, multiple, how) in settles {
+                    self.settle(ch, tag, multiple, how)?;
+                }
+                self.method(ch, AMQPClass::Tx(M::CommitOk(tx::CommitOk {})));
+            }
+            other => {
+                return Err(Closing::connection(
+                    code::COMMAND_INVALID,
+                    format!("COMMAND_INVALID - tx method {other:?} not expected from a client"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Acks, nacks or rejects deliveries up to `tag` (all of them: tag 0, multiple).
@@ -1155,6 +1258,10 @@ impl Connection {
                 code::PRECONDITION_FAILED,
                 format!("PRECONDITION_FAILED - {text}"),
             ));
+        }
+        if let Some(tx) = chan.tx.as_mut() {
+            tx.publishes.push((message, incoming.mandatory));
+            return Ok(());
         }
         let tag = chan.confirm.then(|| {
             let tag = chan.next_publish_tag;
