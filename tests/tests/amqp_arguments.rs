@@ -276,3 +276,94 @@ async fn arguments_and_expirations_that_make_no_sense_are_refused_with_406() -> 
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_left_unacked_past_the_consumer_timeout_closes_its_channel_and_comes_back()
+-> anyhow::Result<()> {
+    use futures_lite::StreamExt;
+    use lapin::options::BasicConsumeOptions;
+
+    let (petrel, _c, ch) = setup().await?;
+    declare(
+        &ch,
+        "slow",
+        args(&[("x-consumer-timeout", AMQPValue::LongInt(500))]),
+    )
+    .await?;
+    publish(&ch, "slow", b"job", BasicProperties::default()).await?;
+    let conn = Connection::connect(&petrel.amqp_url(), ConnectionProperties::default()).await?;
+    let sleepy = conn.create_channel().await?;
+    let mut consumer = sleepy
+        .basic_consume(
+            "slow".into(),
+            "sleepy".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let first = tokio::time::timeout(TIMEOUT, consumer.next())
+        .await?
+        .context("a delivery")??;
+    ensure!(first.data == b"job");
+    // Never acked: the broker closes the channel with 406 and the consumer ends.
+    let ended = tokio::time::timeout(TIMEOUT, consumer.next()).await?;
+    ensure!(
+        matches!(ended, None | Some(Err(_))),
+        "the consumer ends with its channel: {ended:?}"
+    );
+    let status = format!("{:?}", sleepy.status());
+    ensure!(
+        !sleepy.status().connected(),
+        "the channel is closed: {status}"
+    );
+    let again = collect_unacked(&ch, "slow").await?;
+    ensure!(
+        again == (b"job".to_vec(), true),
+        "delivered again, redelivered: {again:?}"
+    );
+    Ok(())
+}
+
+/// The next message of `queue`, waiting for one; its body and redelivered flag.
+async fn collect_unacked(ch: &Channel, queue: &str) -> anyhow::Result<(Vec<u8>, bool)> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(m) = get(ch, queue).await? {
+            return Ok((m.delivery.data.clone(), m.delivery.redelivered));
+        }
+        ensure!(Instant::now() < deadline, "nothing in {queue}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_unused_for_its_expiry_is_deleted() -> anyhow::Result<()> {
+    let (_p, _c, ch) = setup().await?;
+    declare(&ch, "temp", args(&[("x-expires", AMQPValue::LongInt(500))])).await?;
+    let deadline = Instant::now() + TIMEOUT;
+    // Publishing is no use of a queue: a mandatory publish comes back once it is gone.
+    loop {
+        let mandatory = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let confirm = ch
+            .basic_publish(
+                "".into(),
+                "temp".into(),
+                mandatory,
+                b"x",
+                BasicProperties::default(),
+            )
+            .await?
+            .await?;
+        if confirm.take_message().is_some() {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "temp still exists after {TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

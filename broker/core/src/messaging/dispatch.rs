@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Weak};
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::Messaging;
 use super::cursor::{SETTLE, Settle, Settled};
@@ -52,6 +53,14 @@ pub enum Feed {
     Cancelled {
         /// The consumer.
         consumer: u64,
+    },
+    /// A channel held a delivery unacked past the queue's consumer timeout: what it held
+    /// is delivered again, and the channel is to be closed (RabbitMQ's `406`).
+    TimedOut {
+        /// The channel.
+        owner: u64,
+        /// The timeout, in milliseconds.
+        timeout_ms: u64,
     },
 }
 
@@ -104,6 +113,8 @@ pub(crate) enum Op {
         owner: u64,
         offsets: Vec<u64>,
     },
+    /// The queue was declared again: it is in use (`x-expires`).
+    Touch,
     Stats(oneshot::Sender<Stats>),
     /// Settles every message not in flight; answers how many.
     Purge(oneshot::Sender<u64>),
@@ -150,8 +161,13 @@ pub(crate) struct Dispatcher {
     policy: Policy,
     /// Times each message in flight or given back was returned.
     returned: HashMap<u64, u32>,
+    /// When each delivery in flight times out, in delivery order (entries of messages
+    /// settled since are skipped when they come up).
+    deadlines: VecDeque<(Instant, u64, u64)>,
     /// Had a consumer (an auto-delete queue goes only after its first one left).
     consumed: bool,
+    /// Last used: a consumer left or came, a basic.get, a redeclare (`x-expires`).
+    used: Instant,
     /// Messages not settled when this dispatcher started, and settled since.
     unsettled_at_start: u64,
     appended_at_start: u64,
@@ -199,7 +215,9 @@ impl Dispatcher {
             auto_delete: rules.auto_delete,
             policy: rules.policy,
             returned: HashMap::new(),
+            deadlines: VecDeque::new(),
             consumed: false,
+            used: Instant::now(),
             unsettled_at_start: settled.unsettled(),
             appended_at_start: settled.appended,
             settled_here: 0,
@@ -237,8 +255,12 @@ impl Dispatcher {
             let watch = starved || self.policy.max_length.is_some();
             // The head message's expiry, if it has one, wakes the dispatcher.
             let expiry = self.head_expiry();
+            let timeout = self.next_timeout();
+            let unused = self.unused_until();
             tokio::select! {
+                () = sleep_until(unused) => self.expire_queue(),
                 () = sleep_until(expiry) => {}
+                () = sleep_until(timeout) => self.time_out(),
                 op = ops.recv() => match op {
                     Some(op) => {
                         self.handle(op);
@@ -278,6 +300,7 @@ impl Dispatcher {
                 auto_ack,
             } => {
                 self.consumed = true;
+                self.used = Instant::now();
                 self.consumers.push(Slot {
                     id: consumer,
                     owner,
@@ -293,6 +316,7 @@ impl Dispatcher {
             }
             Op::Cancel { consumer } => {
                 self.consumers.retain(|s| s.id != consumer);
+                self.used = Instant::now();
                 self.delete_if_unused();
             }
             Op::Settle { offsets } => {
@@ -312,6 +336,7 @@ impl Dispatcher {
                     }
                 }
             }
+            Op::Touch => self.used = Instant::now(),
             Op::Stats(reply) => {
                 let _ = reply.send(self.stats());
             }
@@ -323,11 +348,13 @@ impl Dispatcher {
                 no_ack,
                 reply,
             } => {
+                self.used = Instant::now();
                 let got = self.take().map(|(offset, message, redelivered)| {
                     if no_ack {
                         self.to_settle.push(offset);
                     } else {
                         self.in_flight.insert(offset, (owner, message.clone()));
+                        self.deadline(offset, owner);
                     }
                     let delivery = Delivery {
                         consumer: 0,
@@ -415,7 +442,9 @@ impl Dispatcher {
             if slot.auto_ack {
                 self.to_settle.push(offset);
             } else {
-                self.in_flight.insert(offset, (slot.owner, message));
+                let owner = slot.owner;
+                self.in_flight.insert(offset, (owner, message));
+                self.deadline(offset, owner);
             }
         }
     }
@@ -507,13 +536,13 @@ impl Dispatcher {
     }
 
     /// When the message at the head (as far as it is read) expires, if it does.
-    fn head_expiry(&self) -> Option<tokio::time::Instant> {
+    fn head_expiry(&self) -> Option<Instant> {
         let head = match self.redeliver.first_key_value() {
             Some((_, m)) => m,
             None => &self.ready.front()?.1,
         };
         let wait = self.expires_at(head)?.saturating_sub(now_ms()).max(0);
-        Some(tokio::time::Instant::now() + std::time::Duration::from_millis(wait.unsigned_abs()))
+        Some(Instant::now() + std::time::Duration::from_millis(wait.unsigned_abs()))
     }
 
     /// The queue's rules that apply without a consumer: expired messages at the head
@@ -537,6 +566,56 @@ impl Dispatcher {
                 break;
             }
             self.dead_letter(offset, message, "expired");
+        }
+    }
+
+    /// Starts the consumer timeout of a delivery.
+    fn deadline(&mut self, offset: u64, owner: u64) {
+        let timeout = std::time::Duration::from_millis(self.policy.consumer_timeout);
+        self.deadlines
+            .push_back((Instant::now() + timeout, offset, owner));
+    }
+
+    /// When the oldest delivery still in flight times out; forgets settled ones.
+    fn next_timeout(&mut self) -> Option<Instant> {
+        while let Some((at, offset, owner)) = self.deadlines.front() {
+            if self.in_flight.get(offset).is_some_and(|(o, _)| o == owner) {
+                return Some(*at);
+            }
+            self.deadlines.pop_front();
+        }
+        None
+    }
+
+    /// Gives back what every channel holding a timed-out delivery holds, and tells it.
+    fn time_out(&mut self) {
+        let now = Instant::now();
+        let mut owners = Vec::new();
+        while let Some((at, offset, owner)) = self.deadlines.front().copied() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            if self
+                .in_flight
+                .get(&offset)
+                .is_some_and(|(o, _)| *o == owner)
+                && !owners.contains(&owner)
+            {
+                owners.push(owner);
+            }
+        }
+        for owner in owners {
+            tracing::info!(queue = %self.queue, owner, timeout_ms = self.policy.consumer_timeout, "a delivery was not acknowledged in time");
+            let timed_out = Feed::TimedOut {
+                owner,
+                timeout_ms: self.policy.consumer_timeout,
+            };
+            if let Some(slot) = self.consumers.iter().find(|s| s.owner == owner) {
+                let _ = slot.sink.send(timed_out);
+            }
+            self.consumers.retain(|s| s.owner != owner);
+            self.release(owner);
         }
     }
 
@@ -604,10 +683,29 @@ impl Dispatcher {
 
     /// Deletes an auto-delete queue once its last consumer has gone.
     fn delete_if_unused(&mut self) {
-        if !(self.auto_delete && self.consumed && self.consumers.is_empty()) {
-            return;
+        if self.auto_delete && self.consumed && self.consumers.is_empty() {
+            self.auto_delete = false;
+            self.delete_queue();
         }
-        self.auto_delete = false;
+    }
+
+    /// When the queue, unused, expires (`x-expires`): never while it has consumers.
+    fn unused_until(&self) -> Option<Instant> {
+        let expires = self.policy.expires?;
+        self.consumers
+            .is_empty()
+            .then(|| self.used + std::time::Duration::from_millis(expires))
+    }
+
+    fn expire_queue(&mut self) {
+        if self.unused_until().is_some_and(|at| at <= Instant::now()) {
+            tracing::info!(queue = %self.queue, "the queue expired unused");
+            self.policy.expires = None;
+            self.delete_queue();
+        }
+    }
+
+    fn delete_queue(&self) {
         let node = self.node.clone();
         let queue = self.queue.clone();
         tokio::spawn(async move {
@@ -667,6 +765,7 @@ impl Dispatcher {
                 match self.adopted.remove(&offset) {
                     Some(owner) => {
                         self.in_flight.insert(offset, (owner, message));
+                        self.deadline(offset, owner);
                     }
                     None => self.ready.push_back((offset, message)),
                 }
@@ -707,7 +806,7 @@ impl Dispatcher {
 }
 
 /// Sleeps until `deadline`, or for ever without one.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,

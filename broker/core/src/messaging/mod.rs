@@ -317,6 +317,9 @@ impl Messaging {
                 }
             }
         }
+        if let Some(ops) = self.group(name).ok().and_then(|g| self.running(g)) {
+            let _ = ops.send(Op::Touch);
+        }
         let stats = self.stats(name).await?;
         Ok(QueueInfo {
             name: name.to_owned(),

@@ -14,7 +14,7 @@ pub(crate) struct DeadLetter {
 }
 
 /// The rules of one queue.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Policy {
     /// Milliseconds a message may wait in the queue.
     pub message_ttl: Option<u64>,
@@ -22,9 +22,32 @@ pub(crate) struct Policy {
     /// RabbitMQ's default `x-overflow`, `drop-head`.
     pub max_length: Option<u64>,
     pub dead_letter: Option<DeadLetter>,
+    /// Milliseconds a delivery may stay unacknowledged before its channel is closed and
+    /// what it holds is delivered again (`x-consumer-timeout`; RabbitMQ's default, 30
+    /// minutes, without it).
+    pub consumer_timeout: u64,
+    /// Milliseconds the queue may go unused (no consumer, no basic.get, no redeclare)
+    /// before it is deleted (`x-expires`).
+    pub expires: Option<u64>,
     /// Times a message may be returned (nacked, rejected with requeue, or left unacked by
     /// a closing channel) before it is dead-lettered.
     pub delivery_limit: Option<u64>,
+}
+
+/// RabbitMQ's default consumer timeout: 30 minutes.
+pub(crate) const CONSUMER_TIMEOUT_MS: u64 = 30 * 60 * 1000;
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            message_ttl: None,
+            max_length: None,
+            dead_letter: None,
+            consumer_timeout: CONSUMER_TIMEOUT_MS,
+            expires: None,
+            delivery_limit: None,
+        }
+    }
 }
 
 impl Policy {
@@ -89,14 +112,22 @@ impl Policy {
             max_length: count("x-max-length")?,
             dead_letter,
             delivery_limit: count("x-delivery-limit")?,
+            consumer_timeout: count("x-consumer-timeout")?.unwrap_or(CONSUMER_TIMEOUT_MS),
+            expires: match count("x-expires")? {
+                Some(0) => return Err(invalid("x-expires", "{value_zero,0}")),
+                other => other,
+            },
         })
     }
 
-    /// Whether the dispatcher must watch the queue even without consumers: its TTL and
-    /// length limit apply as time passes and messages arrive, and a queue that
+    /// Whether the dispatcher must watch the queue even without consumers: its TTL,
+    /// length limit and expiry apply as time passes and messages arrive, and a queue that
     /// dead-letters is how RabbitMQ users delay messages (each with its own expiration).
     pub(crate) fn watches(&self) -> bool {
-        self.message_ttl.is_some() || self.max_length.is_some() || self.dead_letter.is_some()
+        self.message_ttl.is_some()
+            || self.max_length.is_some()
+            || self.dead_letter.is_some()
+            || self.expires.is_some()
     }
 }
 

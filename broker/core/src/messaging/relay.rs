@@ -247,6 +247,7 @@ impl Relay {
                 Up::Release(owner)
             }
             Op::Adopt { owner, offsets } => Up::Adopt(Held { owner, offsets }),
+            Op::Touch => Up::Touch(true),
             Op::Stats(reply) => self.ask(Waiting::Stats(reply), Ask::Stats(true)),
             Op::Purge(reply) => self.ask(Waiting::Purge(reply), Ask::Purge(true)),
             Op::Get {
@@ -298,6 +299,22 @@ impl Relay {
                 }
             }
             Item::Answer(answer) => self.answered(answer),
+            Item::TimedOut(t) => {
+                // The dispatcher gave back what the channel held and dropped its consumers.
+                let sink = self
+                    .consumers
+                    .values()
+                    .find(|c| c.owner == t.owner)
+                    .map(|c| c.sink.clone());
+                self.consumers.retain(|_, c| c.owner != t.owner);
+                self.held.retain(|_, o| *o != t.owner);
+                if let Some(sink) = sink {
+                    let _ = sink.send(Feed::TimedOut {
+                        owner: t.owner,
+                        timeout_ms: t.timeout_ms,
+                    });
+                }
+            }
         }
     }
 

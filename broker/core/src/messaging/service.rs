@@ -18,7 +18,7 @@ use crate::transport::proto::queue_feed::Item;
 use crate::transport::proto::queue_op::Op as Up;
 use crate::transport::proto::queues_server::{Queues, QueuesServer};
 use crate::transport::proto::request::Kind as Ask;
-use crate::transport::proto::{Answer, QueueFeed, QueueOp, RemoteDelivery};
+use crate::transport::proto::{Answer, QueueFeed, QueueOp, RemoteDelivery, TimedOut};
 
 /// Feed items buffered towards a relaying node before deliveries wait.
 const FEED_BUFFER: usize = 1024;
@@ -169,6 +169,7 @@ impl Bridge {
             Up::Settle(o) => self.queue.settle(o.offsets),
             Up::Requeue(o) => self.queue.requeue(o.offsets),
             Up::Reject(o) => self.queue.reject(o.offsets),
+            Up::Touch(_) => self.queue.send(Op::Touch),
             Up::Release(remote) => {
                 if let Some(owner) = self.owners.remove(&remote) {
                     self.queue.release(owner);
@@ -255,6 +256,17 @@ impl Bridge {
                         tracing::error!(error = %e, "a message that does not encode");
                         return true;
                     }
+                }
+            }
+            Feed::TimedOut { owner, timeout_ms } => {
+                let remote = self
+                    .owners
+                    .iter()
+                    .find(|(_, local)| **local == owner)
+                    .map(|(remote, _)| *remote);
+                match remote {
+                    Some(owner) => Item::TimedOut(TimedOut { owner, timeout_ms }),
+                    None => return true,
                 }
             }
             Feed::Cancelled { consumer } => match self.remote.remove(&consumer) {

@@ -1382,6 +1382,20 @@ impl Connection {
         match feed {
             Feed::Delivery(d) => self.deliver(d),
             Feed::Cancelled { consumer } => self.cancelled(consumer),
+            Feed::TimedOut { owner, timeout_ms } => {
+                // The queue gave back what the channel held; it is closed as RabbitMQ does.
+                let ch = self
+                    .channels
+                    .iter()
+                    .find(|(_, c)| c.owner == owner && !c.closing)
+                    .map(|(ch, _)| *ch);
+                if let Some(ch) = ch {
+                    let text = format!(
+                        "PRECONDITION_FAILED - delivery acknowledgement on channel {ch} timed out. Timeout value used: {timeout_ms} ms. This timeout value can be configured, see consumers doc guide to learn more"
+                    );
+                    self.close_channel(ch, &Closing::channel(code::PRECONDITION_FAILED, text));
+                }
+            }
         }
     }
 
