@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use amq_protocol::frame::{AMQPFrame, WriteContext, gen_frame, parse_frame};
 use amq_protocol::protocol::{AMQPClass, basic, channel, connection, queue};
+use amq_protocol::types::{AMQPValue, FieldTable};
 use anyhow::{Context, bail};
 use petrel_tests::{PetrelProcess, Serve};
 
@@ -39,6 +40,11 @@ impl Raw {
 
     /// Connects and completes the handshake as guest, on vhost `/`.
     fn open(addr: SocketAddr) -> anyhow::Result<Raw> {
+        Raw::open_with(addr, Default::default())
+    }
+
+    /// Connects and completes the handshake, telling the broker `client_properties`.
+    fn open_with(addr: SocketAddr, client_properties: FieldTable) -> anyhow::Result<Raw> {
         let mut raw = Raw::connect(addr)?;
         raw.stream.write_all(b"AMQP\x00\x00\x09\x01")?;
         raw.expect(|f| {
@@ -50,7 +56,7 @@ impl Raw {
         raw.send(&AMQPFrame::Method(
             0,
             AMQPClass::Connection(connection::AMQPMethod::StartOk(connection::StartOk {
-                client_properties: Default::default(),
+                client_properties,
                 mechanism: "PLAIN".into(),
                 response: "\0guest\0guest".into(),
                 locale: "en_US".into(),
@@ -351,4 +357,33 @@ fn unknown_exchange_and_queue_close_the_channel_with_404_and_the_connection_goes
     raw.open_channel(4)?;
     raw.alive(4)
         .context("the connection goes on after channel errors")
+}
+
+#[test]
+fn under_a_disk_alarm_publishers_are_told_they_are_blocked_and_consumers_go_on()
+-> anyhow::Result<()> {
+    // A free-space limit no disk meets: the alarm is up from the start.
+    let mut petrel = Serve::new()?
+        .args(["--disk-free-limit-bytes", &u64::MAX.to_string()])
+        .start()?;
+    petrel.wait_ready(TIMEOUT)?;
+    let mut capabilities = FieldTable::default();
+    capabilities.insert("connection.blocked".into(), AMQPValue::Boolean(true));
+    let mut props = FieldTable::default();
+    props.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
+    let mut raw = Raw::open_with(petrel.amqp_addr(), props)?;
+    let blocked = raw.expect(|f| {
+        matches!(
+            f,
+            AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Blocked(_)))
+        )
+    })?;
+    let AMQPFrame::Method(_, AMQPClass::Connection(connection::AMQPMethod::Blocked(b))) = blocked
+    else {
+        unreachable!("matched above");
+    };
+    assert!(b.reason.as_str().contains("disk"), "{}", b.reason);
+    // A connection that has not published is still served.
+    raw.open_channel(1)?;
+    raw.alive(1)
 }

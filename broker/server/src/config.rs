@@ -26,6 +26,8 @@ pub const DEFAULT_HTTP_PORT: u16 = 9464;
 pub const DEFAULT_INTERNAL_PORT: u16 = 9470;
 /// Default port of the AMQP 0-9-1 listener (RabbitMQ's).
 pub const DEFAULT_AMQP_PORT: u16 = 5672;
+/// Default free disk space below which publishers are held back (RabbitMQ's 50 MB).
+pub const DEFAULT_DISK_FREE_LIMIT_BYTES: u64 = 50_000_000;
 /// Default node id of a single node.
 pub const DEFAULT_NODE_ID: u64 = 1;
 /// Log filter used when neither a log level setting nor `RUST_LOG` is given.
@@ -99,6 +101,16 @@ pub struct Settings {
     #[arg(long, env = "PETREL_AMQP_BIND", value_name = "IP")]
     pub amqp_bind: Option<IpAddr>,
 
+    /// Free disk bytes under the data directory below which publishers are held back
+    /// (AMQP connection.blocked) [default: 50000000]
+    #[arg(long, env = "PETREL_DISK_FREE_LIMIT_BYTES", value_name = "BYTES")]
+    pub disk_free_limit_bytes: Option<u64>,
+
+    /// Resident memory above which publishers are held back [default: 40% of the
+    /// machine's memory]
+    #[arg(long, env = "PETREL_MEMORY_HIGH_WATERMARK_BYTES", value_name = "BYTES")]
+    pub memory_high_watermark_bytes: Option<u64>,
+
     /// Log line format [default: text]
     #[arg(long, env = "PETREL_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -163,6 +175,10 @@ impl Settings {
             internal_bind: self.internal_bind.or(lower.internal_bind),
             amqp_port: self.amqp_port.or(lower.amqp_port),
             amqp_bind: self.amqp_bind.or(lower.amqp_bind),
+            disk_free_limit_bytes: self.disk_free_limit_bytes.or(lower.disk_free_limit_bytes),
+            memory_high_watermark_bytes: self
+                .memory_high_watermark_bytes
+                .or(lower.memory_high_watermark_bytes),
             log_format: self.log_format.or(lower.log_format),
             log_level: self.log_level.or(lower.log_level),
             fsync_policy: self.fsync_policy.or(lower.fsync_policy),
@@ -253,6 +269,10 @@ pub struct Config {
     pub amqp_port: u16,
     /// Address of the AMQP listener, overriding [`Config::bind`].
     pub amqp_bind: Option<IpAddr>,
+    /// Free disk bytes below which publishers are held back.
+    pub disk_free_limit_bytes: u64,
+    /// Resident bytes above which publishers are held back; `None`: 40% of the memory.
+    pub memory_high_watermark_bytes: Option<u64>,
     /// Log line format.
     pub log_format: LogFormat,
     /// Log filter directives; `None` means `RUST_LOG`, else [`DEFAULT_LOG_LEVEL`].
@@ -274,6 +294,8 @@ impl Default for Config {
             internal_bind: None,
             amqp_port: DEFAULT_AMQP_PORT,
             amqp_bind: None,
+            disk_free_limit_bytes: DEFAULT_DISK_FREE_LIMIT_BYTES,
+            memory_high_watermark_bytes: None,
             log_format: LogFormat::default(),
             log_level: None,
             storage: StorageSettings::default(),
@@ -315,6 +337,10 @@ impl Config {
             internal_bind: settings.internal_bind,
             amqp_port: settings.amqp_port.unwrap_or(defaults.amqp_port),
             amqp_bind: settings.amqp_bind,
+            disk_free_limit_bytes: settings
+                .disk_free_limit_bytes
+                .unwrap_or(defaults.disk_free_limit_bytes),
+            memory_high_watermark_bytes: settings.memory_high_watermark_bytes,
             log_format: settings.log_format.unwrap_or(defaults.log_format),
             log_level: settings.log_level,
             storage: StorageSettings {
@@ -671,6 +697,8 @@ write_buffer_bytes: 0
             internal_bind,
             amqp_port,
             amqp_bind,
+            disk_free_limit_bytes,
+            memory_high_watermark_bytes,
             log_format,
             log_level,
             fsync_policy,
@@ -685,6 +713,7 @@ write_buffer_bytes: 0
         assert!(config.is_none() && http_bind.is_none());
         assert!(peers.is_none() && internal_bind.is_none() && amqp_bind.is_none());
         assert!(amqp_port.is_some());
+        assert!(disk_free_limit_bytes.is_some() && memory_high_watermark_bytes.is_some());
         assert!(peer_pattern.is_none() && replicas.is_none());
         assert!(node_id.is_some() && internal_port.is_some());
         assert!(data_dir.is_some() && bind.is_some() && http_port.is_some());
@@ -792,6 +821,8 @@ write_buffer_bytes: 0
             "--internal-bind=::2",
             "--amqp-port=9",
             "--amqp-bind=::3",
+            "--disk-free-limit-bytes=10",
+            "--memory-high-watermark-bytes=11",
             "--log-format=json",
             "--log-level=warn",
             "--fsync-policy=never",
@@ -815,6 +846,8 @@ write_buffer_bytes: 0
             internal_bind: Some("::2".parse().expect("literal")),
             amqp_port: Some(9),
             amqp_bind: Some("::3".parse().expect("literal")),
+            disk_free_limit_bytes: Some(10),
+            memory_high_watermark_bytes: Some(11),
             log_format: Some(LogFormat::Json),
             log_level: Some("warn".to_owned()),
             fsync_policy: Some(FsyncPolicy::Never),

@@ -21,6 +21,7 @@ mod http;
 mod logging;
 mod metrics;
 mod readiness;
+mod resources;
 mod signal;
 
 use std::future::Future;
@@ -45,6 +46,8 @@ pub use signal::ShutdownSignal;
 
 /// How long in-flight HTTP requests may take to finish once shutdown began.
 const HTTP_DRAIN: Duration = Duration::from_secs(5);
+/// How long a stopping node waits for its queues to commit what consumers acked.
+const SETTLE_DRAIN: Duration = Duration::from_secs(5);
 
 /// Why the node could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -239,9 +242,19 @@ impl Server {
                 let amqp_addr = amqp.local_addr().ok();
                 let messaging = petrel_core::messaging::Messaging::new(node.clone());
                 queues.set(&messaging);
+                let alarms = resources::start(
+                    resources::Limits {
+                        data_dir: config.data_dir.clone(),
+                        disk_free_limit: config.disk_free_limit_bytes,
+                        memory_high_watermark: config
+                            .memory_high_watermark_bytes
+                            .unwrap_or_else(resources::default_memory_high_watermark),
+                    },
+                    &messaging,
+                );
                 let amqp = tokio::spawn(petrel_protocols::amqp::serve(
                     amqp,
-                    messaging,
+                    messaging.clone(),
                     petrel_protocols::amqp::Settings::default(),
                     amqp_stopped,
                 ));
@@ -259,6 +272,8 @@ impl Server {
                 shutdown.await;
                 let _ = stop_amqp.send(true);
                 let _ = amqp.await;
+                alarms.abort();
+                messaging.drain(SETTLE_DRAIN).await;
                 watching.abort();
                 Some(node)
             }

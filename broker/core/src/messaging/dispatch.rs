@@ -115,6 +115,8 @@ pub(crate) enum Op {
     },
     /// The queue was declared again: it is in use (`x-expires`).
     Touch,
+    /// Answers once everything settled so far is committed (the node is stopping).
+    Drain(oneshot::Sender<()>),
     Stats(oneshot::Sender<Stats>),
     /// Settles every message not in flight; answers how many.
     Purge(oneshot::Sender<u64>),
@@ -190,7 +192,7 @@ pub(crate) struct Dispatcher {
     /// Settled here, not yet proposed.
     to_settle: Vec<u64>,
     floor_sent: u64,
-    settler: mpsc::UnboundedSender<Settle>,
+    settler: mpsc::UnboundedSender<ToSettle>,
 }
 
 impl Dispatcher {
@@ -337,6 +339,10 @@ impl Dispatcher {
                 }
             }
             Op::Touch => self.used = Instant::now(),
+            Op::Drain(done) => {
+                self.flush_settles();
+                let _ = self.settler.send(ToSettle::Barrier(done));
+            }
             Op::Stats(reply) => {
                 let _ = reply.send(self.stats());
             }
@@ -797,11 +803,11 @@ impl Dispatcher {
         let count = settled.len() as u64;
         self.settled_here += count;
         let offsets = settled.into_iter().filter(|o| *o >= floor).collect();
-        let _ = self.settler.send(Settle {
+        let _ = self.settler.send(ToSettle::Settle(Settle {
             floor,
             offsets,
             count,
-        });
+        }));
     }
 }
 
@@ -813,34 +819,58 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// What the settling task is given: settles, or someone waiting for them to commit.
+enum ToSettle {
+    Settle(Settle),
+    /// Answered once every settle sent before it is committed (or failed).
+    Barrier(oneshot::Sender<()>),
+}
+
 /// Proposes settles through the group, merging those that queue up meanwhile.
 async fn propose_settles(
     node: Arc<ClusterNode>,
     group: u64,
-    mut settles: mpsc::UnboundedReceiver<Settle>,
+    mut settles: mpsc::UnboundedReceiver<ToSettle>,
 ) {
-    while let Some(mut settle) = settles.recv().await {
-        while let Ok(more) = settles.try_recv() {
-            settle.floor = settle.floor.max(more.floor);
-            settle.offsets.extend(more.offsets);
-            settle.count += more.count;
-        }
-        let floor = settle.floor;
-        settle.offsets.retain(|o| *o >= floor);
-        let proposal = serde_json::to_vec(&settle)
-            .map_err(|e| e.to_string())
-            .and_then(|json| Proposal::command(SETTLE, &json).map_err(|e| e.to_string()));
-        let result = match proposal {
-            Ok(p) => node
-                .write(group, p)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e),
+    let mut waiting = Vec::new();
+    while let Some(first) = settles.recv().await {
+        let mut merged: Option<Settle> = None;
+        let mut add = |item: ToSettle, waiting: &mut Vec<oneshot::Sender<()>>| match item {
+            ToSettle::Settle(more) => match &mut merged {
+                Some(settle) => {
+                    settle.floor = settle.floor.max(more.floor);
+                    settle.offsets.extend(more.offsets);
+                    settle.count += more.count;
+                }
+                None => merged = Some(more),
+            },
+            ToSettle::Barrier(done) => waiting.push(done),
         };
-        // Unsettled messages are delivered again by the next leader: at least once.
-        if let Err(e) = result {
-            tracing::warn!(group, error = %e, "settling messages");
+        add(first, &mut waiting);
+        while let Ok(more) = settles.try_recv() {
+            add(more, &mut waiting);
+        }
+        if let Some(mut settle) = merged {
+            let floor = settle.floor;
+            settle.offsets.retain(|o| *o >= floor);
+            let proposal = serde_json::to_vec(&settle)
+                .map_err(|e| e.to_string())
+                .and_then(|json| Proposal::command(SETTLE, &json).map_err(|e| e.to_string()));
+            let result = match proposal {
+                Ok(p) => node
+                    .write(group, p)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            // Unsettled messages are delivered again by the next leader: at least once.
+            if let Err(e) = result {
+                tracing::warn!(group, error = %e, "settling messages");
+            }
+        }
+        for done in waiting.drain(..) {
+            let _ = done.send(());
         }
     }
 }

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 pub use dispatch::{Delivery, Feed, Sink, Stats};
 pub use message::{Message, Properties, Table, Value};
@@ -224,6 +224,8 @@ pub struct Messaging {
     exclusive: Mutex<HashMap<String, u64>>,
     ids: AtomicU64,
     turn: AtomicU64,
+    /// Why publishers are held back (low disk space, memory over its limit), if they are.
+    alarm: watch::Sender<Option<String>>,
 }
 
 impl Messaging {
@@ -237,9 +239,46 @@ impl Messaging {
             exclusive: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(1),
             turn: AtomicU64::new(0),
+            alarm: watch::channel(None).0,
         });
         tokio::spawn(watch_queues(Arc::downgrade(&messaging)));
         messaging
+    }
+
+    /// Holds publishers back for `reason` (AMQP's connection.blocked), or lets them go
+    /// with `None`.
+    pub fn set_alarm(&self, reason: Option<String>) {
+        self.alarm.send_if_modified(|current| {
+            let changed = *current != reason;
+            *current = reason;
+            changed
+        });
+    }
+
+    /// Why publishers are held back, if they are, as it changes.
+    pub fn alarm(&self) -> watch::Receiver<Option<String>> {
+        self.alarm.subscribe()
+    }
+
+    /// Waits (at most `timeout`) until every queue led here has committed what its
+    /// consumers settled: a node that stops cleanly delivers no acked message again.
+    pub async fn drain(&self, timeout: Duration) {
+        let dispatchers: Vec<_> = lock(&self.dispatchers).values().cloned().collect();
+        let mut waiting = Vec::new();
+        for ops in dispatchers {
+            let (done, wait) = oneshot::channel();
+            if ops.send(Op::Drain(done)).is_ok() {
+                waiting.push(wait);
+            }
+        }
+        let all = async {
+            for wait in waiting {
+                let _ = wait.await;
+            }
+        };
+        if tokio::time::timeout(timeout, all).await.is_err() {
+            tracing::warn!(?timeout, "queues still settling when the node stopped");
+        }
     }
 
     /// A fresh id for a connection, channel or consumer, unique on this node.

@@ -248,6 +248,11 @@ impl Relay {
             }
             Op::Adopt { owner, offsets } => Up::Adopt(Held { owner, offsets }),
             Op::Touch => Up::Touch(true),
+            // The leader's own dispatcher commits what this relay sent it.
+            Op::Drain(done) => {
+                let _ = done.send(());
+                return;
+            }
             Op::Stats(reply) => self.ask(Waiting::Stats(reply), Ask::Stats(true)),
             Op::Purge(reply) => self.ask(Waiting::Purge(reply), Ask::Purge(true)),
             Op::Get {

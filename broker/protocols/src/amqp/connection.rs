@@ -165,6 +165,8 @@ pub async fn run(
         consumers: HashMap::new(),
         deliveries_tx,
         pending_tx,
+        blocked_capable: false,
+        published: false,
     };
     match conn.serve(stream, deliveries, stored).await {
         Ok(()) => tracing::debug!(%peer, "AMQP connection closed"),
@@ -190,6 +192,10 @@ struct Connection {
     consumers: HashMap<u64, u16>,
     deliveries_tx: mpsc::UnboundedSender<Feed>,
     pending_tx: mpsc::Sender<Pending>,
+    /// The client understands connection.blocked.
+    blocked_capable: bool,
+    /// The client has published: a resource alarm holds it back.
+    published: bool,
 }
 
 /// Why the connection ended without a clean close.
@@ -236,9 +242,22 @@ impl Connection {
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         let mut wrote_since_tick = false;
         let mut closing = false;
+        let mut alarm = self.messaging.alarm();
         loop {
+            // Under a resource alarm a connection that publishes is not read (RabbitMQ's
+            // blocking): its client waits instead of the node running out.
+            let held = self.published && alarm.borrow().is_some();
+            if held {
+                last_read = Instant::now();
+            }
             tokio::select! {
-                read = rd.read_buf(&mut inbuf) => {
+                changed = alarm.changed() => {
+                    if changed.is_ok() {
+                        let reason = alarm.borrow().clone();
+                        self.tell_blocked(reason);
+                    }
+                }
+                read = rd.read_buf(&mut inbuf), if !held => {
                     if read? == 0 {
                         return Ok(());
                     }
@@ -394,6 +413,21 @@ impl Connection {
         None
     }
 
+    /// Tells a client that understands it (capability `connection.blocked`) that
+    /// publishers are held back for `reason`, or no longer.
+    fn tell_blocked(&mut self, reason: Option<String>) {
+        if !self.blocked_capable || self.stage != Stage::Running {
+            return;
+        }
+        let method = match reason {
+            Some(reason) => connection::AMQPMethod::Blocked(connection::Blocked {
+                reason: reason.as_str().into(),
+            }),
+            None => connection::AMQPMethod::Unblocked(connection::Unblocked {}),
+        };
+        self.method(0, AMQPClass::Connection(method));
+    }
+
     /// A method on channel 0; `Ok(Some)` ends the connection.
     fn on_connection(&mut self, method: &AMQPClass) -> Result<Option<Result<(), Ended>>, Closing> {
         use connection::AMQPMethod as M;
@@ -415,6 +449,11 @@ impl Connection {
             (Stage::Closing, _) => {}
             (Stage::StartOk, M::StartOk(start)) => {
                 self.authenticate(start)?;
+                self.blocked_capable = matches!(
+                    start.client_properties.inner().get("capabilities"),
+                    Some(AMQPValue::FieldTable(c))
+                        if c.inner().get("connection.blocked") == Some(&AMQPValue::Boolean(true))
+                );
                 self.method(
                     0,
                     AMQPClass::Connection(M::Tune(connection::Tune {
@@ -454,6 +493,11 @@ impl Connection {
                 }
                 self.method(0, AMQPClass::Connection(M::OpenOk(connection::OpenOk {})));
                 self.stage = Stage::Running;
+                // An alarm raised before the connection opened is told now.
+                let alarm = self.messaging.alarm().borrow().clone();
+                if alarm.is_some() {
+                    self.tell_blocked(alarm);
+                }
             }
             (Stage::Running, M::Blocked(_) | M::Unblocked(_)) => {}
             (_, other) => {
@@ -841,6 +885,7 @@ impl Connection {
         use basic::AMQPMethod as M;
         match m {
             M::Publish(p) => {
+                self.published = true;
                 if let Some(chan) = self.channels.get_mut(&ch) {
                     chan.incoming = Some(Incoming {
                         exchange: p.exchange.to_string(),
