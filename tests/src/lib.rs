@@ -27,4 +27,4 @@ pub mod python;
 pub use binary::{BINARY_ENV, petrel_binary, petrel_command};
 pub use http::{HttpResponse, http_get};
 pub use port::{free_port, free_port_other_than};
-pub use process::{Exited, PetrelProcess, Serve, Signal};
+pub use process::{Exited, PetrelProcess, Serve, Signal, cpu_seconds_of};

@@ -298,25 +298,12 @@ impl PetrelProcess {
 
     /// CPU time the process has used so far, user and system, over all its threads.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        let pid = self.child.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
-        // Fields after the command name (which may hold spaces) closed by its last ')'.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        // utime and stime are fields 14 and 15 of stat(5); `fields` starts at field 3.
-        let ticks = |i: usize| -> anyhow::Result<f64> {
-            Ok(fields
-                .get(i)
-                .with_context(|| format!("short /proc/{pid}/stat: {stat}"))?
-                .parse::<u64>()? as f64)
-        };
-        // SAFETY: sysconf reads a constant of the system and touches no memory of ours.
-        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        anyhow::ensure!(per_second > 0, "no clock tick rate");
-        Ok((ticks(11)? + ticks(12)?) / per_second as f64)
+        cpu_seconds_of(self.child.id())
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends `signal` to the process.
@@ -390,6 +377,29 @@ impl Drop for PetrelProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// CPU time process `pid` has used so far, user and system, over all its threads (from
+/// `/proc/<pid>/stat`; waited-for children are not counted).
+pub fn cpu_seconds_of(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) closed by its last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of stat(5); `fields` starts at field 3.
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .with_context(|| format!("short /proc/{pid}/stat: {stat}"))?
+            .parse::<u64>()? as f64)
+    };
+    // SAFETY: sysconf reads a constant of the system and touches no memory of ours.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    anyhow::ensure!(per_second > 0, "no clock tick rate");
+    Ok((ticks(11)? + ticks(12)?) / per_second as f64)
 }
 
 fn lock(text: &Mutex<String>) -> std::sync::MutexGuard<'_, String> {

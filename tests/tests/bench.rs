@@ -2,16 +2,26 @@
 //! run: the figures themselves are for `petrel-bench`, not for tests).
 
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 /// One benchmark at a time: each measures the machine, and the cluster one uses all of it.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Runs `command` (a `petrel-bench` run); returns its last line as JSON once it printed a
-/// table with `header` in it.
+/// Holds the machine for one benchmark until dropped.
+fn alone() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs `command` (a `petrel-bench` run) alone; returns its last line as JSON once it
+/// printed a table with `header` in it.
 fn bench_json(command: &mut Command, header: &str) -> serde_json::Value {
-    let _alone = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _alone = alone();
+    run_json(command, header)
+}
+
+/// [`bench_json`] for a caller that already holds [`alone`].
+fn run_json(command: &mut Command, header: &str) -> serde_json::Value {
     let out = command.output().expect("run petrel-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -107,4 +117,40 @@ fn cluster_bench_ends_with_the_documented_json_line() {
     assert!(failover > 0.0 && failover < 10_000.0, "{json}");
     assert_eq!(json["failover_lost"], 0, "nothing acknowledged is lost");
     assert!(json["idle_cpu_cores"].as_f64().expect("idle_cpu_cores") > 0.0);
+}
+
+#[test]
+fn amqp_bench_against_petrel_ends_with_the_documented_json_line() {
+    let _alone = alone();
+    let mut petrel = petrel_tests::Serve::new()
+        .expect("serve")
+        .args(["--fsync-policy", "always", "--log-level", "warn"])
+        .start()
+        .expect("start petrel");
+    petrel.wait_ready(Duration::from_secs(30)).expect("ready");
+    let r = run_json(
+        Command::new(env!("CARGO_BIN_EXE_petrel-bench"))
+            .args(["amqp", "--json", "--url", &petrel.amqp_url()])
+            .args(["--broker-pid", &petrel.pid().to_string()])
+            .args(["--queue-type", "petrel", "--label", "test", "--persistent"])
+            .args(["--producers", "2", "--consumers", "2", "--size", "1024"])
+            .args(["--confirm-window", "64", "--prefetch", "64"])
+            .args(["--seconds", "1", "--timeout-seconds", "20"]),
+        "msgs/CPU-s",
+    );
+    assert_eq!(r["label"], "test", "{r}");
+    assert_eq!(r["queue_type"], "petrel", "{r}");
+    check_figures(&r);
+    assert_eq!(r["lost"], 0, "every confirmed message is consumed: {r}");
+    assert_eq!(r["duplicates"], 0, "{r}");
+    let confirmed = r["confirmed"].as_u64().expect("confirmed");
+    assert!(confirmed > 0, "{r}");
+    assert_eq!(r["consumed"].as_u64(), Some(confirmed), "{r}");
+    let cpu = r["cpu_s"].as_f64().expect("cpu_s");
+    let per_cpu = r["msgs_per_cpu_s"].as_f64().expect("msgs_per_cpu_s");
+    assert!(cpu > 0.0, "{r}");
+    assert!(
+        (per_cpu - confirmed as f64 / cpu).abs() <= 1e-6 * per_cpu,
+        "{r}"
+    );
 }

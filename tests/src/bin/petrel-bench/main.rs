@@ -2,6 +2,7 @@
 //! reports throughput, latency percentiles and resource use, with ratios to a reference
 //! measured in the same run (DESIGN.md §8).
 
+mod amqp;
 mod cluster;
 mod disk;
 mod log;
@@ -22,6 +23,9 @@ enum Command {
     Log(log::Args),
     /// Clusters of `petrel` processes: replication factor 1 against 3, idle cost, failover.
     Cluster(cluster::Args),
+    /// An AMQP 0-9-1 broker (Petrel or RabbitMQ) under confirmed load: throughput,
+    /// end-to-end latency, lost and duplicated messages, broker CPU per message.
+    Amqp(amqp::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,5 +33,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Log(args) => log::run(args),
         Command::Cluster(args) => cluster::run(args),
+        Command::Amqp(args) => amqp::run(args),
     }
 }
