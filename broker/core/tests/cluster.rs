@@ -571,3 +571,41 @@ async fn a_queue_log_lets_go_of_what_its_consumers_settled_and_keeps_the_rest() 
         node.close().await.expect("close");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_published_to_a_queue_of_several_partitions_all_reach_its_consumers() {
+    use petrel_core::messaging::{Message, Messaging};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = cluster(dir.path(), 3).await;
+    create(
+        &nodes[&1],
+        Spec {
+            kind: Kind::Queue,
+            ..spec("wide", 3, 3)
+        },
+    )
+    .await
+    .expect("create");
+    let messaging = Messaging::new(nodes[&1].clone());
+    for i in 0..10 {
+        let message = Message {
+            routing_key: "wide".into(),
+            body: vec![i].into(),
+            ..Message::default()
+        };
+        messaging
+            .publish(&message)
+            .expect("routed")
+            .await
+            .expect("stored");
+    }
+    let mut got = Vec::new();
+    while let Some((d, _, _)) = messaging.get("wide", 1, true, 1).await.expect("get") {
+        got.push(d.message.body[0]);
+    }
+    assert_eq!(got, (0..10).collect::<Vec<u8>>());
+    for node in nodes.into_values() {
+        node.close().await.expect("close");
+    }
+}

@@ -223,7 +223,6 @@ pub struct Messaging {
     /// Exclusive queues declared through this node, by the connection that owns each.
     exclusive: Mutex<HashMap<String, u64>>,
     ids: AtomicU64,
-    turn: AtomicU64,
     /// Why publishers are held back (low disk space, memory over its limit), if they are.
     alarm: watch::Sender<Option<String>>,
 }
@@ -238,7 +237,6 @@ impl Messaging {
             relays: Mutex::new(HashMap::new()),
             exclusive: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(1),
-            turn: AtomicU64::new(0),
             alarm: watch::channel(None).0,
         });
         tokio::spawn(watch_queues(Arc::downgrade(&messaging)));
@@ -552,7 +550,7 @@ impl Messaging {
     /// this returns (so one publisher's messages keep their order); the returned future
     /// completes once stored (committed on a majority of each queue's replicas).
     pub fn publish(self: &Arc<Self>, message: &Message) -> Result<Publishing, MessagingError> {
-        let targets: Vec<(String, u32)> = {
+        let targets: Vec<String> = {
             let view = self.node.metadata();
             let view = view.borrow();
             let headers = || {
@@ -567,13 +565,11 @@ impl Messaging {
                 .exchanges
                 .route(&message.exchange, &message.routing_key, &headers)
                 .ok_or_else(|| MessagingError::ExchangeNotFound(message.exchange.clone()))?;
+            // Consumers read a queue's first partition (AMQP declares queues with one), so
+            // that is where its messages go until consumers read them all.
             queues
                 .into_iter()
-                .filter_map(|q| {
-                    let partitions = view.destination(Kind::Queue, &q)?.partitions.len() as u64;
-                    let turn = self.turn.fetch_add(1, Ordering::Relaxed) % partitions.max(1);
-                    Some((q, u32::try_from(turn).unwrap_or(0)))
-                })
+                .filter(|q| view.destination(Kind::Queue, q).is_some())
                 .collect()
         };
         if targets.is_empty() {
@@ -583,13 +579,11 @@ impl Messaging {
         let mut scratch = Vec::new();
         let record: NewRecord<'_> = encoded.record(now_ms(), &mut scratch);
         let mut stored = Vec::with_capacity(targets.len());
-        for (queue, partition) in &targets {
-            stored.push(self.node.enqueue(
-                Kind::Queue,
-                queue,
-                *partition,
-                std::slice::from_ref(&record),
-            )?);
+        for queue in &targets {
+            stored.push(
+                self.node
+                    .enqueue(Kind::Queue, queue, 0, std::slice::from_ref(&record))?,
+            );
         }
         let queues = u32::try_from(stored.len()).unwrap_or(u32::MAX);
         Ok(Box::pin(async move {
