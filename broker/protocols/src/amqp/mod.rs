@@ -2,13 +2,14 @@
 //!
 //! * `frame`: frames off and onto the wire (amq-protocol's codec; bodies sliced, not copied).
 //! * `connection`: one task per connection: handshake (SASL PLAIN and AMQPLAIN, tuning,
-//!   vhost), channels, queue declare, publish with confirms after the Raft commit,
-//!   consumers with prefetch, acks, nacks and rejects, heartbeats.
+//!   vhost), heartbeats and resource alarms; its `channels` part (channel, queue and
+//!   exchange methods), its `publish` part (publishes stored through the core and
+//!   confirmed after the Raft commit, transactions) and its `consume` part (consumers
+//!   with prefetch, basic.get, acks, nacks and rejects, deliveries).
 //! * `convert`: properties and field tables to the core's neutral form and back.
 //! * `error`: reply codes, and which errors close a channel or the connection.
 //!
-//! So far the default exchange only; exchanges, bindings, `basic.get`, `tx` and the
-//! queue arguments come next.
+//! What is not there yet is listed in the README's AMQP section.
 
 mod connection;
 mod convert;
