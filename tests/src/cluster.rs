@@ -55,10 +55,10 @@ pub fn node(
     let serve = Serve::bare()?;
     let dir = data_dir.map_or_else(|| serve.data_dir(), Path::to_path_buf);
     let http = serve.http_port().to_string();
-    let amqp = serve.amqp_port().to_string();
+    // The AMQP listener takes any free port (PETREL_AMQP_PORT=0): fewer ports picked ahead
+    // means fewer races with other tests; `PetrelProcess::amqp_addr` reads it from the log.
     let serve = serve
         .args(["--bind", "127.0.0.1", "--http-port", &http])
-        .args(["--amqp-port", &amqp])
         .args(["--node-id", &id.to_string(), "--peers", peers])
         .args(["--internal-port", &port.to_string()])
         .arg("--data-dir")

@@ -231,14 +231,21 @@ impl PetrelProcess {
         self.http_addr
     }
 
-    /// Where the test expects the AMQP listener: 127.0.0.1 and the [`Serve::amqp_port`].
+    /// Where the AMQP listener is: the address the process logged binding (with port 0
+    /// it picks one), else 127.0.0.1 and the [`Serve::amqp_port`].
     pub fn amqp_addr(&self) -> SocketAddr {
-        self.amqp_addr
+        lock(&self.stdout)
+            .lines()
+            .find_map(|l| {
+                let (_, rest) = l.split_once("amqp listener bound addr=")?;
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .unwrap_or(self.amqp_addr)
     }
 
     /// `amqp://guest:guest@127.0.0.1:<amqp port>/%2f`: the default vhost as `guest`.
     pub fn amqp_url(&self) -> String {
-        format!("amqp://guest:guest@{}/%2f", self.amqp_addr)
+        format!("amqp://guest:guest@{}/%2f", self.amqp_addr())
     }
 
     /// `GET path` on the HTTP listener.
