@@ -5,6 +5,7 @@
 //! and each property that is set as a header named as below (strings as UTF-8, numbers
 //! big-endian, the application headers table as JSON).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
@@ -131,45 +132,48 @@ const CLUSTER_ID: &[u8] = b"cluster-id";
 /// A message's headers encoded for its record; borrowed by [`Encoded::record`].
 pub struct Encoded<'a> {
     message: &'a Message,
-    values: Vec<(&'static [u8], Vec<u8>)>,
+    /// Strings are borrowed from the message; only numbers and the headers table are
+    /// encoded into bytes of their own.
+    values: Vec<(&'static [u8], Cow<'a, [u8]>)>,
 }
 
 impl<'a> Encoded<'a> {
     /// Encodes `message`'s properties.
     pub fn new(message: &'a Message) -> Self {
         let p = &message.properties;
-        let mut values: Vec<(&'static [u8], Vec<u8>)> = Vec::new();
-        let mut text = |name, value: &Option<String>| {
+        let mut values: Vec<(&'static [u8], Cow<'a, [u8]>)> = Vec::new();
+        let mut text = |name, value: Option<&'a str>| {
             if let Some(v) = value {
-                values.push((name, v.as_bytes().to_vec()));
+                values.push((name, Cow::Borrowed(v.as_bytes())));
             }
         };
-        if !message.exchange.is_empty() {
-            text(EXCHANGE, &Some(message.exchange.clone()));
-        }
-        text(CONTENT_TYPE, &p.content_type);
-        text(CONTENT_ENCODING, &p.content_encoding);
-        text(CORRELATION_ID, &p.correlation_id);
-        text(REPLY_TO, &p.reply_to);
-        text(EXPIRATION, &p.expiration);
-        text(MESSAGE_ID, &p.message_id);
-        text(TYPE, &p.kind);
-        text(USER_ID, &p.user_id);
-        text(APP_ID, &p.app_id);
-        text(CLUSTER_ID, &p.cluster_id);
+        text(
+            EXCHANGE,
+            Some(message.exchange.as_str()).filter(|e| !e.is_empty()),
+        );
+        text(CONTENT_TYPE, p.content_type.as_deref());
+        text(CONTENT_ENCODING, p.content_encoding.as_deref());
+        text(CORRELATION_ID, p.correlation_id.as_deref());
+        text(REPLY_TO, p.reply_to.as_deref());
+        text(EXPIRATION, p.expiration.as_deref());
+        text(MESSAGE_ID, p.message_id.as_deref());
+        text(TYPE, p.kind.as_deref());
+        text(USER_ID, p.user_id.as_deref());
+        text(APP_ID, p.app_id.as_deref());
+        text(CLUSTER_ID, p.cluster_id.as_deref());
         if let Some(m) = p.delivery_mode {
-            values.push((DELIVERY_MODE, vec![m]));
+            values.push((DELIVERY_MODE, Cow::Owned(vec![m])));
         }
         if let Some(m) = p.priority {
-            values.push((PRIORITY, vec![m]));
+            values.push((PRIORITY, Cow::Owned(vec![m])));
         }
         if let Some(t) = p.timestamp {
-            values.push((TIMESTAMP, t.to_be_bytes().to_vec()));
+            values.push((TIMESTAMP, Cow::Owned(t.to_be_bytes().to_vec())));
         }
         if let Some(h) = &p.headers {
             // A table of plain values always serializes.
             if let Ok(json) = serde_json::to_vec(h) {
-                values.push((HEADERS, json));
+                values.push((HEADERS, Cow::Owned(json)));
             }
         }
         Self { message, values }
@@ -182,7 +186,7 @@ impl<'a> Encoded<'a> {
         timestamp: i64,
         headers: &'b mut Vec<(&'b [u8], &'b [u8])>,
     ) -> NewRecord<'b> {
-        headers.extend(self.values.iter().map(|(k, v)| (*k, v.as_slice())));
+        headers.extend(self.values.iter().map(|(k, v)| (*k, v.as_ref())));
         NewRecord {
             timestamp,
             key: Some(self.message.routing_key.as_bytes()),
