@@ -234,13 +234,33 @@ impl PetrelProcess {
     /// Where the AMQP listener is: the address the process logged binding (with port 0
     /// it picks one), else 127.0.0.1 and the [`Serve::amqp_port`].
     pub fn amqp_addr(&self) -> SocketAddr {
-        lock(&self.stdout)
-            .lines()
-            .find_map(|l| {
-                let (_, rest) = l.split_once("amqp listener bound addr=")?;
-                rest.split_whitespace().next()?.parse().ok()
-            })
-            .unwrap_or(self.amqp_addr)
+        self.bound("amqp").unwrap_or(self.amqp_addr)
+    }
+
+    /// Where the internal listener (admin API, peers) is, as the process logged binding
+    /// it; `None` before it has.
+    pub fn internal_addr(&self) -> Option<SocketAddr> {
+        self.bound("internal")
+    }
+
+    /// The address the process logged binding its `listener` listener to.
+    fn bound(&self, listener: &str) -> Option<SocketAddr> {
+        let needle = format!("{listener} listener bound addr=");
+        lock(&self.stdout).lines().find_map(|l| {
+            let (_, rest) = l.split_once(&needle)?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+    }
+
+    /// Runs `petrel <args>` against this node's admin API, and answers its output.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        let server = self
+            .internal_addr()
+            .context("the node has not logged its internal listener")?;
+        Ok(crate::petrel_command()?
+            .args(args)
+            .args(["--server", &server.to_string()])
+            .output()?)
     }
 
     /// `amqp://guest:guest@127.0.0.1:<amqp port>/%2f`: the default vhost as `guest`.

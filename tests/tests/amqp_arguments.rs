@@ -1,6 +1,7 @@
 //! Queue arguments as RabbitMQ applies them, with lapin: message TTL (per queue and per
-//! message), dead-lettering with `x-death`, a length limit, a delivery limit, and the
-//! refusal of arguments that make no sense.
+//! message), dead-lettering with `x-death`, length and byte limits (dropping the oldest,
+//! or refusing publishes), a delivery limit, and the refusal of arguments that make no
+//! sense.
 
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,17 @@ async fn publish(
     body: &[u8],
     props: BasicProperties,
 ) -> anyhow::Result<()> {
+    ensure!(confirmed(ch, queue, body, props).await?, "nacked");
+    Ok(())
+}
+
+/// Publishes `body` to `queue` and answers whether it was confirmed (else nacked).
+async fn confirmed(
+    ch: &Channel,
+    queue: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> anyhow::Result<bool> {
     let confirm = ch
         .basic_publish(
             "".into(),
@@ -84,8 +96,7 @@ async fn publish(
         )
         .await?
         .await?;
-    ensure!(matches!(confirm, Confirmation::Ack(_)), "nacked");
-    Ok(())
+    Ok(matches!(confirm, Confirmation::Ack(_)))
 }
 
 async fn get(ch: &Channel, queue: &str) -> anyhow::Result<Option<BasicGetMessage>> {
@@ -228,6 +239,114 @@ async fn a_length_limit_drops_the_oldest_ready_messages() -> anyhow::Result<()> 
     assert_eq!(
         kept,
         vec![(vec![3], String::new()), (vec![4], String::new())]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_limit_drops_the_oldest_ready_messages() -> anyhow::Result<()> {
+    let (_p, _c, ch) = setup().await?;
+    declare(
+        &ch,
+        "capped",
+        args(&[
+            ("x-max-length-bytes", AMQPValue::LongInt(10)),
+            dead_lettered(),
+        ]),
+    )
+    .await?;
+    // 4 + 4 + 4 bytes: the first goes once the third is in.
+    for i in 0..3u8 {
+        publish(&ch, "capped", &[i; 4], BasicProperties::default()).await?;
+    }
+    assert_eq!(
+        collect(&ch, "dead", 1).await?,
+        vec![(vec![0; 4], "maxlen".into())]
+    );
+    let kept = collect(&ch, "capped", 2).await?;
+    assert_eq!(
+        kept,
+        vec![(vec![1; 4], String::new()), (vec![2; 4], String::new())]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_that_rejects_publishes_nacks_them_until_it_has_room_again()
+-> anyhow::Result<()> {
+    let (_p, _c, ch) = setup().await?;
+    let overflow = ("x-overflow", AMQPValue::LongString("reject-publish".into()));
+    declare(
+        &ch,
+        "by-count",
+        args(&[("x-max-length", AMQPValue::LongInt(2)), overflow.clone()]),
+    )
+    .await?;
+    let mut answers = Vec::new();
+    for i in 0..4u8 {
+        answers.push(confirmed(&ch, "by-count", &[i], BasicProperties::default()).await?);
+    }
+    assert_eq!(answers, vec![true, true, false, false]);
+    // One taken (and acked) makes room for one more.
+    assert_eq!(
+        collect(&ch, "by-count", 1).await?,
+        vec![(vec![0], String::new())]
+    );
+    let deadline = Instant::now() + TIMEOUT;
+    while !confirmed(&ch, "by-count", &[4], BasicProperties::default()).await? {
+        ensure!(Instant::now() < deadline, "still full after an ack");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept = collect(&ch, "by-count", 2).await?;
+    assert_eq!(
+        kept,
+        vec![(vec![1], String::new()), (vec![4], String::new())]
+    );
+    ensure!(
+        get(&ch, "by-count").await?.is_none(),
+        "a refused message was kept"
+    );
+
+    declare(
+        &ch,
+        "by-bytes",
+        args(&[("x-max-length-bytes", AMQPValue::LongInt(10)), overflow]),
+    )
+    .await?;
+    let mut answers = Vec::new();
+    for size in [6, 5, 4] {
+        answers.push(confirmed(&ch, "by-bytes", &vec![7; size], BasicProperties::default()).await?);
+    }
+    assert_eq!(answers, vec![true, false, true]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_that_rejects_publishes_with_dlx_dead_letters_what_it_refuses()
+-> anyhow::Result<()> {
+    let (_p, _c, ch) = setup().await?;
+    declare(
+        &ch,
+        "refusing",
+        args(&[
+            ("x-max-length", AMQPValue::LongInt(1)),
+            (
+                "x-overflow",
+                AMQPValue::LongString("reject-publish-dlx".into()),
+            ),
+            dead_lettered(),
+        ]),
+    )
+    .await?;
+    assert!(confirmed(&ch, "refusing", b"kept", BasicProperties::default()).await?);
+    assert!(!confirmed(&ch, "refusing", b"refused", BasicProperties::default()).await?);
+    assert_eq!(
+        collect(&ch, "dead", 1).await?,
+        vec![(b"refused".to_vec(), "maxlen".into())]
+    );
+    assert_eq!(
+        collect(&ch, "refusing", 1).await?,
+        vec![(b"kept".to_vec(), String::new())]
     );
     Ok(())
 }

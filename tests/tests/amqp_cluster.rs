@@ -34,6 +34,7 @@ async fn leader(port: u16, queue: &str, not: Option<u64>) -> anyhow::Result<u64>
             .get_destination(DestinationRef {
                 kind: Kind::Queue.into(),
                 name: queue.into(),
+                ..Default::default()
             })
             .await?
             .into_inner();

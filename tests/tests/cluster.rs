@@ -157,6 +157,7 @@ fn the_admin_api_manages_topics_through_any_node_with_clear_errors() -> anyhow::
             .get_destination(DestinationRef {
                 kind: 0,
                 name: "orders".into(),
+                ..Default::default()
             })
             .await;
         ensure!(
@@ -170,6 +171,7 @@ fn the_admin_api_manages_topics_through_any_node_with_clear_errors() -> anyhow::
         let orders_ref = || DestinationRef {
             kind: Kind::Topic.into(),
             name: "orders".into(),
+            ..Default::default()
         };
         let deadline = Instant::now() + FORM;
         loop {
@@ -420,6 +422,7 @@ mod failover {
                 .get_destination(DestinationRef {
                     kind: Kind::Topic.into(),
                     name: "ledger".into(),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();
@@ -772,6 +775,7 @@ mod failover {
                 .get_destination(DestinationRef {
                     kind: Kind::Topic.into(),
                     name: "ledger".into(),
+                    ..Default::default()
                 })
                 .await
                 .map(|r| r.into_inner())
@@ -901,6 +905,7 @@ mod growth {
                     .get_destination(DestinationRef {
                         kind: Kind::Topic.into(),
                         name: "spread".into(),
+                        ..Default::default()
                     })
                     .await?
                     .into_inner();

@@ -90,6 +90,27 @@ impl Admin for FixedNode {
     ) -> Result<Response<v1::PartitionStatus>, Status> {
         Err(Status::unimplemented("a fixed node has no destinations"))
     }
+
+    async fn create_vhost(
+        &self,
+        _request: Request<v1::VhostRef>,
+    ) -> Result<Response<v1::Vhost>, Status> {
+        Err(Status::unimplemented("a fixed node has no vhosts"))
+    }
+
+    async fn delete_vhost(
+        &self,
+        _request: Request<v1::VhostRef>,
+    ) -> Result<Response<v1::Vhost>, Status> {
+        Err(Status::unimplemented("a fixed node has no vhosts"))
+    }
+
+    async fn list_vhosts(
+        &self,
+        _request: Request<v1::ListVhostsRequest>,
+    ) -> Result<Response<v1::ListVhostsResponse>, Status> {
+        Err(Status::unimplemented("a fixed node has no vhosts"))
+    }
 }
 
 fn status() -> GetNodeStatusResponse {

@@ -509,7 +509,7 @@ async fn a_queue_log_lets_go_of_what_its_consumers_settled_and_keeps_the_rest() 
         ..QueueOptions::default()
     };
     messaging
-        .declare_queue("work", durable, 1)
+        .declare_queue("/", "work", durable, 1)
         .await
         .expect("declare");
     // An entry each, enough for snapshots (every 1000 entries) to cover most of them.
@@ -520,7 +520,7 @@ async fn a_queue_log_lets_go_of_what_its_consumers_settled_and_keeps_the_rest() 
             ..Message::default()
         };
         messaging
-            .publish(&message)
+            .publish("/", &message)
             .expect("routed")
             .await
             .expect("stored");
@@ -531,7 +531,7 @@ async fn a_queue_log_lets_go_of_what_its_consumers_settled_and_keeps_the_rest() 
         .group;
     let get = || async {
         messaging
-            .get("work", 7, false, 1)
+            .get("/", "work", 7, false, 1)
             .await
             .expect("get")
             .expect("a message")
@@ -595,13 +595,13 @@ async fn messages_published_to_a_queue_of_several_partitions_all_reach_its_consu
             ..Message::default()
         };
         messaging
-            .publish(&message)
+            .publish("/", &message)
             .expect("routed")
             .await
             .expect("stored");
     }
     let mut got = Vec::new();
-    while let Some((d, _, _)) = messaging.get("wide", 1, true, 1).await.expect("get") {
+    while let Some((d, _, _)) = messaging.get("/", "wide", 1, true, 1).await.expect("get") {
         got.push(d.message.body[0]);
     }
     assert_eq!(got, (0..10).collect::<Vec<u8>>());

@@ -54,7 +54,7 @@ impl AdminService {
             Outcome::Destination(d) | Outcome::Deleted(d) => {
                 Ok(Response::new(destination(&d, node)))
             }
-            Outcome::Nodes | Outcome::Placement(_) | Outcome::Exchanges => {
+            Outcome::Nodes | Outcome::Placement(_) | Outcome::Exchanges | Outcome::Vhosts => {
                 Err(Status::internal("the command changed no destination"))
             }
         }
@@ -103,6 +103,35 @@ fn durability(value: i32) -> Result<Option<meta::Durability>, Status> {
     }
 }
 
+/// The stored name of `name` in `vhost` (empty: the default one).
+fn stored(vhost: &str, name: &str) -> Result<String, Status> {
+    let vhost = if vhost.is_empty() {
+        meta::DEFAULT_VHOST
+    } else {
+        vhost
+    };
+    meta::scoped(vhost, name)
+        .map(std::borrow::Cow::into_owned)
+        .ok_or_else(|| Status::invalid_argument("a name may not contain control characters"))
+}
+
+/// The stored name a destination reference names.
+fn stored_ref(target: &api::DestinationRef) -> Result<String, Status> {
+    stored(&target.vhost, &target.name)
+}
+
+/// A vhost as the API shows it.
+fn vhost(metadata: &meta::Metadata, name: &str) -> api::Vhost {
+    let queues = metadata
+        .destinations
+        .get(&Kind::Queue)
+        .map_or(0, |q| q.keys().filter(|s| meta::in_vhost(s, name)).count());
+    api::Vhost {
+        name: name.to_owned(),
+        queues: u32::try_from(queues).unwrap_or(u32::MAX),
+    }
+}
+
 fn api_kind(kind: Kind) -> api::Kind {
     match kind {
         Kind::Queue => api::Kind::Queue,
@@ -124,10 +153,12 @@ const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 /// A destination as the API shows it, with the leaders this node knows.
 fn destination(d: &meta::Destination, node: &ClusterNode) -> api::Destination {
     let spec = &d.spec;
+    let (vhost, name) = meta::unscoped(&spec.name);
     api::Destination {
         spec: Some(api::DestinationSpec {
             kind: api_kind(spec.kind).into(),
-            name: spec.name.clone(),
+            name: name.to_owned(),
+            vhost: vhost.to_owned(),
             partitions: spec.partitions,
             replication_factor: spec.replication_factor,
             durability: api_durability(spec.durability).into(),
@@ -238,7 +269,7 @@ impl Admin for AdminService {
             .ok_or_else(|| Status::invalid_argument("spec is required"))?;
         let spec = meta::Spec {
             kind: required_kind(spec.kind)?,
-            name: spec.name,
+            name: stored(&spec.vhost, &spec.name)?,
             partitions: spec.partitions,
             replication_factor: spec.replication_factor,
             durability: durability(spec.durability)?.unwrap_or_default(),
@@ -266,7 +297,7 @@ impl Admin for AdminService {
             });
         self.command(Command::Update {
             kind: required_kind(target.kind)?,
-            name: target.name,
+            name: stored_ref(&target)?,
             partitions: request.partitions,
             durability: durability(request.durability)?,
             retention,
@@ -281,7 +312,7 @@ impl Admin for AdminService {
         let target = request.into_inner();
         let kind = required_kind(target.kind)?;
         let node = self.node()?;
-        let found = find(node, kind, &target.name)?;
+        let found = find(node, kind, &stored_ref(&target)?)?;
         Ok(Response::new(with_lag(&found, node).await))
     }
 
@@ -342,10 +373,11 @@ impl Admin for AdminService {
             .ok_or_else(|| Status::invalid_argument("destination is required"))?;
         let kind = required_kind(target.kind)?;
         let node = self.node()?;
-        node.transfer_leadership(kind, &target.name, request.partition, request.to_node)
+        let name = stored_ref(&target)?;
+        node.transfer_leadership(kind, &name, request.partition, request.to_node)
             .await
             .map_err(Status::from)?;
-        let found = find(node, kind, &target.name)?;
+        let found = find(node, kind, &name)?;
         let shown = with_lag(&found, node).await;
         shown
             .partitions
@@ -369,8 +401,45 @@ impl Admin for AdminService {
         let target = request.into_inner();
         self.command(Command::Delete {
             kind: required_kind(target.kind)?,
-            name: target.name,
+            name: stored_ref(&target)?,
         })
         .await
+    }
+
+    async fn create_vhost(
+        &self,
+        request: Request<api::VhostRef>,
+    ) -> Result<Response<api::Vhost>, Status> {
+        let name = request.into_inner().name;
+        let node = self.node()?;
+        node.command(&Command::CreateVhost { name: name.clone() })
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(vhost(&node.metadata().borrow(), &name)))
+    }
+
+    async fn delete_vhost(
+        &self,
+        request: Request<api::VhostRef>,
+    ) -> Result<Response<api::Vhost>, Status> {
+        let name = request.into_inner().name;
+        let node = self.node()?;
+        let shown = vhost(&node.metadata().borrow(), &name);
+        node.command(&Command::DeleteVhost { name })
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(shown))
+    }
+
+    async fn list_vhosts(
+        &self,
+        _request: Request<api::ListVhostsRequest>,
+    ) -> Result<Response<api::ListVhostsResponse>, Status> {
+        let metadata = self.node()?.metadata().borrow().clone();
+        let vhosts = std::iter::once(meta::DEFAULT_VHOST)
+            .chain(metadata.vhosts.iter().map(String::as_str))
+            .map(|name| vhost(&metadata, name))
+            .collect();
+        Ok(Response::new(api::ListVhostsResponse { vhosts }))
     }
 }

@@ -1,4 +1,4 @@
-//! `petrel cluster|topic|queue …`: the admin API from the command line, as tables for
+//! `petrel cluster|node|topic|queue|vhost …`: the admin API from the command line, as tables for
 //! people or JSON (`-o json`) for scripts.
 
 use std::fmt::Write as _;
@@ -116,6 +116,23 @@ pub enum DestinationCommand {
         /// The replica's node id.
         #[arg(long)]
         to: u64,
+    },
+}
+
+/// `petrel vhost …`
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum VhostCommand {
+    /// Creates one (nothing happens if it exists).
+    Create {
+        /// Its name (1 to 255 bytes).
+        name: String,
+    },
+    /// Lists them all, "/" included.
+    List,
+    /// Deletes one with its queues, their messages, and its exchanges.
+    Delete {
+        /// Its name.
+        name: String,
     },
 }
 
@@ -267,6 +284,7 @@ pub async fn node(command: &NodeCommand, connection: &Connection) -> anyhow::Res
 /// Runs `petrel topic|queue <command>` and returns what to print.
 pub async fn destination(
     kind: api::Kind,
+    vhost: &str,
     command: &DestinationCommand,
     connection: &Connection,
 ) -> anyhow::Result<String> {
@@ -274,6 +292,7 @@ pub async fn destination(
     let named = |name: &str| api::DestinationRef {
         kind: kind.into(),
         name: name.to_owned(),
+        vhost: vhost.to_owned(),
     };
     let one = match command {
         DestinationCommand::Create {
@@ -297,6 +316,7 @@ pub async fn destination(
                 .into(),
                 retention_ms: *retention_ms,
                 retention_bytes: *retention_bytes,
+                vhost: vhost.to_owned(),
             };
             let request = api::CreateDestinationRequest { spec: Some(spec) };
             client.create_destination(request).await
@@ -322,7 +342,13 @@ pub async fn destination(
                 .await
                 .map_err(failed)?
                 .into_inner()
-                .destinations;
+                .destinations
+                .into_iter()
+                // Queues of the vhost asked for only, as `rabbitmqctl list_queues -p`.
+                .filter(|d| {
+                    kind != api::Kind::Queue || d.spec.as_ref().is_some_and(|s| s.vhost == vhost)
+                })
+                .collect::<Vec<_>>();
             return Ok(match connection.output {
                 Output::Json => {
                     let all: Vec<Value> = listed.iter().map(destination_json).collect();
@@ -365,6 +391,62 @@ pub async fn destination(
             ));
             out
         }
+    })
+}
+
+/// Runs `petrel vhost <command>` and returns what to print.
+pub async fn vhost(command: &VhostCommand, connection: &Connection) -> anyhow::Result<String> {
+    let mut client = connect(connection).await?;
+    let named = |name: &str| api::VhostRef {
+        name: name.to_owned(),
+    };
+    let vhosts = match command {
+        VhostCommand::Create { name } => {
+            vec![
+                client
+                    .create_vhost(named(name))
+                    .await
+                    .map_err(failed)?
+                    .into_inner(),
+            ]
+        }
+        VhostCommand::Delete { name } => {
+            vec![
+                client
+                    .delete_vhost(named(name))
+                    .await
+                    .map_err(failed)?
+                    .into_inner(),
+            ]
+        }
+        VhostCommand::List => {
+            let request = api::ListVhostsRequest {};
+            client
+                .list_vhosts(request)
+                .await
+                .map_err(failed)?
+                .into_inner()
+                .vhosts
+        }
+    };
+    Ok(match connection.output {
+        Output::Json => {
+            let all: Vec<Value> = vhosts
+                .iter()
+                .map(|v| json!({"name": v.name, "queues": v.queues}))
+                .collect();
+            match (command, all.as_slice()) {
+                (VhostCommand::List, _) | (_, []) => format!("{}\n", Value::Array(all)),
+                (_, [one, ..]) => format!("{one}\n"),
+            }
+        }
+        Output::Table => table(
+            &["NAME", "QUEUES"],
+            vhosts
+                .iter()
+                .map(|v| vec![v.name.clone(), v.queues.to_string()])
+                .collect(),
+        ),
     })
 }
 
@@ -411,6 +493,7 @@ fn destination_json(d: &api::Destination) -> Value {
         .collect();
     json!({
         "name": spec.name,
+        "vhost": spec.vhost,
         "kind": if spec.kind == i32::from(api::Kind::Queue) { "queue" } else { "topic" },
         "partitions": spec.partitions,
         "replication_factor": spec.replication_factor,

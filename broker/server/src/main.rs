@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use petrel_server::cli::{self, ClusterCommand, Connection, DestinationCommand, NodeCommand};
+use petrel_server::cli::{
+    self, ClusterCommand, Connection, DestinationCommand, NodeCommand, VhostCommand,
+};
 use petrel_server::{Config, Settings, ShutdownSignal};
 
 /// Petrel: a message broker for Kubernetes.
@@ -52,6 +54,16 @@ enum Command {
     Queue {
         #[command(subcommand)]
         command: DestinationCommand,
+        /// The queues' virtual host.
+        #[arg(long, default_value = "/", global = true)]
+        vhost: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Virtual hosts (AMQP's vhosts: separate sets of queues and exchanges).
+    Vhost {
+        #[command(subcommand)]
+        command: VhostCommand,
         #[command(flatten)]
         connection: Connection,
     },
@@ -73,14 +85,21 @@ fn main() -> ExitCode {
             command,
             connection,
         } => admin(async move {
-            cli::destination(petrel_api::admin::v1::Kind::Topic, &command, &connection).await
+            let kind = petrel_api::admin::v1::Kind::Topic;
+            cli::destination(kind, "", &command, &connection).await
         }),
         Command::Queue {
             command,
+            vhost,
             connection,
         } => admin(async move {
-            cli::destination(petrel_api::admin::v1::Kind::Queue, &command, &connection).await
+            let kind = petrel_api::admin::v1::Kind::Queue;
+            cli::destination(kind, &vhost, &command, &connection).await
         }),
+        Command::Vhost {
+            command,
+            connection,
+        } => admin(async move { cli::vhost(&command, &connection).await }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,7 +15,7 @@ use petrel_log::BatchBuilder;
 use tokio::sync::oneshot;
 
 use super::{ClusterError, ClusterNode};
-use crate::raft::Proposal;
+use crate::raft::{Proposal, Refused};
 
 /// A batch is proposed once it holds this many bytes of records even if more are
 /// waiting, bounding entries (and the messages replicating them).
@@ -124,19 +124,29 @@ impl GroupCommit {
                 return;
             };
             let result = match batch.build(0, 0, 0) {
-                Ok(batch) => node
-                    .write(group, Proposal(batch))
-                    .await
-                    .map(|r| r.data.base_offset),
+                Ok(batch) => node.write(group, Proposal(batch)).await.map(|r| {
+                    let refused = r
+                        .data
+                        .reply
+                        .and_then(|v| serde_json::from_value::<Refused>(v).ok())
+                        .map(|r| r.refused)
+                        .unwrap_or_default();
+                    (r.data.base_offset, refused)
+                }),
                 Err(e) => Err(ClusterError::Meta(crate::meta::MetaError::InvalidArgument(
                     e.to_string(),
                 ))),
             };
             match result {
-                Ok(mut offset) => {
+                Ok((mut offset, refused)) => {
                     for (count, reply) in waiting {
                         let next = offset + u64::from(count);
-                        let _ = reply.send(Ok((offset, next)));
+                        let answer = if refused.iter().any(|o| (offset..next).contains(o)) {
+                            Err(Arc::new(ClusterError::Full { group }))
+                        } else {
+                            Ok((offset, next))
+                        };
+                        let _ = reply.send(answer);
                         offset = next;
                     }
                 }

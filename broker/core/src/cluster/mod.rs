@@ -100,6 +100,9 @@ pub enum ClusterError {
         "raft group {group} has no replica on this node; its replicas are on nodes {replicas:?}"
     )]
     NotReplica { group: u64, replicas: Vec<NodeId> },
+    /// A queue at its length limit refused the records (`x-overflow` `reject-publish`).
+    #[error("raft group {group} is a full queue partition: the message was refused")]
+    Full { group: u64 },
     /// The failure of a proposal that carried the records of several producers.
     #[error(transparent)]
     Shared(Arc<ClusterError>),
@@ -115,7 +118,8 @@ impl ClusterError {
             ClusterError::Meta(
                 MetaError::NotFound { .. }
                 | MetaError::UnknownNode(_)
-                | MetaError::ExchangeNotFound(_),
+                | MetaError::ExchangeNotFound(_)
+                | MetaError::VhostNotFound(_),
             )
             | ClusterError::NoGroup(_) => Code::NotFound,
             ClusterError::Meta(MetaError::PreconditionFailed(_)) => Code::FailedPrecondition,
@@ -123,6 +127,7 @@ impl ClusterError {
             ClusterError::Meta(MetaError::InvalidArgument(_)) => Code::InvalidArgument,
             ClusterError::NotReplica { .. } => Code::FailedPrecondition,
             ClusterError::NoLeader { .. } => Code::Unavailable,
+            ClusterError::Full { .. } => Code::ResourceExhausted,
             _ => Code::Internal,
         }
     }
@@ -456,9 +461,24 @@ impl ClusterNode {
         self.replica(group, |r| r.high_watermark.clone())
     }
 
-    /// Messages appended to this node's replica of `group` in all.
-    pub fn appended(&self, group: u64) -> Option<u64> {
-        self.replica(group, |r| r.app.borrow().settled.appended)
+    /// Messages appended to this node's replica of `group` in all, and their body bytes
+    /// (counted while the queue has a byte limit).
+    pub fn appended(&self, group: u64) -> Option<(u64, u64)> {
+        self.replica(group, |r| {
+            let app = r.app.borrow();
+            (app.settled.appended, app.settled.appended_bytes)
+        })
+    }
+
+    /// Whether this node's replica of `group` has the message at `offset` settled.
+    pub fn is_settled(&self, group: u64, offset: u64) -> bool {
+        self.replica(group, |r| r.app.borrow().settled.contains(offset))
+            .unwrap_or(false)
+    }
+
+    /// The length limits this node's replica of `group` counts, if it holds one.
+    pub fn limits(&self, group: u64) -> Option<Option<crate::messaging::cursor::Limits>> {
+        self.replica(group, |r| r.app.borrow().limits)
     }
 
     /// What this node's replica of `group` has applied of its consumers' settles.

@@ -1,13 +1,29 @@
 //! A queue partition's cursor: which messages are settled (acknowledged, or dropped) for
-//! good. It lives in the partition's Raft state machine, so every replica knows it and a
-//! new leader delivers exactly what is left.
+//! good, and the length limits that refuse new ones. It lives in the partition's Raft
+//! state machine, so every replica knows it and a new leader delivers exactly what is
+//! left; a publish is refused by the same rule on every replica.
 
 use std::collections::BTreeSet;
 
+use petrel_log::RecordBatch;
 use serde::{Deserialize, Serialize};
 
 /// Name of the command that settles messages.
 pub(crate) const SETTLE: &str = "settle";
+/// Name of the command that sets a queue partition's [`Limits`].
+pub(crate) const LIMITS: &str = "limits";
+
+/// What a queue may hold, counted by its state machine (`x-max-length-bytes`, and with
+/// `x-overflow` `reject-publish`, `x-max-length` too).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Unsettled messages at most.
+    pub max_length: Option<u64>,
+    /// Unsettled body bytes at most.
+    pub max_bytes: Option<u64>,
+    /// A message beyond a limit is refused (`reject-publish`), not the oldest dropped.
+    pub reject: bool,
+}
 
 /// Settled messages, as proposed by the partition's dispatcher.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,6 +35,9 @@ pub struct Settle {
     /// Messages this settles that no earlier settle did (they may lie below the floor).
     #[serde(default)]
     pub count: u64,
+    /// Body bytes of the messages this settles that no earlier settle did.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// What a queue partition's consumers have settled.
@@ -31,15 +50,27 @@ pub struct Settled {
     /// Messages settled in all.
     #[serde(default)]
     pub count: u64,
-    /// Messages appended in all.
+    /// Messages appended in all (refused ones not counted).
     #[serde(default)]
     pub appended: u64,
+    /// Body bytes settled in all: counted only while the queue has a byte limit.
+    #[serde(default)]
+    pub bytes: u64,
+    /// Body bytes appended in all: counted only while the queue has a byte limit.
+    #[serde(default)]
+    pub appended_bytes: u64,
 }
 
 impl Settled {
     /// Applies a settle command; the floor never goes back.
     pub(crate) fn apply(&mut self, settle: &Settle) {
         self.count = (self.count + settle.count).min(self.appended);
+        self.bytes = (self.bytes + settle.bytes).min(self.appended_bytes);
+        // Bytes of messages settled unread (after a failover) are not known: an empty
+        // queue makes the count exact again.
+        if self.count == self.appended {
+            self.bytes = self.appended_bytes;
+        }
         self.floor = self.floor.max(settle.floor);
         self.above
             .extend(settle.offsets.iter().filter(|o| **o >= self.floor));
@@ -53,6 +84,47 @@ impl Settled {
     /// Messages appended and not settled (ready, or delivered and not yet acked).
     pub fn unsettled(&self) -> u64 {
         self.appended - self.count
+    }
+
+    /// Body bytes appended and not settled (counted while the queue has a byte limit).
+    pub fn unsettled_bytes(&self) -> u64 {
+        self.appended_bytes.saturating_sub(self.bytes)
+    }
+
+    /// Counts an appended batch; with `limits` that refuse, the messages that would go
+    /// beyond one are settled at once, unread, and their offsets returned.
+    pub(crate) fn append(&mut self, batch: &RecordBatch, limits: Option<&Limits>) -> Vec<u64> {
+        let Some(limits) = limits.filter(|l| l.reject || l.max_bytes.is_some()) else {
+            self.appended += u64::from(batch.record_count());
+            return Vec::new();
+        };
+        let records = match batch.records() {
+            Ok(records) => records,
+            Err(e) => {
+                // Validated when it was proposed; alike on every replica if not.
+                tracing::warn!(error = %e, "undecodable batch counted without its bytes");
+                self.appended += u64::from(batch.record_count());
+                return Vec::new();
+            }
+        };
+        let mut refused = Vec::new();
+        for record in records {
+            let size = record.value.len() as u64;
+            let over = limits.max_length.is_some_and(|max| self.unsettled() >= max)
+                || limits
+                    .max_bytes
+                    .is_some_and(|max| self.unsettled_bytes() + size > max);
+            if limits.reject && over {
+                self.above.insert(record.offset);
+                refused.push(record.offset);
+            } else {
+                self.appended += 1;
+                if limits.max_bytes.is_some() {
+                    self.appended_bytes += size;
+                }
+            }
+        }
+        refused
     }
 
     /// Whether the message at `offset` is settled.
@@ -70,7 +142,73 @@ mod tests {
             floor,
             offsets: offsets.to_vec(),
             count: offsets.len() as u64,
+            bytes: 0,
         }
+    }
+
+    /// A batch of messages with these body sizes, placed at `base`.
+    fn batch(base: u64, sizes: &[usize]) -> RecordBatch {
+        let mut b = petrel_log::BatchBuilder::new();
+        for size in sizes {
+            b.push(0, None, &vec![0; *size], &[]);
+        }
+        b.build(base, 1, 1).expect("a batch")
+    }
+
+    #[test]
+    fn reject_publish_refuses_messages_beyond_the_length_until_some_are_settled() {
+        let limits = Limits {
+            max_length: Some(2),
+            max_bytes: None,
+            reject: true,
+        };
+        let mut s = Settled::default();
+        assert_eq!(s.append(&batch(0, &[1, 1, 1]), Some(&limits)), vec![2]);
+        assert_eq!((s.appended, s.unsettled()), (2, 2));
+        // The refused one is settled, so the floor passes it once the others are.
+        s.apply(&settle(0, &[0]));
+        assert_eq!(s.append(&batch(3, &[1, 1]), Some(&limits)), vec![4]);
+        s.apply(&settle(0, &[1, 3]));
+        assert_eq!(s.floor, 5);
+    }
+
+    #[test]
+    fn reject_publish_refuses_a_message_that_would_pass_the_byte_limit() {
+        let limits = Limits {
+            max_length: None,
+            max_bytes: Some(10),
+            reject: true,
+        };
+        let mut s = Settled::default();
+        assert_eq!(s.append(&batch(0, &[6, 5, 4]), Some(&limits)), vec![1]);
+        assert_eq!(s.unsettled_bytes(), 10);
+        s.apply(&Settle {
+            floor: 1,
+            offsets: vec![],
+            count: 1,
+            bytes: 6,
+        });
+        assert_eq!(s.unsettled_bytes(), 4);
+    }
+
+    #[test]
+    fn byte_counts_are_exact_again_once_the_queue_is_empty() {
+        let limits = Limits {
+            max_length: None,
+            max_bytes: Some(100),
+            reject: false,
+        };
+        let mut s = Settled::default();
+        assert!(s.append(&batch(0, &[30, 30]), Some(&limits)).is_empty());
+        // Settled unread after a failover: the count is known, the bytes are not.
+        s.apply(&settle(2, &[]));
+        s.apply(&Settle {
+            floor: 2,
+            offsets: vec![],
+            count: 2,
+            bytes: 0,
+        });
+        assert_eq!(s.unsettled_bytes(), 0);
     }
 
     #[test]

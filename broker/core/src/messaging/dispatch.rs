@@ -18,8 +18,9 @@ use tokio::time::Instant;
 use super::Messaging;
 use super::cursor::{SETTLE, Settle, Settled};
 use super::message::{Message, Value};
-use super::policy::{Policy, dead_lettered};
+use super::policy::{Overflow, Policy, dead_lettered};
 use crate::cluster::{ClusterNode, now_ms};
+use crate::meta::unscoped;
 use crate::raft::{NodeId, Proposal};
 
 /// Bytes read from the log at a time for consumers.
@@ -170,10 +171,14 @@ pub(crate) struct Dispatcher {
     consumed: bool,
     /// Last used: a consumer left or came, a basic.get, a redeclare (`x-expires`).
     used: Instant,
-    /// Messages not settled when this dispatcher started, and settled since.
+    /// Messages (and body bytes, counted with a byte limit) not settled when this
+    /// dispatcher started, and settled since.
     unsettled_at_start: u64,
     appended_at_start: u64,
     settled_here: u64,
+    unsettled_bytes_at_start: u64,
+    appended_bytes_at_start: u64,
+    settled_bytes_here: u64,
     consumers: Vec<Slot>,
     /// Where the round-robin goes on.
     turn: usize,
@@ -189,8 +194,9 @@ pub(crate) struct Dispatcher {
     settled: Settled,
     /// Held by a channel since before this dispatcher (offset → owner): in flight once read.
     adopted: HashMap<u64, u64>,
-    /// Settled here, not yet proposed.
+    /// Settled here, not yet proposed, and their body bytes.
     to_settle: Vec<u64>,
+    to_settle_bytes: u64,
     floor_sent: u64,
     settler: mpsc::UnboundedSender<ToSettle>,
 }
@@ -223,6 +229,9 @@ impl Dispatcher {
             unsettled_at_start: settled.unsettled(),
             appended_at_start: settled.appended,
             settled_here: 0,
+            unsettled_bytes_at_start: settled.unsettled_bytes(),
+            appended_bytes_at_start: settled.appended_bytes,
+            settled_bytes_here: 0,
             consumers: Vec::new(),
             turn: 0,
             read_pos: settled.floor,
@@ -233,6 +242,7 @@ impl Dispatcher {
             floor_sent: settled.floor,
             settled,
             to_settle: Vec::new(),
+            to_settle_bytes: 0,
             settler,
         };
         tokio::spawn(dispatcher.run(rx));
@@ -254,7 +264,7 @@ impl Dispatcher {
             self.flush_settles();
             let starved = self.wants_messages() && self.read_pos >= *high_watermark.borrow();
             // A length limit applies as messages arrive, consumers or not.
-            let watch = starved || self.policy.max_length.is_some();
+            let watch = starved || self.policy.drops_head();
             // The head message's expiry, if it has one, wakes the dispatcher.
             let expiry = self.head_expiry();
             let timeout = self.next_timeout();
@@ -323,11 +333,14 @@ impl Dispatcher {
             }
             Op::Settle { offsets } => {
                 for offset in offsets {
-                    if self.in_flight.remove(&offset).is_some()
-                        || self.adopted.remove(&offset).is_some()
-                    {
+                    let bytes = match self.in_flight.remove(&offset) {
+                        Some((_, message)) => Some(size(&message)),
+                        // Settled unread: its size is not known here.
+                        None => self.adopted.remove(&offset).map(|_| 0),
+                    };
+                    if let Some(bytes) = bytes {
                         self.returned.remove(&offset);
-                        self.to_settle.push(offset);
+                        self.settle(offset, bytes);
                     }
                 }
             }
@@ -357,7 +370,7 @@ impl Dispatcher {
                 self.used = Instant::now();
                 let got = self.take().map(|(offset, message, redelivered)| {
                     if no_ack {
-                        self.to_settle.push(offset);
+                        self.settle(offset, size(&message));
                     } else {
                         self.in_flight.insert(offset, (owner, message.clone()));
                         self.deadline(offset, owner);
@@ -386,9 +399,7 @@ impl Dispatcher {
                     match self.in_flight.remove(&offset) {
                         Some((_, message)) => self.dead_letter(offset, message, "rejected"),
                         // Read later: dropped then, as it cannot be dead-lettered unread.
-                        None if self.adopted.remove(&offset).is_some() => {
-                            self.to_settle.push(offset)
-                        }
+                        None if self.adopted.remove(&offset).is_some() => self.settle(offset, 0),
                         None => {}
                     }
                 }
@@ -446,7 +457,7 @@ impl Dispatcher {
             }
             slot.credit -= 1;
             if slot.auto_ack {
-                self.to_settle.push(offset);
+                self.settle(offset, size(&message));
             } else {
                 let owner = slot.owner;
                 self.in_flight.insert(offset, (owner, message));
@@ -552,15 +563,19 @@ impl Dispatcher {
     }
 
     /// The queue's rules that apply without a consumer: expired messages at the head
-    /// go, and the oldest ready ones beyond the length limit.
+    /// go, and the oldest ready ones beyond the length limits (`drop-head`).
     fn enforce(&mut self) {
-        if let Some(max) = self.policy.max_length {
+        if self.policy.drops_head() {
+            let max = self.policy.max_length.unwrap_or(u64::MAX);
+            let max_bytes = self.policy.max_length_bytes;
             let mut ready = self.stats().ready;
-            while ready > max {
+            let mut ready_bytes = max_bytes.map_or(0, |_| self.ready_bytes());
+            while ready > max || max_bytes.is_some_and(|m| ready_bytes > m) {
                 match self.next_message() {
                     Some((offset, message, _)) => {
-                        self.dead_letter(offset, message, "maxlen");
                         ready -= 1;
+                        ready_bytes = ready_bytes.saturating_sub(size(&message));
+                        self.dead_letter(offset, message, "maxlen");
                     }
                     None => break,
                 }
@@ -631,15 +646,16 @@ impl Dispatcher {
     fn dead_letter(&mut self, offset: u64, message: Message, reason: &str) {
         let (Some(to), Some(messaging)) = (&self.policy.dead_letter, self.messaging.upgrade())
         else {
-            self.to_settle.push(offset);
+            self.settle(offset, size(&message));
             return;
         };
-        let dead = dead_lettered(&message, &self.queue, reason, to, now_ms());
-        let stored = match messaging.publish(&dead) {
+        let (vhost, queue) = unscoped(&self.queue);
+        let dead = dead_lettered(&message, queue, reason, to, now_ms());
+        let stored = match messaging.publish(vhost, &dead) {
             Ok(stored) => stored,
             Err(e) => {
                 tracing::warn!(queue = %self.queue, error = %e, "dead-lettering: dropped instead");
-                self.to_settle.push(offset);
+                self.settle(offset, size(&message));
                 return;
             }
         };
@@ -673,15 +689,29 @@ impl Dispatcher {
     }
 
     fn appended_since_start(&self) -> u64 {
-        let now = self.node.appended(self.group).unwrap_or(0);
+        let now = self.node.appended(self.group).map_or(0, |(count, _)| count);
         now.saturating_sub(self.appended_at_start)
+    }
+
+    /// Body bytes of the ready messages (counted with a byte limit only).
+    fn ready_bytes(&self) -> u64 {
+        let appended = self.node.appended(self.group).map_or(0, |(_, bytes)| bytes);
+        let in_flight: u64 = self.in_flight.values().map(|(_, m)| size(m)).sum();
+        (self.unsettled_bytes_at_start + appended.saturating_sub(self.appended_bytes_at_start))
+            .saturating_sub(self.settled_bytes_here + self.to_settle_bytes + in_flight)
+    }
+
+    /// Settles the message at `offset`, of `bytes` body bytes, with the next proposal.
+    fn settle(&mut self, offset: u64, bytes: u64) {
+        self.to_settle.push(offset);
+        self.to_settle_bytes += bytes;
     }
 
     /// Settles everything ready (not what is in flight).
     fn purge(&mut self) -> u64 {
         let mut purged = 0;
-        while let Some((offset, _, _)) = self.next_message() {
-            self.to_settle.push(offset);
+        while let Some((offset, message, _)) = self.next_message() {
+            self.settle(offset, size(&message));
             purged += 1;
         }
         purged
@@ -754,6 +784,8 @@ impl Dispatcher {
             return false;
         };
         let next = last.next_offset();
+        // A full queue's state machine settles what it refuses as it appends it.
+        let refuses = self.policy.overflow != Overflow::DropHead;
         for batch in batches {
             let records = match batch.records() {
                 Ok(r) => r,
@@ -763,7 +795,10 @@ impl Dispatcher {
                 }
             };
             for record in records {
-                if record.offset < self.read_pos || self.settled.contains(record.offset) {
+                if record.offset < self.read_pos
+                    || self.settled.contains(record.offset)
+                    || (refuses && self.node.is_settled(self.group, record.offset))
+                {
                     continue;
                 }
                 let offset = record.offset;
@@ -800,15 +835,23 @@ impl Dispatcher {
         }
         self.floor_sent = floor;
         let settled = std::mem::take(&mut self.to_settle);
+        let bytes = std::mem::take(&mut self.to_settle_bytes);
         let count = settled.len() as u64;
         self.settled_here += count;
+        self.settled_bytes_here += bytes;
         let offsets = settled.into_iter().filter(|o| *o >= floor).collect();
         let _ = self.settler.send(ToSettle::Settle(Settle {
             floor,
             offsets,
             count,
+            bytes,
         }));
     }
+}
+
+/// A message's size as length limits count it: its body.
+fn size(message: &Message) -> u64 {
+    message.body.len() as u64
 }
 
 /// Sleeps until `deadline`, or for ever without one.

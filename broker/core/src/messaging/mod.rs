@@ -17,6 +17,7 @@ mod policy;
 mod relay;
 mod service;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -31,9 +32,11 @@ pub use service::{MessagingSlot, QueuesService};
 use crate::cluster::{ClusterError, ClusterNode, NewRecord, now_ms};
 pub use crate::meta::ExchangeKind;
 use crate::meta::{
-    Arguments, Binding, Command, Declared, Durability, Exchange, Kind, MetaError, Retention, Spec,
+    Arguments, Binding, Command, Declared, Durability, Exchange, Kind, MetaError, Named, Retention,
+    Spec, scoped, unscoped,
 };
-use crate::raft::NodeId;
+use crate::raft::{NodeId, Proposal};
+use cursor::Limits;
 use dispatch::{Dispatcher, Op, QueueRules};
 use policy::Policy;
 
@@ -52,10 +55,10 @@ const QUEUE_REPLICAS: u32 = 3;
 #[derive(Debug, thiserror::Error)]
 pub enum MessagingError {
     /// No queue of that name.
-    #[error("no queue '{0}' in vhost '/'")]
+    #[error("no queue {}", Named(.0))]
     QueueNotFound(String),
     /// No exchange of that name.
-    #[error("no exchange '{0}' in vhost '/'")]
+    #[error("no exchange {}", Named(.0))]
     ExchangeNotFound(String),
     /// The request contradicts what exists (e.g. redeclared differently).
     #[error("{0}")]
@@ -64,7 +67,7 @@ pub enum MessagingError {
     #[error("{0}")]
     AccessRefused(String),
     /// An exclusive queue of another connection.
-    #[error("cannot obtain exclusive access to locked queue '{0}' in vhost '/'")]
+    #[error("cannot obtain exclusive access to locked queue {}", Named(.0))]
     Locked(String),
     /// The queue is led by another node; consuming there is not yet forwarded.
     #[error("queue '{queue}' is led by node {leader:?}; connect to that node to consume")]
@@ -74,6 +77,9 @@ pub enum MessagingError {
         /// Its leader, if known.
         leader: Option<NodeId>,
     },
+    /// A queue at its length limit refused the message (`x-overflow` `reject-publish`).
+    #[error("queue {} is full: the message was refused", Named(.0))]
+    Refused(String),
     /// The cluster could not do it.
     #[error(transparent)]
     Cluster(ClusterError),
@@ -297,10 +303,13 @@ impl Messaging {
     /// declared alike.
     pub async fn declare_queue(
         &self,
+        vhost: &str,
         name: &str,
         options: QueueOptions,
         connection: u64,
     ) -> Result<QueueInfo, MessagingError> {
+        let local = name;
+        let name = &queue_name(vhost, name)?;
         self.check_exclusive(name, connection)?;
         let declared = Declared {
             durable: options.durable,
@@ -308,10 +317,14 @@ impl Messaging {
             auto_delete: options.auto_delete,
             arguments: arguments(&options.arguments),
         };
-        if !options.passive {
-            Policy::from_arguments(name, &declared.arguments)
-                .map_err(MessagingError::PreconditionFailed)?;
-        }
+        let policy = if options.passive {
+            None
+        } else {
+            Some(
+                Policy::from_arguments(name, &declared.arguments)
+                    .map_err(MessagingError::PreconditionFailed)?,
+            )
+        };
         let existing = self
             .node
             .metadata()
@@ -354,15 +367,34 @@ impl Messaging {
                 }
             }
         }
+        if let Some(limits) = policy.and_then(|p| p.limits()) {
+            self.set_limits(name, limits).await?;
+        }
         if let Some(ops) = self.group(name).ok().and_then(|g| self.running(g)) {
             let _ = ops.send(Op::Touch);
         }
         let stats = self.stats(name).await?;
         Ok(QueueInfo {
-            name: name.to_owned(),
+            name: local.to_owned(),
             messages: stats.ready,
             consumers: stats.consumers,
         })
+    }
+
+    /// Has the state machine of `queue` count `limits`, unless this node's replica of it
+    /// shows it does already: before the queue is declared, so that no publish after
+    /// that goes beyond them.
+    async fn set_limits(&self, queue: &str, limits: Limits) -> Result<(), MessagingError> {
+        let group = self.group(queue)?;
+        if self.node.limits(group) == Some(Some(limits)) {
+            return Ok(());
+        }
+        let proposal = serde_json::to_vec(&limits)
+            .map_err(|e| e.to_string())
+            .and_then(|json| Proposal::command(cursor::LIMITS, &json).map_err(|e| e.to_string()))
+            .map_err(|message| ClusterError::Raft { group, message })?;
+        self.node.write(group, proposal).await?;
+        Ok(())
     }
 
     /// A queue's counts: from its dispatcher where it runs here, else from this node's
@@ -388,6 +420,19 @@ impl Messaging {
     /// if it has no consumers / no messages. Answers how many messages it held.
     pub async fn delete_queue(
         &self,
+        vhost: &str,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+        connection: u64,
+    ) -> Result<u64, MessagingError> {
+        let name = &queue_name(vhost, name)?;
+        self.delete_stored_queue(name, if_unused, if_empty, connection)
+            .await
+    }
+
+    async fn delete_stored_queue(
+        &self,
         name: &str,
         if_unused: bool,
         if_empty: bool,
@@ -402,13 +447,15 @@ impl Messaging {
         };
         if if_unused && stats.consumers > 0 {
             return Err(MessagingError::PreconditionFailed(format!(
-                "queue '{name}' in vhost '/' in use"
+                "queue {} in use",
+                Named(name)
             )));
         }
         let messages = stats.ready + stats.unacked;
         if if_empty && messages > 0 {
             return Err(MessagingError::PreconditionFailed(format!(
-                "queue '{name}' in vhost '/' is not empty"
+                "queue {} is not empty",
+                Named(name)
             )));
         }
         let command = Command::Delete {
@@ -424,7 +471,13 @@ impl Messaging {
     }
 
     /// Removes every ready message of a queue; answers how many.
-    pub async fn purge_queue(&self, name: &str, connection: u64) -> Result<u64, MessagingError> {
+    pub async fn purge_queue(
+        &self,
+        vhost: &str,
+        name: &str,
+        connection: u64,
+    ) -> Result<u64, MessagingError> {
+        let name = &queue_name(vhost, name)?;
         self.check_exclusive(name, connection)?;
         let handle = self.queue(name).await?;
         Ok(handle.ask(Op::Purge).await.unwrap_or(0))
@@ -434,11 +487,13 @@ impl Messaging {
     /// still ready after it.
     pub async fn get(
         &self,
+        vhost: &str,
         queue: &str,
         owner: u64,
         no_ack: bool,
         connection: u64,
     ) -> Result<Option<(Delivery, QueueHandle, u64)>, MessagingError> {
+        let queue = &queue_name(vhost, queue)?;
         self.check_exclusive(queue, connection)?;
         let handle = self.queue(queue).await?;
         let got = handle
@@ -469,7 +524,10 @@ impl Messaging {
         for queue in owned {
             let this = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = this.delete_queue(&queue, false, false, connection).await {
+                let deleted = this
+                    .delete_stored_queue(&queue, false, false, connection)
+                    .await;
+                if let Err(e) = deleted {
                     tracing::warn!(queue, error = %e, "deleting an exclusive queue");
                 }
             });
@@ -479,9 +537,12 @@ impl Messaging {
     /// Declares an exchange, or checks that it exists (as declared).
     pub async fn declare_exchange(
         &self,
+        vhost: &str,
         name: &str,
         options: ExchangeOptions,
     ) -> Result<(), MessagingError> {
+        let local = name;
+        let name: &str = &exchange_name(vhost, name)?;
         let existing = self.node.metadata().borrow().exchanges.get(name);
         if options.passive {
             return match existing {
@@ -489,9 +550,9 @@ impl Messaging {
                 None => Err(MessagingError::ExchangeNotFound(name.to_owned())),
             };
         }
-        if existing.is_none() && name.starts_with("amq.") {
+        if existing.is_none() && local.starts_with("amq.") {
             return Err(MessagingError::AccessRefused(format!(
-                "exchange name '{name}' contains reserved prefix 'amq.*'"
+                "exchange name '{local}' contains reserved prefix 'amq.*'"
             )));
         }
         let exchange = Exchange {
@@ -511,9 +572,14 @@ impl Messaging {
     }
 
     /// Deletes an exchange and its bindings.
-    pub async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<(), MessagingError> {
+    pub async fn delete_exchange(
+        &self,
+        vhost: &str,
+        name: &str,
+        if_unused: bool,
+    ) -> Result<(), MessagingError> {
         let command = Command::DeleteExchange {
-            name: name.to_owned(),
+            name: exchange_name(vhost, name)?.into_owned(),
             if_unused,
         };
         self.node.command(&command).await?;
@@ -521,8 +587,10 @@ impl Messaging {
     }
 
     /// Binds `queue` to `exchange` with `routing_key` (or unbinds it).
+    #[allow(clippy::too_many_arguments)]
     pub async fn bind(
         &self,
+        vhost: &str,
         queue: &str,
         exchange: &str,
         routing_key: &str,
@@ -530,10 +598,11 @@ impl Messaging {
         bind: bool,
         connection: u64,
     ) -> Result<(), MessagingError> {
-        self.check_exclusive(queue, connection)?;
+        let queue = queue_name(vhost, queue)?;
+        self.check_exclusive(&queue, connection)?;
         let binding = Binding {
-            exchange: exchange.to_owned(),
-            queue: queue.to_owned(),
+            exchange: exchange_name(vhost, exchange)?.into_owned(),
+            queue,
             routing_key: routing_key.to_owned(),
             arguments: arguments(args),
         };
@@ -549,8 +618,14 @@ impl Messaging {
     /// Publishes `message` through its exchange: routed and queued for storage before
     /// this returns (so one publisher's messages keep their order); the returned future
     /// completes once stored (committed on a majority of each queue's replicas).
-    pub fn publish(self: &Arc<Self>, message: &Message) -> Result<Publishing, MessagingError> {
-        let targets: Vec<String> = {
+    pub fn publish(
+        self: &Arc<Self>,
+        vhost: &str,
+        message: &Message,
+    ) -> Result<Publishing, MessagingError> {
+        let exchange = exchange_name(vhost, &message.exchange)?;
+        // Each queue, and whether it dead-letters what it refuses when full.
+        let targets: Vec<(String, bool)> = {
             let view = self.node.metadata();
             let view = view.borrow();
             let headers = || {
@@ -563,13 +638,22 @@ impl Messaging {
             };
             let queues = view
                 .exchanges
-                .route(&message.exchange, &message.routing_key, &headers)
-                .ok_or_else(|| MessagingError::ExchangeNotFound(message.exchange.clone()))?;
+                .route(&exchange, &message.routing_key, &headers)
+                .ok_or_else(|| MessagingError::ExchangeNotFound(exchange.into_owned()))?;
             // Consumers read a queue's first partition (AMQP declares queues with one), so
             // that is where its messages go until consumers read them all.
             queues
                 .into_iter()
-                .filter(|q| view.destination(Kind::Queue, q).is_some())
+                .filter_map(|q| {
+                    let overflow = view
+                        .destination(Kind::Queue, &q)?
+                        .spec
+                        .declared
+                        .arguments
+                        .get("x-overflow")
+                        .and_then(crate::meta::argument_text);
+                    Some((q, overflow.as_deref() == Some("reject-publish-dlx")))
+                })
                 .collect()
         };
         if targets.is_empty() {
@@ -579,25 +663,68 @@ impl Messaging {
         let mut scratch = Vec::new();
         let record: NewRecord<'_> = encoded.record(now_ms(), &mut scratch);
         let mut stored = Vec::with_capacity(targets.len());
-        for queue in &targets {
-            stored.push(
-                self.node
-                    .enqueue(Kind::Queue, queue, 0, std::slice::from_ref(&record))?,
-            );
+        for (queue, dlx) in targets {
+            let s = self
+                .node
+                .enqueue(Kind::Queue, &queue, 0, std::slice::from_ref(&record))?;
+            stored.push((queue, dlx, s));
         }
         let queues = u32::try_from(stored.len()).unwrap_or(u32::MAX);
+        // Kept only to dead-letter it should a full queue refuse it.
+        let refusable = stored
+            .iter()
+            .any(|(_, dlx, _)| *dlx)
+            .then(|| (self.clone(), message.clone()));
         Ok(Box::pin(async move {
-            for s in stored {
-                s.await?;
+            let mut refused = None;
+            for (queue, dlx, s) in stored {
+                match s.await {
+                    Ok(_) => {}
+                    Err(ClusterError::Shared(e)) if matches!(*e, ClusterError::Full { .. }) => {
+                        if let (true, Some((me, message))) = (dlx, &refusable) {
+                            me.dead_letter_refused(message, &queue).await;
+                        }
+                        refused = Some(queue);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
-            Ok(Routed::Queues(queues))
+            // Stored in the other queues, but its publisher is told (`basic.nack`).
+            match refused {
+                Some(queue) => Err(MessagingError::Refused(queue)),
+                None => Ok(Routed::Queues(queues)),
+            }
         }))
+    }
+
+    /// Dead-letters `message`, which `queue` refused when full (`reject-publish-dlx`).
+    async fn dead_letter_refused(self: &Arc<Self>, message: &Message, queue: &str) {
+        let policy = self
+            .node
+            .metadata()
+            .borrow()
+            .destination(Kind::Queue, queue)
+            .and_then(|d| Policy::from_arguments(queue, &d.spec.declared.arguments).ok());
+        let Some(to) = policy.and_then(|p| p.dead_letter) else {
+            return;
+        };
+        let (vhost, local) = unscoped(queue);
+        let dead = policy::dead_lettered(message, local, "maxlen", &to, now_ms());
+        let stored = match self.publish(vhost, &dead) {
+            Ok(stored) => stored.await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
+            tracing::warn!(queue, error = %e, "dead-lettering a refused message: dropped");
+        }
     }
 
     /// Attaches consumer `consumer` of channel `owner` (on `connection`) to `queue`:
     /// deliveries go to `sink` once the returned handle grants credit.
+    #[allow(clippy::too_many_arguments)]
     pub async fn consume(
         &self,
+        vhost: &str,
         queue: &str,
         consumer: u64,
         owner: u64,
@@ -605,6 +732,7 @@ impl Messaging {
         sink: Sink,
         auto_ack: bool,
     ) -> Result<QueueHandle, MessagingError> {
+        let queue = &queue_name(vhost, queue)?;
         self.check_exclusive(queue, connection)?;
         let handle = self.queue(queue).await?;
         handle.send(Op::Subscribe {
@@ -614,6 +742,11 @@ impl Messaging {
             auto_ack,
         });
         Ok(handle)
+    }
+
+    /// Whether virtual host `vhost` exists.
+    pub fn has_vhost(&self, vhost: &str) -> bool {
+        self.node.metadata().borrow().has_vhost(vhost)
     }
 
     fn group(&self, queue: &str) -> Result<u64, MessagingError> {
@@ -758,11 +891,25 @@ async fn watch_queues(messaging: Weak<Messaging>) {
     }
 }
 
+/// The stored name of queue `name` in `vhost`.
+fn queue_name(vhost: &str, name: &str) -> Result<String, MessagingError> {
+    scoped(vhost, name)
+        .map(Cow::into_owned)
+        .ok_or_else(|| MessagingError::QueueNotFound(name.to_owned()))
+}
+
+/// The stored name of exchange `name` in `vhost` (`""`, the default exchange, too),
+/// borrowed in the default vhost (as every publish names one).
+fn exchange_name<'a>(vhost: &str, name: &'a str) -> Result<Cow<'a, str>, MessagingError> {
+    scoped(vhost, name).ok_or_else(|| MessagingError::ExchangeNotFound(name.to_owned()))
+}
+
 /// A redeclaration must match the declaration, as RabbitMQ requires.
 fn equivalent(name: &str, current: &Declared, asked: &Declared) -> Result<(), MessagingError> {
     let differs = |what: &str, received: String, current: String| {
         Err(MessagingError::PreconditionFailed(format!(
-            "inequivalent arg '{what}' for queue '{name}' in vhost '/': received '{received}' but current is '{current}'"
+            "inequivalent arg '{what}' for queue {}: received '{received}' but current is '{current}'",
+            Named(name)
         )))
     };
     if current.durable != asked.durable {

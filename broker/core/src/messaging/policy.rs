@@ -2,8 +2,9 @@
 //! applies: message TTL, length limit, dead-lettering, delivery limit. Checked when the
 //! queue is declared, so a queue never holds arguments it cannot apply.
 
+use super::cursor::Limits;
 use super::message::{Message, Table, Value};
-use crate::meta::{Arguments, argument_text as text};
+use crate::meta::{Arguments, Named, argument_text as text};
 
 /// Where dead-lettered messages go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,14 +14,29 @@ pub(crate) struct DeadLetter {
     pub routing_key: Option<String>,
 }
 
+/// What a queue at its length limit does with one more message (`x-overflow`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) enum Overflow {
+    /// The oldest ready messages are dropped (or dead-lettered): RabbitMQ's default.
+    #[default]
+    DropHead,
+    /// The new one is refused: its publisher gets a `basic.nack`.
+    RejectPublish,
+    /// Refused, and dead-lettered.
+    RejectPublishDlx,
+}
+
 /// The rules of one queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Policy {
     /// Milliseconds a message may wait in the queue.
     pub message_ttl: Option<u64>,
-    /// Ready messages kept at most: the oldest beyond it are dropped (or dead-lettered),
-    /// RabbitMQ's default `x-overflow`, `drop-head`.
+    /// Messages kept at most (`x-max-length`): ready ones with `drop-head`, unsettled
+    /// ones with `reject-publish`.
     pub max_length: Option<u64>,
+    /// Body bytes kept at most (`x-max-length-bytes`), counted like `max_length`.
+    pub max_length_bytes: Option<u64>,
+    pub overflow: Overflow,
     pub dead_letter: Option<DeadLetter>,
     /// Milliseconds a delivery may stay unacknowledged before its channel is closed and
     /// what it holds is delivered again (`x-consumer-timeout`; RabbitMQ's default, 30
@@ -42,6 +58,8 @@ impl Default for Policy {
         Policy {
             message_ttl: None,
             max_length: None,
+            max_length_bytes: None,
+            overflow: Overflow::DropHead,
             dead_letter: None,
             consumer_timeout: CONSUMER_TIMEOUT_MS,
             expires: None,
@@ -53,9 +71,8 @@ impl Default for Policy {
 impl Policy {
     /// The rules `arguments` ask for, or why they are invalid (as RabbitMQ words it).
     pub(crate) fn from_arguments(queue: &str, arguments: &Arguments) -> Result<Policy, String> {
-        let invalid = |key: &str, why: &str| {
-            format!("invalid arg '{key}' for queue '{queue}' in vhost '/': {why}")
-        };
+        let invalid =
+            |key: &str, why: &str| format!("invalid arg '{key}' for queue {}: {why}", Named(queue));
         let count = |key: &str| -> Result<Option<u64>, String> {
             match arguments.get(key) {
                 None => Ok(None),
@@ -83,15 +100,20 @@ impl Policy {
                 ));
             }
         }
-        match string("x-overflow")?.as_deref() {
-            None | Some("drop-head") => {}
+        let overflow = match string("x-overflow")?.as_deref() {
+            None | Some("drop-head") => Overflow::DropHead,
+            Some("reject-publish") => Overflow::RejectPublish,
+            Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
             Some(other) => {
                 return Err(invalid(
                     "x-overflow",
-                    &format!("{other:?} is not supported yet (drop-head is)"),
+                    &format!(
+                        "{{unacceptable_value,<<\"{other}\">>}} (drop-head, reject-publish \
+                         and reject-publish-dlx are)"
+                    ),
                 ));
             }
-        }
+        };
         let dead_letter = string("x-dead-letter-exchange")?.map(|exchange| DeadLetter {
             exchange,
             routing_key: None,
@@ -110,6 +132,8 @@ impl Policy {
         Ok(Policy {
             message_ttl: count("x-message-ttl")?,
             max_length: count("x-max-length")?,
+            max_length_bytes: count("x-max-length-bytes")?,
+            overflow,
             dead_letter,
             delivery_limit: count("x-delivery-limit")?,
             consumer_timeout: count("x-consumer-timeout")?.unwrap_or(CONSUMER_TIMEOUT_MS),
@@ -125,9 +149,27 @@ impl Policy {
     /// dead-letters is how RabbitMQ users delay messages (each with its own expiration).
     pub(crate) fn watches(&self) -> bool {
         self.message_ttl.is_some()
-            || self.max_length.is_some()
+            || self.drops_head()
             || self.dead_letter.is_some()
             || self.expires.is_some()
+    }
+
+    /// Whether the oldest messages go when the queue is over a length limit.
+    pub(crate) fn drops_head(&self) -> bool {
+        self.overflow == Overflow::DropHead
+            && (self.max_length.is_some() || self.max_length_bytes.is_some())
+    }
+
+    /// The limits the queue's state machine counts, if any: byte counts, and any limit
+    /// that refuses publishes.
+    pub(crate) fn limits(&self) -> Option<Limits> {
+        let reject = self.overflow != Overflow::DropHead;
+        let limited = self.max_length.is_some() || self.max_length_bytes.is_some();
+        (self.max_length_bytes.is_some() || (reject && limited)).then_some(Limits {
+            max_length: self.max_length.filter(|_| reject),
+            max_bytes: self.max_length_bytes,
+            reject,
+        })
     }
 }
 

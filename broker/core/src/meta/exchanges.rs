@@ -4,11 +4,13 @@
 //! The default exchange `""` and the `amq.*` set always exist. The default exchange
 //! routes to the queue named by the routing key; it takes no bindings.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use super::state::MetaError;
+use super::vhosts::{Named, in_vhost, scoped, unscoped};
 
 /// Declared arguments (`x-…`), in the neutral value form serialized as JSON, so that they
 /// compare and persist exactly.
@@ -114,9 +116,10 @@ fn precondition(text: String) -> MetaError {
 }
 
 impl Exchanges {
-    /// The exchange named `name`, built in or declared.
+    /// The exchange named `name`, built in (in every vhost) or declared.
     pub fn get(&self, name: &str) -> Option<Exchange> {
-        match BUILTIN.iter().find(|(n, _)| *n == name) {
+        let (_, local) = unscoped(name);
+        match BUILTIN.iter().find(|(n, _)| *n == local) {
             Some((_, kind)) => Some(Exchange::builtin(*kind)),
             None => self.declared.get(name).cloned(),
         }
@@ -138,7 +141,8 @@ impl Exchanges {
             Some(current) => {
                 let differs = |what: &str, received: String, current: String| {
                     precondition(format!(
-                        "inequivalent arg '{what}' for exchange '{name}' in vhost '/': received '{received}' but current is '{current}'"
+                        "inequivalent arg '{what}' for exchange {}: received '{received}' but current is '{current}'",
+                        Named(name)
                     ))
                 };
                 if current.kind != exchange.kind {
@@ -173,15 +177,14 @@ impl Exchanges {
 
     /// Deletes `name` and its bindings; with `if_unused`, only if it has none.
     pub fn delete(&mut self, name: &str, if_unused: bool) -> Result<(), MetaError> {
-        if BUILTIN.iter().any(|(n, _)| *n == name) {
+        let (_, local) = unscoped(name);
+        if BUILTIN.iter().any(|(n, _)| *n == local) {
             return Err(MetaError::AccessRefused(format!(
-                "operation not permitted on the built-in exchange '{name}'"
+                "operation not permitted on the built-in exchange '{local}'"
             )));
         }
         if if_unused && !self.bindings(name).is_empty() {
-            return Err(precondition(format!(
-                "exchange '{name}' in vhost '/' in use"
-            )));
+            return Err(precondition(format!("exchange {} in use", Named(name))));
         }
         self.declared.remove(name);
         self.bindings.remove(name);
@@ -190,7 +193,7 @@ impl Exchanges {
 
     /// Adds `binding` (once) from an existing exchange.
     pub fn bind(&mut self, binding: Binding) -> Result<(), MetaError> {
-        if binding.exchange.is_empty() {
+        if unscoped(&binding.exchange).1.is_empty() {
             return Err(MetaError::AccessRefused(
                 "operation not permitted on the default exchange".into(),
             ));
@@ -207,7 +210,7 @@ impl Exchanges {
 
     /// Removes `binding`; an auto-delete exchange left without bindings goes too.
     pub fn unbind(&mut self, binding: &Binding) -> Result<(), MetaError> {
-        if binding.exchange.is_empty() {
+        if unscoped(&binding.exchange).1.is_empty() {
             return Err(MetaError::AccessRefused(
                 "operation not permitted on the default exchange".into(),
             ));
@@ -217,6 +220,12 @@ impl Exchanges {
         }
         self.collect(&binding.exchange);
         Ok(())
+    }
+
+    /// Removes every exchange of `vhost`, and their bindings (it was deleted).
+    pub fn forget_vhost(&mut self, vhost: &str) {
+        self.declared.retain(|name, _| !in_vhost(name, vhost));
+        self.bindings.retain(|name, _| !in_vhost(name, vhost));
     }
 
     /// Removes every binding to `queue` (it was deleted).
@@ -247,15 +256,22 @@ impl Exchanges {
 
     /// The queues a message published to `exchange` with `routing_key` (and `headers`,
     /// for headers exchanges) goes to; `None` if the exchange does not exist. The default
-    /// exchange's queue is the routing key (the caller checks that it exists).
+    /// exchange's queue is the routing key, in the exchange's vhost (the caller checks
+    /// that it exists).
     pub fn route(
         &self,
         exchange: &str,
         routing_key: &str,
         headers: &dyn Fn() -> Arguments,
     ) -> Option<Vec<String>> {
-        if exchange.is_empty() {
-            return Some(vec![routing_key.to_owned()]);
+        let (vhost, local) = unscoped(exchange);
+        if local.is_empty() {
+            return Some(
+                scoped(vhost, routing_key)
+                    .map(Cow::into_owned)
+                    .into_iter()
+                    .collect(),
+            );
         }
         let kind = self.get(exchange)?.kind;
         let bindings = self.bindings(exchange);

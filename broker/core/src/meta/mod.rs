@@ -6,11 +6,13 @@
 //! * `state`: the metadata and the commands, a pure state machine (placement spreads
 //!   replicas and preferred leaders evenly; refusals change nothing).
 //! * `exchanges`: exchanges and bindings, and the pure routing through them.
+//! * `vhosts`: how names of separate virtual hosts share one namespace.
 //! * [`proposal`] and [`outcome`]: a command into a proposal for the group, and its
 //!   result out of what applying it answered.
 
 mod exchanges;
 mod state;
+mod vhosts;
 
 use petrel_log::{BatchBuilder, BatchError, RecordBatch};
 
@@ -25,6 +27,7 @@ pub use state::{
     Command, Declared, Destination, Durability, Kind, MAX_NAME_BYTES, MAX_PARTITIONS, MetaError,
     Metadata, Node, NodeState, Outcome, Partition, Retention, Spec,
 };
+pub use vhosts::{DEFAULT_VHOST, Named, in_vhost, scoped, unscoped};
 
 /// The metadata group's id; partition groups count from 1.
 pub const METADATA_GROUP: u64 = 0;

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::exchanges::{Arguments, Binding, Exchange, Exchanges};
+use super::vhosts::{DEFAULT_VHOST, Named, in_vhost, unscoped};
 use crate::raft::NodeId;
 
 /// Longest destination name, in bytes (RabbitMQ's limit for queue names).
@@ -170,6 +171,10 @@ pub enum Command {
     DeclareExchange { name: String, exchange: Exchange },
     /// An exchange goes, with its bindings.
     DeleteExchange { name: String, if_unused: bool },
+    /// A virtual host is created (or checked to exist).
+    CreateVhost { name: String },
+    /// A virtual host goes, with its queues, exchanges and bindings.
+    DeleteVhost { name: String },
     /// A queue is bound to an exchange.
     Bind(Binding),
     /// A binding goes.
@@ -198,6 +203,8 @@ pub enum Outcome {
     Placement(Partition),
     /// Exchanges or bindings changed (or were as asked already).
     Exchanges,
+    /// The virtual hosts changed (or were as asked already).
+    Vhosts,
 }
 
 /// Why a command was refused; refusals change nothing.
@@ -216,8 +223,11 @@ pub enum MetaError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// No exchange of that name.
-    #[error("no exchange '{0}' in vhost '/'")]
+    #[error("no exchange {}", Named(.0))]
     ExchangeNotFound(String),
+    /// No virtual host of that name.
+    #[error("vhost '{0}' not found")]
+    VhostNotFound(String),
     /// The request contradicts what exists.
     #[error("{0}")]
     PreconditionFailed(String),
@@ -238,6 +248,9 @@ pub struct Metadata {
     /// Exchanges and bindings.
     #[serde(default)]
     pub exchanges: Exchanges,
+    /// Virtual hosts besides the default one, `/`, which always exists.
+    #[serde(default)]
+    pub vhosts: BTreeSet<String>,
 }
 
 fn invalid(message: impl Into<String>) -> MetaError {
@@ -250,6 +263,11 @@ impl Metadata {
         self.partitions()
             .filter(|p| p.moving || p.replicas.contains(&node))
             .count()
+    }
+
+    /// Whether virtual host `name` exists.
+    pub fn has_vhost(&self, name: &str) -> bool {
+        name == DEFAULT_VHOST || self.vhosts.contains(name)
     }
 
     /// The destination of `kind` named `name`.
@@ -327,8 +345,28 @@ impl Metadata {
                 }
                 Ok(Outcome::Deleted(removed))
             }
-            Command::DeclareExchange { name, exchange } => {
+            Command::CreateVhost { name } => {
                 validate_name(&name)?;
+                if name != DEFAULT_VHOST {
+                    self.vhosts.insert(name);
+                }
+                Ok(Outcome::Vhosts)
+            }
+            Command::DeleteVhost { name } => {
+                if name == DEFAULT_VHOST {
+                    return Err(invalid("the default vhost '/' cannot be deleted"));
+                }
+                if !self.vhosts.remove(&name) {
+                    return Err(MetaError::VhostNotFound(name));
+                }
+                if let Some(queues) = self.destinations.get_mut(&Kind::Queue) {
+                    queues.retain(|stored, _| !in_vhost(stored, &name));
+                }
+                self.exchanges.forget_vhost(&name);
+                Ok(Outcome::Vhosts)
+            }
+            Command::DeclareExchange { name, exchange } => {
+                self.validate_scoped(&name)?;
                 self.exchanges.declare(&name, exchange)?;
                 Ok(Outcome::Exchanges)
             }
@@ -353,8 +391,18 @@ impl Metadata {
         }
     }
 
+    /// Checks a name that may lie in a vhost: the name itself, and that the vhost exists.
+    fn validate_scoped(&self, stored: &str) -> Result<(), MetaError> {
+        let (vhost, name) = unscoped(stored);
+        validate_name(name)?;
+        if !self.has_vhost(vhost) {
+            return Err(MetaError::VhostNotFound(vhost.to_owned()));
+        }
+        Ok(())
+    }
+
     fn create(&mut self, spec: Spec) -> Result<Outcome, MetaError> {
-        validate_name(&spec.name)?;
+        self.validate_scoped(&spec.name)?;
         validate_partitions(spec.partitions)?;
         let active = self.active_nodes().len();
         if spec.replication_factor == 0 || spec.replication_factor as usize > active {

@@ -34,7 +34,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub use entry::EntryError;
 pub use error::RaftStoreError;
 pub use log_store::{Backfill, LogReader, LogStore};
-pub use state_machine::{Application, GroupState, Machine, PartitionApp, PartitionMachine};
+pub use state_machine::{
+    Application, GroupState, Machine, PartitionApp, PartitionMachine, Refused,
+};
 
 /// Opens a partition's Raft storage: its log store over `log`, and its state machine,
 /// with the vote, purge point and snapshot kept in `dir`.

@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::messaging::cursor::{SETTLE, Settle, Settled};
+use crate::messaging::cursor::{LIMITS, Limits, SETTLE, Settle, Settled};
 
 use super::{Applied, NodeId, PartitionRaft, Proposal, RaftStoreError, StorageError, files};
 
@@ -34,27 +34,45 @@ pub trait Application:
     }
 }
 
-/// A partition's application: what its consumers have settled (queues).
+/// A partition's application: what its consumers have settled, and what it may hold
+/// (queues).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionApp {
     /// Messages acknowledged (or dropped) for good.
     #[serde(default)]
     pub settled: Settled,
+    /// The queue's length limits, if its state machine counts them.
+    #[serde(default)]
+    pub limits: Option<Limits>,
+}
+
+/// The answer to an append some of whose messages a full queue refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    /// Offsets of the refused messages.
+    pub refused: Vec<u64>,
 }
 
 impl Application for PartitionApp {
     fn apply(&mut self, batch: &RecordBatch) -> Option<serde_json::Value> {
-        self.settled.appended += u64::from(batch.record_count());
-        None
+        let refused = self.settled.append(batch, self.limits.as_ref());
+        if refused.is_empty() {
+            return None;
+        }
+        serde_json::to_value(Refused { refused }).ok()
     }
 
     fn command(&mut self, name: &[u8], value: &[u8]) -> Option<serde_json::Value> {
+        // Proposed by this version of the code only; an undecodable command is logged and
+        // skipped alike on every replica.
         match name {
             name if name == SETTLE.as_bytes() => match serde_json::from_slice::<Settle>(value) {
                 Ok(settle) => self.settled.apply(&settle),
-                // Proposed by this version of the code only; an undecodable one is logged
-                // and skipped alike on every replica.
                 Err(e) => tracing::warn!(error = %e, "undecodable settle command skipped"),
+            },
+            name if name == LIMITS.as_bytes() => match serde_json::from_slice(value) {
+                Ok(limits) => self.limits = limits,
+                Err(e) => tracing::warn!(error = %e, "undecodable limits command skipped"),
             },
             other => {
                 tracing::warn!(command = %String::from_utf8_lossy(other), "unknown command skipped")

@@ -307,6 +307,7 @@ async fn leaders(
                 .get_destination(DestinationRef {
                     kind: Kind::Topic.into(),
                     name: topic.into(),
+                    ..Default::default()
                 })
                 .await
             {

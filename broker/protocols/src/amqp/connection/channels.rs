@@ -70,7 +70,7 @@ impl Connection {
                 let queue = self.queue_name(ch, &p.queue)?;
                 let purged = self
                     .messaging
-                    .purge_queue(&queue, self.id)
+                    .purge_queue(&self.vhost, &queue, self.id)
                     .await
                     .map_err(channel_error)?;
                 if !p.nowait {
@@ -87,7 +87,7 @@ impl Connection {
                 let queue = self.queue_name(ch, &d.queue)?;
                 let messages = self
                     .messaging
-                    .delete_queue(&queue, d.if_unused, d.if_empty, self.id)
+                    .delete_queue(&self.vhost, &queue, d.if_unused, d.if_empty, self.id)
                     .await
                     .map_err(channel_error)?;
                 if !d.nowait {
@@ -121,6 +121,7 @@ impl Connection {
         let args = convert::table(arguments);
         self.messaging
             .bind(
+                &self.vhost,
                 &queue,
                 exchange.as_str(),
                 routing_key.as_str(),
@@ -172,7 +173,7 @@ impl Connection {
                     arguments: convert::table(&d.arguments),
                 };
                 self.messaging
-                    .declare_exchange(d.exchange.as_str(), options)
+                    .declare_exchange(&self.vhost, d.exchange.as_str(), options)
                     .await
                     .map_err(channel_error)?;
                 if !d.nowait {
@@ -185,7 +186,7 @@ impl Connection {
             }
             M::Delete(d) => {
                 self.messaging
-                    .delete_exchange(d.exchange.as_str(), d.if_unused)
+                    .delete_exchange(&self.vhost, d.exchange.as_str(), d.if_unused)
                     .await
                     .map_err(channel_error)?;
                 if !d.nowait {
@@ -225,7 +226,7 @@ impl Connection {
         };
         let info = self
             .messaging
-            .declare_queue(&name, options, self.id)
+            .declare_queue(&self.vhost, &name, options, self.id)
             .await
             .map_err(channel_error)?;
         if let Some(chan) = self.channels.get_mut(&ch) {
@@ -248,14 +249,9 @@ impl Connection {
 /// A messaging error as the channel close RabbitMQ sends for it.
 pub(super) fn channel_error(e: MessagingError) -> Closing {
     match e {
-        MessagingError::QueueNotFound(q) => Closing::channel(
-            code::NOT_FOUND,
-            format!("NOT_FOUND - no queue '{q}' in vhost '/'"),
-        ),
-        MessagingError::ExchangeNotFound(x) => Closing::channel(
-            code::NOT_FOUND,
-            format!("NOT_FOUND - no exchange '{x}' in vhost '/'"),
-        ),
+        e @ (MessagingError::QueueNotFound(_) | MessagingError::ExchangeNotFound(_)) => {
+            Closing::channel(code::NOT_FOUND, format!("NOT_FOUND - {e}"))
+        }
         MessagingError::PreconditionFailed(text) => Closing::channel(
             code::PRECONDITION_FAILED,
             format!("PRECONDITION_FAILED - {text}"),

@@ -99,6 +99,7 @@ impl Connection {
         let queue = self
             .messaging
             .consume(
+                &self.vhost,
                 &name,
                 id,
                 owner,
@@ -147,7 +148,7 @@ impl Connection {
         let queue = self.queue_name(ch, &g.queue)?;
         let got = self
             .messaging
-            .get(&queue, owner, g.no_ack, self.id)
+            .get(&self.vhost, &queue, owner, g.no_ack, self.id)
             .await
             .map_err(channel_error)?;
         let Some((d, handle, left)) = got else {

@@ -162,6 +162,7 @@ pub async fn run(
     let mut conn = Connection {
         id: messaging.next_id(),
         messaging,
+        vhost: String::new(),
         peer,
         settings,
         stage: Stage::StartOk,
@@ -188,6 +189,8 @@ struct Connection {
     /// Identifies the connection to the core (owner of its exclusive queues).
     id: u64,
     messaging: Arc<Messaging>,
+    /// The virtual host opened: every name the client uses lies in it.
+    vhost: String,
     peer: SocketAddr,
     settings: Settings,
     stage: Stage,
@@ -492,12 +495,14 @@ impl Connection {
                 self.stage = Stage::Open;
             }
             (Stage::Open, M::Open(open)) => {
-                if open.virtual_host.as_str() != "/" {
+                let vhost = open.virtual_host.as_str();
+                if !self.messaging.has_vhost(vhost) {
                     return Err(Closing::connection(
                         code::NOT_ALLOWED,
-                        format!("NOT_ALLOWED - vhost '{}' not found", open.virtual_host),
+                        format!("NOT_ALLOWED - vhost '{vhost}' not found"),
                     ));
                 }
+                self.vhost = vhost.to_owned();
                 self.method(0, AMQPClass::Connection(M::OpenOk(connection::OpenOk {})));
                 self.stage = Stage::Running;
                 // An alarm raised before the connection opened is told now.

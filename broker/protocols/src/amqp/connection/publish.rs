@@ -38,12 +38,19 @@ impl Connection {
                 let Transaction { publishes, settles } = std::mem::take(tx);
                 let mut stored = Vec::with_capacity(publishes.len());
                 for (message, mandatory) in publishes {
-                    let publishing = self.messaging.publish(&message).map_err(channel_error)?;
+                    let publishing = self
+                        .messaging
+                        .publish(&self.vhost, &message)
+                        .map_err(channel_error)?;
                     stored.push((publishing, mandatory.then_some(message)));
                 }
                 for (publishing, mandatory) in stored {
                     let result = publishing.await;
-                    if let Err(e) = &result {
+                    // A full queue's refusal is no failure of the transaction: the
+                    // message is dropped there, as RabbitMQ's `reject-publish` does.
+                    if let Err(e) = &result
+                        && !matches!(e, MessagingError::Refused(_))
+                    {
                         return Err(Closing::channel(
                             code::INTERNAL_ERROR,
                             format!("INTERNAL_ERROR - a publish of the transaction failed: {e}"),
@@ -188,14 +195,9 @@ impl Connection {
             chan.next_publish_tag += 1;
             tag
         });
-        let stored = match self.messaging.publish(&message) {
+        let stored = match self.messaging.publish(&self.vhost, &message) {
             Ok(stored) => stored,
-            Err(MessagingError::ExchangeNotFound(x)) => {
-                return Err(Closing::channel(
-                    code::NOT_FOUND,
-                    format!("NOT_FOUND - no exchange '{x}' in vhost '/'"),
-                ));
-            }
+            Err(e @ MessagingError::ExchangeNotFound(_)) => return Err(channel_error(e)),
             Err(e) => {
                 let report = Stored {
                     channel: ch,
@@ -245,6 +247,9 @@ impl Connection {
                 }
             }
             Ok(Routed::Queues(_)) => {}
+            Err(MessagingError::Refused(queue)) => {
+                tracing::debug!(peer = %self.peer, queue, "a full queue refused a publish");
+            }
             Err(e) => tracing::warn!(peer = %self.peer, error = %e, "a publish was not stored"),
         }
         let Some(tag) = s.tag.filter(|_| confirm) else {
