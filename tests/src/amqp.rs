@@ -4,6 +4,8 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 use crate::{PetrelProcess, Serve};
 
@@ -44,4 +46,34 @@ impl TestBroker {
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
+}
+
+/// A connection to `url` and a channel on it in confirm mode.
+pub async fn confirming_channel(url: &str) -> anyhow::Result<(Connection, Channel)> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok((conn, ch))
+}
+
+/// Publishes `body` through `exchange` with `routing_key` on a confirming channel, and
+/// answers whether the broker confirmed it (`false`: nacked).
+pub async fn publish_confirmed(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> anyhow::Result<bool> {
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await?
+        .await?;
+    Ok(matches!(confirm, Confirmation::Ack(_)))
 }

@@ -1,7 +1,7 @@
 //! AMQP 0-9-1 against `petrel serve` with lapin, as a RabbitMQ user relies on it:
 //! durable queues surviving a restart, large volumes in order, a large message, acks,
-//! nacks and rejects, and the errors RabbitMQ gives for redeclaring and for exclusive
-//! queues.
+//! nacks and rejects, exchange-to-exchange bindings, and the errors RabbitMQ gives for
+//! redeclaring and for exclusive queues.
 
 use std::time::Duration;
 
@@ -9,10 +9,14 @@ use anyhow::{Context, ensure};
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions, ExchangeBindOptions,
+    ExchangeDeclareOptions, ExchangeUnbindOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use petrel_tests::amqp;
 use petrel_tests::{PetrelProcess, Serve, Signal};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -365,5 +369,77 @@ async fn a_transaction_applies_publishes_and_acks_on_commit_and_forgets_them_on_
     tx.tx_rollback().await?;
     tx.close(200, "bye".into()).await?;
     ensure!(get(&other).await? == Some(b"c".to_vec()), "c came back");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchanges_bound_to_exchanges_route_on_each_message_once_even_in_a_cycle()
+-> anyhow::Result<()> {
+    let petrel = petrel()?;
+    let (_c, ch) = channel(&petrel).await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    for (name, kind) in [
+        ("edge", ExchangeKind::Topic),
+        ("inner", ExchangeKind::Fanout),
+    ] {
+        ch.exchange_declare(
+            name.into(),
+            kind,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    durable(&ch, "sink").await?;
+    ch.queue_bind(
+        "sink".into(),
+        "inner".into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let bind = |destination: &'static str, source: &'static str, key: &'static str| {
+        ch.exchange_bind(
+            destination.into(),
+            source.into(),
+            key.into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+    };
+    bind("inner", "edge", "orders.*").await?;
+    // A cycle back: each exchange routes a message once.
+    bind("edge", "inner", "").await?;
+    let send = |key: &'static str, body: &'static [u8]| {
+        let ch = ch.clone();
+        async move { amqp::publish_confirmed(&ch, "edge", key, body, BasicProperties::default()).await }
+    };
+    send("orders.new", b"routed").await?;
+    send("payments.new", b"not routed").await?;
+    assert_eq!(drain(&ch, "sink").await?, vec![b"routed".to_vec()]);
+
+    ch.exchange_unbind(
+        "inner".into(),
+        "edge".into(),
+        "orders.*".into(),
+        ExchangeUnbindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    send("orders.new", b"after the unbind").await?;
+    ensure!(
+        drain(&ch, "sink").await?.is_empty(),
+        "routed after the unbind"
+    );
+
+    // Binding to an exchange that does not exist is 404; the channel closes.
+    let missing = bind("nowhere", "edge", "").await;
+    ensure!(
+        missing
+            .as_ref()
+            .is_err_and(|e| format!("{e:?}").contains("NOT_FOUND")),
+        "{missing:?}"
+    );
     Ok(())
 }

@@ -309,24 +309,34 @@ fn tutorial_6_rpc() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The README's first AMQP example, copied out of README.md and run as written.
+/// The README's AMQP examples, copied out of README.md and run as written, each
+/// printing what it shows.
 #[test]
-fn the_readme_example_runs() -> anyhow::Result<()> {
+fn the_readme_examples_run() -> anyhow::Result<()> {
     let readme = include_str!("../../README.md");
     let section = readme
         .find("## AMQP 0-9-1")
         .context("the README has its AMQP section")?;
-    let start = readme[section..]
-        .find("```python\n")
-        .context("the section has a Python example")?
-        + section
-        + "```python\n".len();
-    let len = readme[start..].find("```").context("the example ends")?;
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("readme_example.py");
-    std::fs::write(&path, &readme[start..start + len])?;
+    let section = &readme[section..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |e| e + 3)];
+    let examples: Vec<&str> = section
+        .split("```python\n")
+        .skip(1)
+        .filter_map(|block| block.split("```").next())
+        .collect();
+    let expected = ["b'Hello World!'", "b'event 2'"];
+    ensure!(
+        examples.len() == expected.len(),
+        "{} Python examples in the AMQP section",
+        examples.len()
+    );
     let broker = broker()?;
-    let ran = Script::start(&path, &[], broker.port)?.wait_success(TIMEOUT)?;
-    ensure!(ran.stdout.contains("b'Hello World!'"), "{ran:?}");
+    let dir = tempfile::tempdir()?;
+    for (i, (example, shows)) in examples.iter().zip(expected).enumerate() {
+        let path = dir.path().join(format!("readme_example_{i}.py"));
+        std::fs::write(&path, example)?;
+        let ran = Script::start(&path, &[], broker.port)?.wait_success(TIMEOUT)?;
+        ensure!(ran.stdout.contains(shows), "example {i}: {ran:?}");
+    }
     Ok(())
 }

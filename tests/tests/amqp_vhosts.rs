@@ -5,21 +5,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use petrel_tests::amqp::{confirming_channel, publish_confirmed};
 use petrel_tests::{PetrelProcess, Serve};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 async fn open(petrel: &PetrelProcess, vhost: &str) -> anyhow::Result<(Connection, Channel)> {
-    let url = format!("amqp://guest:guest@{}/{vhost}", petrel.amqp_addr());
-    let conn = Connection::connect(&url, ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok((conn, ch))
+    confirming_channel(&format!(
+        "amqp://guest:guest@{}/{vhost}",
+        petrel.amqp_addr()
+    ))
+    .await
 }
 
 fn cli(petrel: &PetrelProcess, args: &[&str]) -> anyhow::Result<String> {
@@ -43,15 +43,11 @@ async fn declare(ch: &Channel, queue: &str) -> anyhow::Result<()> {
 }
 
 async fn publish(ch: &Channel, exchange: &str, key: &str, body: &[u8]) -> anyhow::Result<()> {
-    ch.basic_publish(
-        exchange.into(),
-        key.into(),
-        BasicPublishOptions::default(),
-        body,
-        BasicProperties::default(),
-    )
-    .await?
-    .await?;
+    let props = BasicProperties::default();
+    ensure!(
+        publish_confirmed(ch, exchange, key, body, props).await?,
+        "nacked"
+    );
     Ok(())
 }
 

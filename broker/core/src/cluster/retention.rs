@@ -5,7 +5,8 @@
 //!   whole segments); a topic without retention keeps everything.
 //! * Queues: the segments wholly below the settled floor that the queue's Raft state
 //!   machine holds (DESIGN.md §4, compaction by release cursor): acknowledged messages
-//!   leave the disk, and everything not yet settled stays.
+//!   leave the disk, and everything not yet settled stays. Streams are kept by retention,
+//!   as topics are: their consumers read from offsets and settle nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,7 +49,17 @@ pub(super) async fn enforce(node: Arc<ClusterNode>) {
                 .get(&Kind::Queue)
                 .into_iter()
                 .flat_map(|queues| queues.values())
-                .flat_map(|d| d.partitions.iter().map(|p| (p.group, Keep::Unsettled)));
+                .filter(|d| {
+                    !d.spec.declared.is_stream() || d.spec.retention != Retention::default()
+                })
+                .flat_map(|d| {
+                    let keep = if d.spec.declared.is_stream() {
+                        Keep::Retained(d.spec.retention)
+                    } else {
+                        Keep::Unsettled
+                    };
+                    d.partitions.iter().map(move |p| (p.group, keep))
+                });
             topics.chain(queues).collect()
         };
         for (group, keep) in kept {

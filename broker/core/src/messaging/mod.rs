@@ -16,6 +16,7 @@ pub mod message;
 mod policy;
 mod relay;
 mod service;
+mod stream;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -32,8 +33,8 @@ pub use service::{MessagingSlot, QueuesService};
 use crate::cluster::{ClusterError, ClusterNode, NewRecord, now_ms};
 pub use crate::meta::ExchangeKind;
 use crate::meta::{
-    Arguments, Binding, Command, Declared, Durability, Exchange, Kind, MetaError, Named, Retention,
-    Spec, scoped, unscoped,
+    Arguments, Binding, Command, Declared, Durability, Exchange, Kind, MetaError, Named, Spec,
+    Target, scoped, unscoped,
 };
 use crate::raft::{NodeId, Proposal};
 use cursor::Limits;
@@ -320,10 +321,15 @@ impl Messaging {
         let policy = if options.passive {
             None
         } else {
-            Some(
-                Policy::from_arguments(name, &declared.arguments)
-                    .map_err(MessagingError::PreconditionFailed)?,
-            )
+            let policy = Policy::from_arguments(name, &declared.arguments)
+                .map_err(MessagingError::PreconditionFailed)?;
+            if policy.stream && (options.exclusive || options.auto_delete) {
+                return Err(MessagingError::PreconditionFailed(format!(
+                    "invalid property 'exclusive' or 'auto-delete' for stream queue {}",
+                    Named(name)
+                )));
+            }
+            Some(policy)
         };
         let existing = self
             .node
@@ -344,7 +350,7 @@ impl Messaging {
                     partitions: 1,
                     replication_factor: replicas.min(u32::try_from(nodes).unwrap_or(1).max(1)),
                     durability: Durability::Always,
-                    retention: Retention::default(),
+                    retention: policy.as_ref().map(|p| p.retention).unwrap_or_default(),
                     declared: declared.clone(),
                 };
                 match self.node.command(&Command::Create(spec)).await {
@@ -479,6 +485,7 @@ impl Messaging {
     ) -> Result<u64, MessagingError> {
         let name = &queue_name(vhost, name)?;
         self.check_exclusive(name, connection)?;
+        self.not_a_stream(name, "queue.purge")?;
         let handle = self.queue(name).await?;
         Ok(handle.ask(Op::Purge).await.unwrap_or(0))
     }
@@ -495,6 +502,7 @@ impl Messaging {
     ) -> Result<Option<(Delivery, QueueHandle, u64)>, MessagingError> {
         let queue = &queue_name(vhost, queue)?;
         self.check_exclusive(queue, connection)?;
+        self.not_a_stream(queue, "basic.get")?;
         let handle = self.queue(queue).await?;
         let got = handle
             .ask(|reply| Op::Get {
@@ -602,10 +610,36 @@ impl Messaging {
         self.check_exclusive(&queue, connection)?;
         let binding = Binding {
             exchange: exchange_name(vhost, exchange)?.into_owned(),
-            queue,
+            destination: queue,
+            target: Target::Queue,
             routing_key: routing_key.to_owned(),
             arguments: arguments(args),
         };
+        self.change_binding(binding, bind).await
+    }
+
+    /// Binds exchange `destination` to exchange `source` with `routing_key` (or unbinds
+    /// it): what `source` routes there, `destination` routes on.
+    pub async fn bind_exchange(
+        &self,
+        vhost: &str,
+        destination: &str,
+        source: &str,
+        routing_key: &str,
+        args: &Table,
+        bind: bool,
+    ) -> Result<(), MessagingError> {
+        let binding = Binding {
+            exchange: exchange_name(vhost, source)?.into_owned(),
+            destination: exchange_name(vhost, destination)?.into_owned(),
+            target: Target::Exchange,
+            routing_key: routing_key.to_owned(),
+            arguments: arguments(args),
+        };
+        self.change_binding(binding, bind).await
+    }
+
+    async fn change_binding(&self, binding: Binding, bind: bool) -> Result<(), MessagingError> {
         let command = if bind {
             Command::Bind(binding)
         } else {
@@ -731,9 +765,37 @@ impl Messaging {
         connection: u64,
         sink: Sink,
         auto_ack: bool,
+        arguments: &Table,
     ) -> Result<QueueHandle, MessagingError> {
         let queue = &queue_name(vhost, queue)?;
         self.check_exclusive(queue, connection)?;
+        if self.is_stream(queue)? {
+            if auto_ack {
+                return Err(MessagingError::PreconditionFailed(format!(
+                    "stream queue {} needs consumers that acknowledge (no_ack false)",
+                    Named(queue)
+                )));
+            }
+            let start = stream::StartAt::from_arguments(arguments, now_ms())
+                .map_err(MessagingError::PreconditionFailed)?;
+            let placed = self.node.partition(Kind::Queue, queue, 0)?;
+            let ops = stream::spawn(
+                self.node.clone(),
+                placed.group,
+                consumer,
+                owner,
+                sink,
+                start,
+            )
+            .ok_or(ClusterError::NotReplica {
+                group: placed.group,
+                replicas: placed.replicas,
+            })?;
+            return Ok(QueueHandle {
+                group: placed.group,
+                ops,
+            });
+        }
         let handle = self.queue(queue).await?;
         handle.send(Op::Subscribe {
             consumer,
@@ -747,6 +809,27 @@ impl Messaging {
     /// Whether virtual host `vhost` exists.
     pub fn has_vhost(&self, vhost: &str) -> bool {
         self.node.metadata().borrow().has_vhost(vhost)
+    }
+
+    /// Whether `queue` (a stored name) is a stream.
+    fn is_stream(&self, queue: &str) -> Result<bool, MessagingError> {
+        self.node
+            .metadata()
+            .borrow()
+            .destination(Kind::Queue, queue)
+            .map(|d| d.spec.declared.is_stream())
+            .ok_or_else(|| MessagingError::QueueNotFound(queue.to_owned()))
+    }
+
+    /// Refuses what a stream does not do (`basic.get`, purge), as RabbitMQ does.
+    fn not_a_stream(&self, queue: &str, what: &str) -> Result<(), MessagingError> {
+        if self.is_stream(queue)? {
+            return Err(MessagingError::PreconditionFailed(format!(
+                "{what} is not supported by stream queue {}; consume it with x-stream-offset",
+                Named(queue)
+            )));
+        }
+        Ok(())
     }
 
     fn group(&self, queue: &str) -> Result<u64, MessagingError> {

@@ -4,7 +4,7 @@
 
 use super::cursor::Limits;
 use super::message::{Message, Table, Value};
-use crate::meta::{Arguments, Named, argument_text as text};
+use crate::meta::{Arguments, Named, Retention, argument_text as text};
 
 /// Where dead-lettered messages go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +48,10 @@ pub(crate) struct Policy {
     /// Times a message may be returned (nacked, rejected with requeue, or left unacked by
     /// a closing channel) before it is dead-lettered.
     pub delivery_limit: Option<u64>,
+    /// A stream (`x-queue-type: stream`): kept by `retention`, read from an offset.
+    pub stream: bool,
+    /// What a stream keeps (`x-max-age`, `x-max-length-bytes`).
+    pub retention: Retention,
 }
 
 /// RabbitMQ's default consumer timeout: 30 minutes.
@@ -64,6 +68,8 @@ impl Default for Policy {
             consumer_timeout: CONSUMER_TIMEOUT_MS,
             expires: None,
             delivery_limit: None,
+            stream: false,
+            retention: Retention::default(),
         }
     }
 }
@@ -91,14 +97,18 @@ impl Policy {
                     .ok_or_else(|| invalid(key, &format!("{{unacceptable_type,{v}}}"))),
             }
         };
-        match string("x-queue-type")?.as_deref() {
-            None | Some("classic" | "quorum") => {}
+        let stream = match string("x-queue-type")?.as_deref() {
+            None | Some("classic" | "quorum") => false,
+            Some("stream") => true,
             Some(other) => {
                 return Err(invalid(
                     "x-queue-type",
-                    &format!("{other:?} is not supported (classic and quorum are)"),
+                    &format!("{other:?} is not supported (classic, quorum and stream are)"),
                 ));
             }
+        };
+        if stream {
+            return Self::stream(arguments, &invalid, &count, &string);
         }
         let overflow = match string("x-overflow")?.as_deref() {
             None | Some("drop-head") => Overflow::DropHead,
@@ -141,6 +151,48 @@ impl Policy {
                 Some(0) => return Err(invalid("x-expires", "{value_zero,0}")),
                 other => other,
             },
+            stream: false,
+            retention: Retention::default(),
+        })
+    }
+
+    /// The rules of a stream: what it keeps; the arguments of queues whose messages go
+    /// once consumed make no sense for it, and are refused.
+    fn stream(
+        arguments: &Arguments,
+        invalid: &dyn Fn(&str, &str) -> String,
+        count: &dyn Fn(&str) -> Result<Option<u64>, String>,
+        string: &dyn Fn(&str) -> Result<Option<String>, String>,
+    ) -> Result<Policy, String> {
+        for key in [
+            "x-message-ttl",
+            "x-max-length",
+            "x-overflow",
+            "x-dead-letter-exchange",
+            "x-dead-letter-routing-key",
+            "x-delivery-limit",
+            "x-expires",
+        ] {
+            if arguments.contains_key(key) {
+                return Err(invalid(key, "not supported by stream queues"));
+            }
+        }
+        let max_age = match string("x-max-age")? {
+            None => None,
+            Some(age) => Some(age_ms(&age).ok_or_else(|| {
+                invalid(
+                    "x-max-age",
+                    &format!("{age:?} is not an age such as 7D, 12h, 30m or 10s"),
+                )
+            })?),
+        };
+        Ok(Policy {
+            stream: true,
+            retention: Retention {
+                ms: max_age,
+                bytes: count("x-max-length-bytes")?,
+            },
+            ..Policy::default()
         })
     }
 
@@ -239,6 +291,25 @@ pub(crate) fn dead_lettered(
     dead
 }
 
+/// Milliseconds in an age as RabbitMQ writes `x-max-age`: a number and a unit, `Y`
+/// (years of 365 days), `M` (months of 30 days), `D`, `h`, `m` or `s`.
+pub(crate) fn age_ms(age: &str) -> Option<u64> {
+    let unit = age.chars().last()?;
+    let n: u64 = age[..age.len() - unit.len_utf8()].parse().ok()?;
+    let second = 1000;
+    let day = 24 * 3600 * second;
+    let per = match unit {
+        'Y' => 365 * day,
+        'M' => 30 * day,
+        'D' => day,
+        'h' => 3600 * second,
+        'm' => 60 * second,
+        's' => second,
+        _ => return None,
+    };
+    n.checked_mul(per)
+}
+
 /// An integer argument in neutral JSON form (`{"i32": 5}` and the like).
 fn integer(v: &serde_json::Value) -> Option<i64> {
     let (kind, inner) = v.as_object()?.iter().next()?;
@@ -333,9 +404,46 @@ mod tests {
         assert!(refuse(&[("x-message-ttl", json!({"i32": -1}))]).contains("value_negative"));
         assert!(refuse(&[("x-max-length", json!({"short": "ten"}))]).contains("unacceptable_type"));
         assert!(refuse(&[("x-overflow", json!({"short": "sideways"}))]).contains("x-overflow"));
-        assert!(refuse(&[("x-queue-type", json!({"short": "stream"}))]).contains("x-queue-type"));
+        assert!(refuse(&[("x-queue-type", json!({"short": "lifo"}))]).contains("x-queue-type"));
         assert!(
             refuse(&[("x-dead-letter-routing-key", json!({"short": "k"}))]).contains("not set")
         );
+    }
+
+    #[test]
+    fn a_stream_keeps_messages_by_age_and_size_and_refuses_queue_only_arguments() {
+        let stream = ("x-queue-type", json!({"short": "stream"}));
+        let policy = Policy::from_arguments(
+            "s",
+            &args(&[
+                stream.clone(),
+                ("x-max-age", json!({"short": "7D"})),
+                ("x-max-length-bytes", json!({"i64": 1_000_000})),
+            ]),
+        )
+        .expect("valid");
+        assert!(policy.stream && !policy.watches() && policy.limits().is_none());
+        assert_eq!(
+            policy.retention,
+            Retention {
+                ms: Some(7 * 24 * 3600 * 1000),
+                bytes: Some(1_000_000)
+            }
+        );
+        let refused = |pair: (&str, serde_json::Value)| {
+            Policy::from_arguments("s", &args(&[stream.clone(), pair])).expect_err("invalid")
+        };
+        assert!(refused(("x-message-ttl", json!({"i32": 5}))).contains("stream"));
+        assert!(refused(("x-max-age", json!({"short": "soon"}))).contains("x-max-age"));
+    }
+
+    #[test]
+    fn ages_read_as_rabbitmq_writes_them() {
+        assert_eq!(age_ms("10s"), Some(10_000));
+        assert_eq!(age_ms("30m"), Some(1_800_000));
+        assert_eq!(age_ms("1Y"), Some(365 * 24 * 3600 * 1000));
+        for bad in ["", "D", "7", "7d", "-1h", "99999999999999999999Y"] {
+            assert_eq!(age_ms(bad), None, "{bad}");
+        }
     }
 }

@@ -90,13 +90,29 @@ pub const BUILTIN: [(&str, ExchangeKind); 6] = [
     ("amq.match", ExchangeKind::Headers),
 ];
 
-/// A binding from an exchange to a queue.
+/// What a binding leads to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// A queue.
+    #[default]
+    Queue,
+    /// Another exchange, which routes the message on (RabbitMQ's exchange-to-exchange
+    /// bindings).
+    Exchange,
+}
+
+/// A binding from an exchange to a queue or to another exchange.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Binding {
     /// The source exchange.
     pub exchange: String,
-    /// The destination queue.
-    pub queue: String,
+    /// The destination: a queue, or an exchange.
+    #[serde(alias = "queue")]
+    pub destination: String,
+    /// Which of them the destination is.
+    #[serde(default)]
+    pub target: Target,
     /// The key (direct), pattern (topic) or nothing (fanout, headers).
     pub routing_key: String,
     /// Binding arguments (headers exchanges match on them).
@@ -122,6 +138,15 @@ impl Exchanges {
         match BUILTIN.iter().find(|(n, _)| *n == local) {
             Some((_, kind)) => Some(Exchange::builtin(*kind)),
             None => self.declared.get(name).cloned(),
+        }
+    }
+
+    /// How the exchange named `name` routes, if it exists (without copying it).
+    fn kind(&self, name: &str) -> Option<ExchangeKind> {
+        let (_, local) = unscoped(name);
+        match BUILTIN.iter().find(|(n, _)| *n == local) {
+            Some((_, kind)) => Some(*kind),
+            None => self.declared.get(name).map(|e| e.kind),
         }
     }
 
@@ -188,6 +213,7 @@ impl Exchanges {
         }
         self.declared.remove(name);
         self.bindings.remove(name);
+        self.forget(Target::Exchange, name);
         Ok(())
     }
 
@@ -230,10 +256,16 @@ impl Exchanges {
 
     /// Removes every binding to `queue` (it was deleted).
     pub fn forget_queue(&mut self, queue: &str) {
+        self.forget(Target::Queue, queue);
+    }
+
+    /// Removes every binding to the queue or exchange `destination` (it was deleted);
+    /// an auto-delete exchange left without bindings goes too.
+    fn forget(&mut self, target: Target, destination: &str) {
         let mut emptied = Vec::new();
         for (exchange, bindings) in &mut self.bindings {
             let before = bindings.len();
-            bindings.retain(|b| b.queue != queue);
+            bindings.retain(|b| b.target != target || b.destination != destination);
             if bindings.len() < before {
                 emptied.push(exchange.clone());
             }
@@ -255,9 +287,10 @@ impl Exchanges {
     }
 
     /// The queues a message published to `exchange` with `routing_key` (and `headers`,
-    /// for headers exchanges) goes to; `None` if the exchange does not exist. The default
-    /// exchange's queue is the routing key, in the exchange's vhost (the caller checks
-    /// that it exists).
+    /// for headers exchanges) goes to, through the exchanges it is bound to as well (each
+    /// once, so that bindings in a cycle end); `None` if the exchange does not exist. The
+    /// default exchange's queue is the routing key, in the exchange's vhost (the caller
+    /// checks that it exists).
     pub fn route(
         &self,
         exchange: &str,
@@ -273,29 +306,43 @@ impl Exchanges {
                     .collect(),
             );
         }
-        let kind = self.get(exchange)?.kind;
-        let bindings = self.bindings(exchange);
-        let mut queues: Vec<String> = match kind {
-            ExchangeKind::Direct => bindings
-                .iter()
-                .filter(|b| b.routing_key == routing_key)
-                .map(|b| b.queue.clone())
-                .collect(),
-            ExchangeKind::Fanout => bindings.iter().map(|b| b.queue.clone()).collect(),
-            ExchangeKind::Topic => bindings
-                .iter()
-                .filter(|b| topic_matches(&b.routing_key, routing_key))
-                .map(|b| b.queue.clone())
-                .collect(),
+        self.kind(exchange)?;
+        let mut headers_read: Option<Arguments> = None;
+        let mut matches = |kind: ExchangeKind, b: &Binding| match kind {
+            ExchangeKind::Direct => b.routing_key == routing_key,
+            ExchangeKind::Fanout => true,
+            ExchangeKind::Topic => topic_matches(&b.routing_key, routing_key),
             ExchangeKind::Headers => {
-                let headers = headers();
-                bindings
-                    .iter()
-                    .filter(|b| headers_match(&b.arguments, &headers))
-                    .map(|b| b.queue.clone())
-                    .collect()
+                headers_match(&b.arguments, headers_read.get_or_insert_with(headers))
             }
         };
+        let mut queues = Vec::new();
+        // Exchanges reached through exchange bindings (allocated only if there are some).
+        let mut through: Vec<&str> = Vec::new();
+        let mut source = exchange;
+        let mut at = 0;
+        loop {
+            if let Some(kind) = self.kind(source) {
+                for b in self.bindings(source).iter().filter(|b| matches(kind, b)) {
+                    match b.target {
+                        Target::Queue => queues.push(b.destination.clone()),
+                        Target::Exchange => {
+                            let to = b.destination.as_str();
+                            if to != exchange && !through.contains(&to) {
+                                through.push(to);
+                            }
+                        }
+                    }
+                }
+            }
+            match through.get(at) {
+                Some(to) => {
+                    source = to;
+                    at += 1;
+                }
+                None => break,
+            }
+        }
         queues.sort();
         queues.dedup();
         Some(queues)
@@ -393,7 +440,8 @@ mod tests {
     fn binding(exchange: &str, queue: &str, key: &str) -> Binding {
         Binding {
             exchange: exchange.into(),
-            queue: queue.into(),
+            destination: queue.into(),
+            target: Target::Queue,
             routing_key: key.into(),
             arguments: Arguments::new(),
         }
@@ -520,5 +568,28 @@ mod tests {
             ("type", json!({"long": [114]})),
         ]);
         assert!(headers_match(&all, &both));
+    }
+
+    #[test]
+    fn exchange_bindings_route_on_once_and_go_with_either_exchange() {
+        let none = || Arguments::new();
+        let mut x = Exchanges::default();
+        x.declare("edge", declared(ExchangeKind::Topic, false))
+            .expect("new");
+        x.declare("inner", declared(ExchangeKind::Fanout, true))
+            .expect("new");
+        let to_exchange = |source: &str, destination: &str, key: &str| Binding {
+            target: Target::Exchange,
+            ..binding(source, destination, key)
+        };
+        x.bind(binding("inner", "q", "")).expect("bound");
+        x.bind(to_exchange("edge", "inner", "a.*")).expect("bound");
+        x.bind(to_exchange("inner", "edge", "")).expect("bound");
+        x.bind(binding("edge", "q", "#")).expect("bound");
+        assert_eq!(x.route("edge", "a.b", &none), Some(vec!["q".to_owned()]));
+        assert_eq!(x.route("inner", "z", &none), Some(vec!["q".to_owned()]));
+        // Deleting the destination exchange takes the bindings to it.
+        x.delete("inner", false).expect("deleted");
+        assert_eq!(x.bindings("edge"), [binding("edge", "q", "#")]);
     }
 }

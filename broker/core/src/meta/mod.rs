@@ -20,7 +20,7 @@ use crate::raft::{Application, Applied, Proposal};
 
 pub(crate) use exchanges::text as argument_text;
 pub use exchanges::{
-    Arguments, BUILTIN as BUILTIN_EXCHANGES, Binding, Exchange, ExchangeKind, Exchanges,
+    Arguments, BUILTIN as BUILTIN_EXCHANGES, Binding, Exchange, ExchangeKind, Exchanges, Target,
     headers_match, topic_matches,
 };
 pub use state::{

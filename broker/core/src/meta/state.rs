@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::exchanges::{Arguments, Binding, Exchange, Exchanges};
+use super::exchanges::{Arguments, Binding, Exchange, Exchanges, Target};
 use super::vhosts::{DEFAULT_VHOST, Named, in_vhost, unscoped};
 use crate::raft::NodeId;
 
@@ -96,6 +96,17 @@ impl Default for Declared {
             auto_delete: false,
             arguments: Arguments::new(),
         }
+    }
+}
+
+impl Declared {
+    /// Whether the queue is a stream (`x-queue-type: stream`): kept by retention and read
+    /// from an offset by each consumer, as RabbitMQ's streams are.
+    pub fn is_stream(&self) -> bool {
+        self.arguments
+            .get("x-queue-type")
+            .and_then(super::argument_text)
+            .is_some_and(|t| t == "stream")
     }
 }
 
@@ -375,11 +386,26 @@ impl Metadata {
                 Ok(Outcome::Exchanges)
             }
             Command::Bind(binding) => {
-                if self.destination(Kind::Queue, &binding.queue).is_none() {
-                    return Err(MetaError::NotFound {
-                        kind: Kind::Queue,
-                        name: binding.queue,
-                    });
+                match binding.target {
+                    Target::Queue
+                        if self
+                            .destination(Kind::Queue, &binding.destination)
+                            .is_none() =>
+                    {
+                        return Err(MetaError::NotFound {
+                            kind: Kind::Queue,
+                            name: binding.destination,
+                        });
+                    }
+                    Target::Exchange if unscoped(&binding.destination).1.is_empty() => {
+                        return Err(MetaError::AccessRefused(
+                            "operation not permitted on the default exchange".into(),
+                        ));
+                    }
+                    Target::Exchange if self.exchanges.get(&binding.destination).is_none() => {
+                        return Err(MetaError::ExchangeNotFound(binding.destination));
+                    }
+                    _ => {}
                 }
                 self.exchanges.bind(binding)?;
                 Ok(Outcome::Exchanges)

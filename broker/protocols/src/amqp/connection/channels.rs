@@ -133,6 +133,29 @@ impl Connection {
             .map_err(channel_error)
     }
 
+    /// Binds (or unbinds) an exchange to an exchange.
+    async fn bind_exchange(
+        &self,
+        destination: &ShortString,
+        source: &ShortString,
+        routing_key: &ShortString,
+        arguments: &FieldTable,
+        bind: bool,
+    ) -> Result<(), Closing> {
+        let args = convert::table(arguments);
+        self.messaging
+            .bind_exchange(
+                &self.vhost,
+                destination.as_str(),
+                source.as_str(),
+                routing_key.as_str(),
+                &args,
+                bind,
+            )
+            .await
+            .map_err(channel_error)
+    }
+
     /// The queue a method names; an empty name is the channel's last declared queue.
     pub(super) fn queue_name(&self, ch: u16, name: &ShortString) -> Result<String, Closing> {
         if !name.as_str().is_empty() {
@@ -194,9 +217,37 @@ impl Connection {
                 }
                 Ok(())
             }
+            M::Bind(b) => {
+                self.bind_exchange(
+                    &b.destination,
+                    &b.source,
+                    &b.routing_key,
+                    &b.arguments,
+                    true,
+                )
+                .await?;
+                if !b.nowait {
+                    self.method(ch, AMQPClass::Exchange(M::BindOk(exchange::BindOk {})));
+                }
+                Ok(())
+            }
+            M::Unbind(u) => {
+                self.bind_exchange(
+                    &u.destination,
+                    &u.source,
+                    &u.routing_key,
+                    &u.arguments,
+                    false,
+                )
+                .await?;
+                if !u.nowait {
+                    self.method(ch, AMQPClass::Exchange(M::UnbindOk(exchange::UnbindOk {})));
+                }
+                Ok(())
+            }
             other => Err(Closing::connection(
-                code::NOT_IMPLEMENTED,
-                format!("NOT_IMPLEMENTED - exchange method {other:?} is not supported yet"),
+                code::COMMAND_INVALID,
+                format!("COMMAND_INVALID - exchange method {other:?} not expected from a client"),
             )),
         }
     }

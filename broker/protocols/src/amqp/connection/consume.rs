@@ -106,6 +106,7 @@ impl Connection {
                 self.id,
                 self.deliveries_tx.clone(),
                 c.no_ack,
+                &convert::table(&c.arguments),
             )
             .await
             .map_err(channel_error)?;
