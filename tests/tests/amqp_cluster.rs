@@ -1,5 +1,6 @@
-//! AMQP in a 3-node cluster: a client may use any node, and the queue leader's crash
-//! loses no confirmed message and delivers none twice to a consumer that acks.
+//! AMQP in a 3-node cluster: a client may use any node, and neither the queue leader's
+//! crash nor a move of its leadership loses a confirmed message or delivers one twice to
+//! a consumer that acks.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use petrel_api::admin::v1::admin_client::AdminClient;
-use petrel_api::admin::v1::{DestinationRef, Kind};
+use petrel_api::admin::v1::{DestinationRef, Kind, TransferLeadershipRequest};
 use petrel_tests::Signal;
 use petrel_tests::cluster::Cluster;
 
@@ -137,5 +138,98 @@ async fn a_consumer_on_another_node_gets_every_confirmed_message_once_across_a_l
     let extra = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await;
     ensure!(extra.is_err(), "a delivery after all {N}: {extra:?}");
     let _ = cluster.restart(leader as usize - 1, false)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_on_the_leaders_node_goes_on_unaware_when_the_leadership_moves()
+-> anyhow::Result<()> {
+    const N: u32 = 1000;
+    let cluster = Cluster::start(3)?;
+    let (_c, setup) = channel(&cluster.nodes[0].amqp_url()).await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    setup
+        .queue_declare("moving".into(), durable, FieldTable::default())
+        .await?;
+    let first = leader(cluster.ports[0], "moving", None).await?;
+    let on_leader = cluster.nodes[first as usize - 1].amqp_url();
+    let (_p, publisher) = channel(&on_leader).await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    for i in 0..N {
+        let confirm = publisher
+            .basic_publish(
+                "".into(),
+                "moving".into(),
+                BasicPublishOptions::default(),
+                &i.to_be_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        if i == N - 1 {
+            ensure!(matches!(confirm.await?, Confirmation::Ack(_)), "nacked");
+        }
+    }
+
+    // The consumer is on the leader's own node: the leadership goes elsewhere mid-stream,
+    // with 50 deliveries unacked, and it hears nothing of it (no basic.cancel).
+    let (_conn, consumer_ch) = channel(&on_leader).await?;
+    consumer_ch
+        .basic_qos(50, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consumer_ch
+        .basic_consume(
+            "moving".into(),
+            "stays".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let to = (1..=3u64).find(|n| *n != first).context("another node")?;
+    let mut seen = HashSet::new();
+    let mut moved = false;
+    while seen.len() < N as usize {
+        let delivery = tokio::time::timeout(TIMEOUT, consumer.next())
+            .await
+            .with_context(|| format!("no delivery within {TIMEOUT:?} after {}", seen.len()))?
+            .context("the consumer was cancelled")??;
+        let i = u32::from_be_bytes(delivery.data[..4].try_into()?);
+        if !seen.insert(i) {
+            let logs: Vec<String> = cluster.nodes.iter().map(|n| n.stdout()).collect();
+            anyhow::bail!(
+                "message {i} delivered twice (after {} distinct)\n{}",
+                seen.len(),
+                logs.join("\n=====\n")
+            );
+        }
+        delivery.ack(BasicAckOptions::default()).await?;
+        if !moved && seen.len() == N as usize / 2 {
+            let mut admin =
+                AdminClient::connect(format!("http://127.0.0.1:{}", cluster.ports[0])).await?;
+            admin
+                .transfer_leadership(TransferLeadershipRequest {
+                    destination: Some(DestinationRef {
+                        kind: Kind::Queue.into(),
+                        name: "moving".into(),
+                        ..Default::default()
+                    }),
+                    partition: 0,
+                    to_node: to,
+                })
+                .await?;
+            moved = true;
+        }
+    }
+    ensure!(moved);
+    ensure!(
+        leader(cluster.ports[0], "moving", Some(first)).await? == to,
+        "the leadership moved"
+    );
+    let extra = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await;
+    ensure!(extra.is_err(), "a delivery after all {N}: {extra:?}");
     Ok(())
 }

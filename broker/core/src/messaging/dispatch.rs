@@ -19,8 +19,9 @@ use super::Messaging;
 use super::cursor::{SETTLE, Settle, Settled};
 use super::message::{Message, Value};
 use super::policy::{Overflow, Policy, dead_lettered};
+use super::relay::{Handover, RECENT, Relay};
 use crate::cluster::{ClusterNode, now_ms};
-use crate::meta::unscoped;
+use crate::meta::{Kind, unscoped};
 use crate::raft::{NodeId, Proposal};
 
 /// Bytes read from the log at a time for consumers.
@@ -194,6 +195,9 @@ pub(crate) struct Dispatcher {
     settled: Settled,
     /// Held by a channel since before this dispatcher (offset → owner): in flight once read.
     adopted: HashMap<u64, u64>,
+    /// Settled lately (at most `RECENT`), oldest first: perhaps not committed when the
+    /// leadership moves, so the relay taking over settles them again.
+    recent: VecDeque<u64>,
     /// Settled here, not yet proposed, and their body bytes.
     to_settle: Vec<u64>,
     to_settle_bytes: u64,
@@ -241,6 +245,7 @@ impl Dispatcher {
             adopted: HashMap::new(),
             floor_sent: settled.floor,
             settled,
+            recent: VecDeque::new(),
             to_settle: Vec::new(),
             to_settle_bytes: 0,
             settler,
@@ -294,13 +299,60 @@ impl Dispatcher {
                 }
             }
         }
-        // Not the leader any more (or the queue is gone): the consumers are cancelled and
-        // the new leader's dispatcher delivers what is unsettled.
+        // Not the leader any more, or the queue is gone.
         self.flush_settles();
+        let lives = self
+            .node
+            .partition(Kind::Queue, &self.queue, 0)
+            .is_ok_and(|p| p.group == self.group);
+        let holds =
+            !self.consumers.is_empty() || !self.adopted.is_empty() || !self.in_flight.is_empty();
+        if lives
+            && holds
+            && let (Some(messaging), Some(me)) = (self.messaging.upgrade(), self.me.upgrade())
+        {
+            // Its consumers go on with the next leader through a relay, which reads the
+            // channel their connections already send to: they see no change.
+            messaging.became_relay(self.group, me);
+            let handover = self.handover();
+            Relay::take_over(
+                self.node.clone(),
+                self.group,
+                self.queue.clone(),
+                handover,
+                ops,
+            );
+            tracing::info!(
+                group = self.group,
+                "queue dispatcher handed its consumers to a relay"
+            );
+            return;
+        }
         for slot in &self.consumers {
             let _ = slot.sink.send(Feed::Cancelled { consumer: slot.id });
         }
         tracing::info!(group = self.group, "queue dispatcher stopped");
+    }
+
+    /// What a relay needs to go on with this dispatcher's consumers.
+    fn handover(&mut self) -> Handover {
+        let consumers = self
+            .consumers
+            .drain(..)
+            .map(|s| (s.id, s.owner, s.sink, s.auto_ack, s.credit))
+            .collect();
+        let held = self
+            .in_flight
+            .iter()
+            .filter(|(_, (owner, _))| *owner != DEAD_LETTERING)
+            .map(|(offset, (owner, _))| (*offset, *owner))
+            .chain(self.adopted.iter().map(|(offset, owner)| (*offset, *owner)))
+            .collect();
+        Handover {
+            consumers,
+            held,
+            recent: self.recent.drain(..).collect(),
+        }
     }
 
     fn handle(&mut self, op: Op) {
@@ -346,8 +398,15 @@ impl Dispatcher {
             }
             Op::Adopt { owner, offsets } => {
                 for offset in offsets {
-                    if offset >= self.read_pos && !self.settled.contains(offset) {
+                    if self.settled.contains(offset) {
+                        continue;
+                    }
+                    if offset >= self.read_pos {
                         self.adopted.insert(offset, owner);
+                    } else if let Some(message) = self.unread(offset) {
+                        // Read already (the head is looked at for expiry): in flight now.
+                        self.in_flight.insert(offset, (owner, message));
+                        self.deadline(offset, owner);
                     }
                 }
             }
@@ -406,6 +465,15 @@ impl Dispatcher {
             }
             Op::Release { owner } => self.release(owner),
         }
+    }
+
+    /// Takes the message at `offset` out of those read and not delivered, if it is there.
+    fn unread(&mut self, offset: u64) -> Option<Message> {
+        if let Some(message) = self.redeliver.remove(&offset) {
+            return Some(message);
+        }
+        let at = self.ready.binary_search_by_key(&offset, |(o, _)| *o).ok()?;
+        self.ready.remove(at).map(|(_, message)| message)
     }
 
     /// Gives back everything `owner` holds.
@@ -705,6 +773,10 @@ impl Dispatcher {
     fn settle(&mut self, offset: u64, bytes: u64) {
         self.to_settle.push(offset);
         self.to_settle_bytes += bytes;
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(offset);
     }
 
     /// Settles everything ready (not what is in flight).

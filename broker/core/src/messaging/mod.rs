@@ -902,6 +902,24 @@ impl Messaging {
         Ok(QueueHandle { group, ops })
     }
 
+    /// The dispatcher of `group` here, which lost its leadership, goes on as a relay on
+    /// the same channel `ops`: new consumers here use it too.
+    pub(crate) fn became_relay(&self, group: u64, ops: mpsc::UnboundedSender<Op>) {
+        {
+            let mut dispatchers = lock(&self.dispatchers);
+            if dispatchers
+                .get(&group)
+                .is_some_and(|d| d.same_channel(&ops))
+            {
+                dispatchers.remove(&group);
+            }
+        }
+        let mut relays = lock(&self.relays);
+        if relays.get(&group).is_none_or(|r| !dispatch::running(r)) {
+            relays.insert(group, ops);
+        }
+    }
+
     /// The running dispatcher of `group` here, else its running relay.
     fn running(&self, group: u64) -> Option<mpsc::UnboundedSender<Op>> {
         [&self.dispatchers, &self.relays]

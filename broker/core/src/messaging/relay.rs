@@ -28,7 +28,7 @@ use crate::transport::proto::{
 /// Pause before looking for the leader again.
 const RETRY: Duration = Duration::from_millis(100);
 /// Settled offsets remembered, to settle again what a new leader would deliver twice.
-const RECENT: usize = 1 << 16;
+pub(super) const RECENT: usize = 1 << 16;
 
 struct Consumer {
     owner: u64,
@@ -36,6 +36,18 @@ struct Consumer {
     auto_ack: bool,
     /// Credit granted and not used yet: granted again to a new leader.
     credit: u32,
+}
+
+/// What a dispatcher that lost its leadership hands to the relay that takes its place on
+/// its node, so that its consumers go on with the next leader unaware.
+#[derive(Default)]
+pub(crate) struct Handover {
+    /// Consumers: id, channel, sink, auto-ack, credit left.
+    pub consumers: Vec<(u64, u64, Sink, bool, u32)>,
+    /// Delivered and not settled: offset and the channel holding it.
+    pub held: Vec<(u64, u64)>,
+    /// Settled lately, perhaps not yet committed: settled again, not delivered again.
+    pub recent: Vec<u64>,
 }
 
 /// What waits for an answer.
@@ -75,19 +87,43 @@ impl Relay {
         queue: String,
     ) -> mpsc::UnboundedSender<Op> {
         let (ops, rx) = mpsc::unbounded_channel();
-        let relay = Relay {
+        Relay::take_over(node, group, queue, Handover::default(), rx);
+        ops
+    }
+
+    /// Starts relaying `queue` for what `handover` holds, reading `ops` (the channel its
+    /// consumers' connections already send to).
+    pub(crate) fn take_over(
+        node: Arc<ClusterNode>,
+        group: u64,
+        queue: String,
+        handover: Handover,
+        ops: mpsc::UnboundedReceiver<Op>,
+    ) {
+        let mut relay = Relay {
             node,
             group,
             queue,
             consumers: HashMap::new(),
-            held: BTreeMap::new(),
+            held: handover.held.into_iter().collect(),
             recent: HashSet::new(),
             recent_order: VecDeque::new(),
             waiting: HashMap::new(),
             next_request: 1,
         };
-        tokio::spawn(relay.run(rx));
-        ops
+        for (id, owner, sink, auto_ack, credit) in handover.consumers {
+            let consumer = Consumer {
+                owner,
+                sink,
+                auto_ack,
+                credit,
+            };
+            relay.consumers.insert(id, consumer);
+        }
+        for offset in handover.recent {
+            relay.remember(offset);
+        }
+        tokio::spawn(relay.run(ops));
     }
 
     async fn run(mut self, mut ops: mpsc::UnboundedReceiver<Op>) {
