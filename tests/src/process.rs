@@ -252,6 +252,18 @@ impl PetrelProcess {
         })
     }
 
+    /// Runs `petrel <args>` against this node's admin API, which must succeed, and
+    /// answers what it printed.
+    pub fn cli_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.cli(args)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "petrel {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
     /// Runs `petrel <args>` against this node's admin API, and answers its output.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
         let server = self

@@ -22,16 +22,6 @@ async fn open(petrel: &PetrelProcess, vhost: &str) -> anyhow::Result<(Connection
     .await
 }
 
-fn cli(petrel: &PetrelProcess, args: &[&str]) -> anyhow::Result<String> {
-    let out = petrel.cli(args)?;
-    ensure!(
-        out.status.success(),
-        "petrel {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
-}
-
 async fn declare(ch: &Channel, queue: &str) -> anyhow::Result<()> {
     ch.queue_declare(
         queue.into(),
@@ -67,8 +57,8 @@ async fn drain(ch: &Channel, queue: &str) -> anyhow::Result<Vec<Vec<u8>>> {
 async fn queues_and_exchanges_of_one_vhost_are_apart_from_another() -> anyhow::Result<()> {
     let mut petrel = Serve::new()?.start()?;
     petrel.wait_ready(TIMEOUT)?;
-    cli(&petrel, &["vhost", "create", "shop"])?;
-    let listed = cli(&petrel, &["vhost", "list"])?;
+    petrel.cli_ok(&["vhost", "create", "shop"])?;
+    let listed = petrel.cli_ok(&["vhost", "list"])?;
     ensure!(
         listed.contains("shop") && listed.contains('/'),
         "vhost list: {listed}"
@@ -108,7 +98,7 @@ async fn queues_and_exchanges_of_one_vhost_are_apart_from_another() -> anyhow::R
     );
 
     // The CLI shows each vhost's queues.
-    let queues = cli(&petrel, &["queue", "list", "--vhost", "shop", "-o", "json"])?;
+    let queues = petrel.cli_ok(&["queue", "list", "--vhost", "shop", "-o", "json"])?;
     let queues: serde_json::Value = serde_json::from_str(&queues)?;
     let names: Vec<(&str, &str)> = queues
         .as_array()
@@ -119,10 +109,10 @@ async fn queues_and_exchanges_of_one_vhost_are_apart_from_another() -> anyhow::R
     assert_eq!(names, vec![("orders", "shop")]);
 
     // Deleting the vhost takes its queues with it, and nothing of "/".
-    cli(&petrel, &["vhost", "delete", "shop"])?;
+    petrel.cli_ok(&["vhost", "delete", "shop"])?;
     let deadline = Instant::now() + TIMEOUT;
     loop {
-        let left = cli(&petrel, &["queue", "list", "--vhost", "shop", "-o", "json"])?;
+        let left = petrel.cli_ok(&["queue", "list", "--vhost", "shop", "-o", "json"])?;
         if left.trim() == "[]" {
             break;
         }

@@ -111,6 +111,34 @@ impl Admin for FixedNode {
     ) -> Result<Response<v1::ListVhostsResponse>, Status> {
         Err(Status::unimplemented("a fixed node has no vhosts"))
     }
+
+    async fn put_user(
+        &self,
+        _request: Request<v1::PutUserRequest>,
+    ) -> Result<Response<v1::User>, Status> {
+        Err(Status::unimplemented("a fixed node has no users"))
+    }
+
+    async fn delete_user(
+        &self,
+        _request: Request<v1::UserRef>,
+    ) -> Result<Response<v1::User>, Status> {
+        Err(Status::unimplemented("a fixed node has no users"))
+    }
+
+    async fn list_users(
+        &self,
+        _request: Request<v1::ListUsersRequest>,
+    ) -> Result<Response<v1::ListUsersResponse>, Status> {
+        Err(Status::unimplemented("a fixed node has no users"))
+    }
+
+    async fn set_permission(
+        &self,
+        _request: Request<v1::SetPermissionRequest>,
+    ) -> Result<Response<v1::User>, Status> {
+        Err(Status::unimplemented("a fixed node has no users"))
+    }
 }
 
 fn status() -> GetNodeStatusResponse {

@@ -54,9 +54,11 @@ impl AdminService {
             Outcome::Destination(d) | Outcome::Deleted(d) => {
                 Ok(Response::new(destination(&d, node)))
             }
-            Outcome::Nodes | Outcome::Placement(_) | Outcome::Exchanges | Outcome::Vhosts => {
-                Err(Status::internal("the command changed no destination"))
-            }
+            Outcome::Nodes
+            | Outcome::Placement(_)
+            | Outcome::Exchanges
+            | Outcome::Vhosts
+            | Outcome::Users => Err(Status::internal("the command changed no destination")),
         }
     }
 }
@@ -118,6 +120,19 @@ fn stored(vhost: &str, name: &str) -> Result<String, Status> {
 /// The stored name a destination reference names.
 fn stored_ref(target: &api::DestinationRef) -> Result<String, Status> {
     stored(&target.vhost, &target.name)
+}
+
+/// A user as the API shows it (never its password hash).
+fn user(metadata: &meta::Metadata, name: &str) -> Result<api::User, Status> {
+    let u = metadata
+        .users
+        .get(name)
+        .ok_or_else(|| Status::not_found(MetaError::UserNotFound(name.to_owned()).to_string()))?;
+    Ok(api::User {
+        name: name.to_owned(),
+        tags: u.tags.clone(),
+        vhosts: u.vhosts.iter().cloned().collect(),
+    })
 }
 
 /// A vhost as the API shows it.
@@ -429,6 +444,70 @@ impl Admin for AdminService {
             .await
             .map_err(Status::from)?;
         Ok(Response::new(shown))
+    }
+
+    async fn put_user(
+        &self,
+        request: Request<api::PutUserRequest>,
+    ) -> Result<Response<api::User>, Status> {
+        let request = request.into_inner();
+        if request.password.is_empty() {
+            return Err(Status::invalid_argument("a user needs a password"));
+        }
+        let node = self.node()?;
+        let password = request.password;
+        let password_hash = tokio::task::spawn_blocking(move || meta::hash_password(&password))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let command = Command::PutUser {
+            name: request.name.clone(),
+            password_hash,
+            tags: request.tags,
+        };
+        node.command(&command).await.map_err(Status::from)?;
+        user(&node.metadata().borrow(), &request.name).map(Response::new)
+    }
+
+    async fn delete_user(
+        &self,
+        request: Request<api::UserRef>,
+    ) -> Result<Response<api::User>, Status> {
+        let name = request.into_inner().name;
+        let node = self.node()?;
+        let shown = user(&node.metadata().borrow(), &name)?;
+        node.command(&Command::DeleteUser { name })
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(shown))
+    }
+
+    async fn list_users(
+        &self,
+        _request: Request<api::ListUsersRequest>,
+    ) -> Result<Response<api::ListUsersResponse>, Status> {
+        let metadata = self.node()?.metadata().borrow().clone();
+        let users = metadata
+            .users
+            .keys()
+            .map(|name| user(&metadata, name))
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(api::ListUsersResponse { users }))
+    }
+
+    async fn set_permission(
+        &self,
+        request: Request<api::SetPermissionRequest>,
+    ) -> Result<Response<api::User>, Status> {
+        let request = request.into_inner();
+        let node = self.node()?;
+        let command = Command::Permit {
+            user: request.user.clone(),
+            vhost: request.vhost,
+            allow: request.allow,
+        };
+        node.command(&command).await.map_err(Status::from)?;
+        user(&node.metadata().borrow(), &request.user).map(Response::new)
     }
 
     async fn list_vhosts(

@@ -1,4 +1,4 @@
-//! `petrel cluster|node|topic|queue|vhost …`: the admin API from the command line, as tables for
+//! `petrel cluster|node|topic|queue|vhost|user …`: the admin API from the command line, as tables for
 //! people or JSON (`-o json`) for scripts.
 
 use std::fmt::Write as _;
@@ -133,6 +133,45 @@ pub enum VhostCommand {
     Delete {
         /// Its name.
         name: String,
+    },
+}
+
+/// `petrel user …`
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum UserCommand {
+    /// Creates a user, or gives one a new password and tags (its vhosts stay).
+    Add {
+        /// Its name.
+        name: String,
+        /// Its password (only a salted hash is kept).
+        #[arg(long, env = "PETREL_USER_PASSWORD", hide_env_values = true)]
+        password: String,
+        /// A tag (repeatable), such as administrator or monitoring.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Deletes a user.
+    Delete {
+        /// Its name.
+        name: String,
+    },
+    /// Lists the users and the vhosts each may open.
+    List,
+    /// Lets a user open a vhost.
+    Permit {
+        /// The user.
+        name: String,
+        /// The vhost.
+        #[arg(long)]
+        vhost: String,
+    },
+    /// No longer lets a user open a vhost.
+    Forbid {
+        /// The user.
+        name: String,
+        /// The vhost.
+        #[arg(long)]
+        vhost: String,
     },
 }
 
@@ -430,16 +469,13 @@ pub async fn vhost(command: &VhostCommand, connection: &Connection) -> anyhow::R
         }
     };
     Ok(match connection.output {
-        Output::Json => {
-            let all: Vec<Value> = vhosts
+        Output::Json => json_lines(
+            matches!(command, VhostCommand::List),
+            vhosts
                 .iter()
                 .map(|v| json!({"name": v.name, "queues": v.queues}))
-                .collect();
-            match (command, all.as_slice()) {
-                (VhostCommand::List, _) | (_, []) => format!("{}\n", Value::Array(all)),
-                (_, [one, ..]) => format!("{one}\n"),
-            }
-        }
+                .collect(),
+        ),
         Output::Table => table(
             &["NAME", "QUEUES"],
             vhosts
@@ -448,6 +484,93 @@ pub async fn vhost(command: &VhostCommand, connection: &Connection) -> anyhow::R
                 .collect(),
         ),
     })
+}
+
+/// Runs `petrel user <command>` and returns what to print.
+pub async fn user(command: &UserCommand, connection: &Connection) -> anyhow::Result<String> {
+    let mut client = connect(connection).await?;
+    let permit = |name: &str, vhost: &str, allow: bool| api::SetPermissionRequest {
+        user: name.to_owned(),
+        vhost: vhost.to_owned(),
+        allow,
+    };
+    let users = match command {
+        UserCommand::Add {
+            name,
+            password,
+            tags,
+        } => {
+            let request = api::PutUserRequest {
+                name: name.clone(),
+                password: password.clone(),
+                tags: tags.clone(),
+            };
+            vec![client.put_user(request).await.map_err(failed)?.into_inner()]
+        }
+        UserCommand::Delete { name } => {
+            let request = api::UserRef { name: name.clone() };
+            vec![
+                client
+                    .delete_user(request)
+                    .await
+                    .map_err(failed)?
+                    .into_inner(),
+            ]
+        }
+        UserCommand::List => {
+            let request = api::ListUsersRequest {};
+            client
+                .list_users(request)
+                .await
+                .map_err(failed)?
+                .into_inner()
+                .users
+        }
+        UserCommand::Permit { name, vhost } => {
+            let request = permit(name, vhost, true);
+            vec![
+                client
+                    .set_permission(request)
+                    .await
+                    .map_err(failed)?
+                    .into_inner(),
+            ]
+        }
+        UserCommand::Forbid { name, vhost } => {
+            let request = permit(name, vhost, false);
+            vec![
+                client
+                    .set_permission(request)
+                    .await
+                    .map_err(failed)?
+                    .into_inner(),
+            ]
+        }
+    };
+    Ok(match connection.output {
+        Output::Json => json_lines(
+            matches!(command, UserCommand::List),
+            users
+                .iter()
+                .map(|u| json!({"name": u.name, "tags": u.tags, "vhosts": u.vhosts}))
+                .collect(),
+        ),
+        Output::Table => table(
+            &["NAME", "TAGS", "VHOSTS"],
+            users
+                .iter()
+                .map(|u| vec![u.name.clone(), u.tags.join(","), u.vhosts.join(",")])
+                .collect(),
+        ),
+    })
+}
+
+/// JSON for what a command answered: the list for a listing, else its one item.
+fn json_lines(listing: bool, all: Vec<Value>) -> String {
+    match (listing, all.as_slice()) {
+        (false, [one]) => format!("{one}\n"),
+        _ => format!("{}\n", Value::Array(all)),
+    }
 }
 
 /// Entries each replica is behind, in replica order (`-` where not known).

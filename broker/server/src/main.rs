@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use petrel_server::cli::{
-    self, ClusterCommand, Connection, DestinationCommand, NodeCommand, VhostCommand,
+    self, ClusterCommand, Connection, DestinationCommand, NodeCommand, UserCommand, VhostCommand,
 };
 use petrel_server::{Config, Settings, ShutdownSignal};
 
@@ -67,6 +67,13 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Users who may connect, and the vhosts each may open.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+        #[command(flatten)]
+        connection: Connection,
+    },
 }
 
 fn main() -> ExitCode {
@@ -100,6 +107,10 @@ fn main() -> ExitCode {
             command,
             connection,
         } => admin(async move { cli::vhost(&command, &connection).await }),
+        Command::User {
+            command,
+            connection,
+        } => admin(async move { cli::user(&command, &connection).await }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -119,7 +119,8 @@ impl ClusterError {
                 MetaError::NotFound { .. }
                 | MetaError::UnknownNode(_)
                 | MetaError::ExchangeNotFound(_)
-                | MetaError::VhostNotFound(_),
+                | MetaError::VhostNotFound(_)
+                | MetaError::UserNotFound(_),
             )
             | ClusterError::NoGroup(_) => Code::NotFound,
             ClusterError::Meta(MetaError::PreconditionFailed(_)) => Code::FailedPrecondition,

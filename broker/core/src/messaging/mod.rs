@@ -31,6 +31,7 @@ pub use message::{Message, Properties, Table, Value};
 pub use service::{MessagingSlot, QueuesService};
 
 use crate::cluster::{ClusterError, ClusterNode, NewRecord, now_ms};
+use crate::meta;
 pub use crate::meta::ExchangeKind;
 use crate::meta::{
     Arguments, Binding, Command, Declared, Durability, Exchange, Kind, MetaError, Named, Spec,
@@ -809,6 +810,32 @@ impl Messaging {
     /// Whether virtual host `vhost` exists.
     pub fn has_vhost(&self, vhost: &str) -> bool {
         self.node.metadata().borrow().has_vhost(vhost)
+    }
+
+    /// Whether `user` may log in with `password`: a stored user by its hash (checked off
+    /// the async threads: it is slow on purpose), else the built-in `guest` by its
+    /// well-known password. Where a user may log in from is the protocol's concern.
+    pub async fn login(&self, user: &str, password: Vec<u8>) -> bool {
+        let stored = self
+            .node
+            .metadata()
+            .borrow()
+            .users
+            .get(user)
+            .map(|u| u.password_hash.clone());
+        match stored {
+            Some(hash) => {
+                tokio::task::spawn_blocking(move || meta::verify_password(&hash, &password))
+                    .await
+                    .unwrap_or(false)
+            }
+            None => user == meta::GUEST && password == meta::GUEST.as_bytes(),
+        }
+    }
+
+    /// Whether `user` may open `vhost`.
+    pub fn may_open(&self, user: &str, vhost: &str) -> bool {
+        self.node.metadata().borrow().may_open(user, vhost)
     }
 
     /// Whether `queue` (a stored name) is a stream.

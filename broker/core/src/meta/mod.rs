@@ -7,11 +7,13 @@
 //!   replicas and preferred leaders evenly; refusals change nothing).
 //! * `exchanges`: exchanges and bindings, and the pure routing through them.
 //! * `vhosts`: how names of separate virtual hosts share one namespace.
+//! * `users`: who may connect, with which password, to which vhosts.
 //! * [`proposal`] and [`outcome`]: a command into a proposal for the group, and its
 //!   result out of what applying it answered.
 
 mod exchanges;
 mod state;
+mod users;
 mod vhosts;
 
 use petrel_log::{BatchBuilder, BatchError, RecordBatch};
@@ -27,6 +29,7 @@ pub use state::{
     Command, Declared, Destination, Durability, Kind, MAX_NAME_BYTES, MAX_PARTITIONS, MetaError,
     Metadata, Node, NodeState, Outcome, Partition, Retention, Spec,
 };
+pub use users::{GUEST, HashError, User, hash_password, verify_password};
 pub use vhosts::{DEFAULT_VHOST, Named, in_vhost, scoped, unscoped};
 
 /// The metadata group's id; partition groups count from 1.

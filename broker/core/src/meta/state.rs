@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::exchanges::{Arguments, Binding, Exchange, Exchanges, Target};
+use super::users::{GUEST, User};
 use super::vhosts::{DEFAULT_VHOST, Named, in_vhost, unscoped};
 use crate::raft::NodeId;
 
@@ -186,6 +187,20 @@ pub enum Command {
     CreateVhost { name: String },
     /// A virtual host goes, with its queues, exchanges and bindings.
     DeleteVhost { name: String },
+    /// A user is created, or gets a new password and tags (keeping its vhosts).
+    PutUser {
+        name: String,
+        password_hash: String,
+        tags: Vec<String>,
+    },
+    /// A user goes.
+    DeleteUser { name: String },
+    /// A user may (or no longer may) open a vhost.
+    Permit {
+        user: String,
+        vhost: String,
+        allow: bool,
+    },
     /// A queue is bound to an exchange.
     Bind(Binding),
     /// A binding goes.
@@ -216,6 +231,8 @@ pub enum Outcome {
     Exchanges,
     /// The virtual hosts changed (or were as asked already).
     Vhosts,
+    /// The users changed (or were as asked already).
+    Users,
 }
 
 /// Why a command was refused; refusals change nothing.
@@ -239,6 +256,9 @@ pub enum MetaError {
     /// No virtual host of that name.
     #[error("vhost '{0}' not found")]
     VhostNotFound(String),
+    /// No user of that name.
+    #[error("user '{0}' not found")]
+    UserNotFound(String),
     /// The request contradicts what exists.
     #[error("{0}")]
     PreconditionFailed(String),
@@ -262,6 +282,9 @@ pub struct Metadata {
     /// Virtual hosts besides the default one, `/`, which always exists.
     #[serde(default)]
     pub vhosts: BTreeSet<String>,
+    /// Users besides the built-in `guest`, by name.
+    #[serde(default)]
+    pub users: BTreeMap<String, User>,
 }
 
 fn invalid(message: impl Into<String>) -> MetaError {
@@ -274,6 +297,14 @@ impl Metadata {
         self.partitions()
             .filter(|p| p.moving || p.replicas.contains(&node))
             .count()
+    }
+
+    /// Whether `user` may open `vhost` (the built-in `guest` may open any).
+    pub fn may_open(&self, user: &str, vhost: &str) -> bool {
+        match self.users.get(user) {
+            Some(u) => u.vhosts.contains(vhost),
+            None => user == GUEST,
+        }
     }
 
     /// Whether virtual host `name` exists.
@@ -374,7 +405,42 @@ impl Metadata {
                     queues.retain(|stored, _| !in_vhost(stored, &name));
                 }
                 self.exchanges.forget_vhost(&name);
+                for user in self.users.values_mut() {
+                    user.vhosts.remove(&name);
+                }
                 Ok(Outcome::Vhosts)
+            }
+            Command::PutUser {
+                name,
+                password_hash,
+                tags,
+            } => {
+                validate_name(&name)?;
+                let user = self.users.entry(name).or_default();
+                user.password_hash = password_hash;
+                user.tags = tags;
+                Ok(Outcome::Users)
+            }
+            Command::DeleteUser { name } => {
+                self.users
+                    .remove(&name)
+                    .ok_or(MetaError::UserNotFound(name))?;
+                Ok(Outcome::Users)
+            }
+            Command::Permit { user, vhost, allow } => {
+                if allow && !self.has_vhost(&vhost) {
+                    return Err(MetaError::VhostNotFound(vhost));
+                }
+                let u = self
+                    .users
+                    .get_mut(&user)
+                    .ok_or(MetaError::UserNotFound(user))?;
+                if allow {
+                    u.vhosts.insert(vhost);
+                } else {
+                    u.vhosts.remove(&vhost);
+                }
+                Ok(Outcome::Users)
             }
             Command::DeclareExchange { name, exchange } => {
                 self.validate_scoped(&name)?;

@@ -18,6 +18,7 @@ use petrel_core::messaging::{
     Delivery, ExchangeKind, ExchangeOptions, Feed, Message, Messaging, MessagingError, Publishing,
     QueueHandle, QueueOptions, Routed,
 };
+use petrel_core::meta::GUEST;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -162,6 +163,7 @@ pub async fn run(
     let mut conn = Connection {
         id: messaging.next_id(),
         messaging,
+        user: String::new(),
         vhost: String::new(),
         peer,
         settings,
@@ -189,6 +191,8 @@ struct Connection {
     /// Identifies the connection to the core (owner of its exclusive queues).
     id: u64,
     messaging: Arc<Messaging>,
+    /// The user logged in.
+    user: String,
     /// The virtual host opened: every name the client uses lies in it.
     vhost: String,
     peer: SocketAddr,
@@ -396,7 +400,8 @@ impl Connection {
         let (ch, result) = match inbound {
             Inbound::Body(ch, body) => (ch, self.on_body(ch, body).await),
             Inbound::Frame(AMQPFrame::Heartbeat) => (0, Ok(())),
-            Inbound::Frame(AMQPFrame::Method(0, method)) => match self.on_connection(&method) {
+            Inbound::Frame(AMQPFrame::Method(0, method)) => match self.on_connection(&method).await
+            {
                 Ok(end) => return end,
                 Err(c) => (0, Err(c.on(&method))),
             },
@@ -439,7 +444,10 @@ impl Connection {
     }
 
     /// A method on channel 0; `Ok(Some)` ends the connection.
-    fn on_connection(&mut self, method: &AMQPClass) -> Result<Option<Result<(), Ended>>, Closing> {
+    async fn on_connection(
+        &mut self,
+        method: &AMQPClass,
+    ) -> Result<Option<Result<(), Ended>>, Closing> {
         use connection::AMQPMethod as M;
         let AMQPClass::Connection(m) = method else {
             return Err(Closing::connection(
@@ -458,7 +466,7 @@ impl Connection {
             (Stage::Closing, M::CloseOk(_)) => return Ok(Some(Ok(()))),
             (Stage::Closing, _) => {}
             (Stage::StartOk, M::StartOk(start)) => {
-                self.authenticate(start)?;
+                self.user = self.authenticate(start).await?;
                 self.blocked_capable = matches!(
                     start.client_properties.inner().get("capabilities"),
                     Some(AMQPValue::FieldTable(c))
@@ -502,6 +510,15 @@ impl Connection {
                         format!("NOT_ALLOWED - vhost '{vhost}' not found"),
                     ));
                 }
+                if !self.messaging.may_open(&self.user, vhost) {
+                    return Err(Closing::connection(
+                        code::NOT_ALLOWED,
+                        format!(
+                            "NOT_ALLOWED - access to vhost '{vhost}' refused for user '{}'",
+                            self.user
+                        ),
+                    ));
+                }
                 self.vhost = vhost.to_owned();
                 self.method(0, AMQPClass::Connection(M::OpenOk(connection::OpenOk {})));
                 self.stage = Stage::Running;
@@ -522,9 +539,9 @@ impl Connection {
         Ok(None)
     }
 
-    /// Checks the client's credentials: so far the user `guest`, from loopback only (as
-    /// RabbitMQ has it).
-    fn authenticate(&self, start: &connection::StartOk) -> Result<(), Closing> {
+    /// Checks the client's credentials against the cluster's users; `guest` may log in
+    /// from loopback only (as RabbitMQ has it). Answers the user's name.
+    async fn authenticate(&self, start: &connection::StartOk) -> Result<String, Closing> {
         let mechanism = start.mechanism.as_str();
         let credentials = match mechanism {
             "PLAIN" => {
@@ -549,15 +566,19 @@ impl Connection {
             tracing::info!(peer = %self.peer, mechanism, "AMQP login refused: unsupported mechanism or malformed response");
             return Err(refused());
         };
-        if user != b"guest" || pass != b"guest" {
-            tracing::info!(peer = %self.peer, user = %String::from_utf8_lossy(&user), "AMQP login refused: unknown user or wrong password");
+        let Ok(user) = String::from_utf8(user) else {
+            tracing::info!(peer = %self.peer, "AMQP login refused: a user name that is not UTF-8");
+            return Err(refused());
+        };
+        if !self.messaging.login(&user, pass).await {
+            tracing::info!(peer = %self.peer, user, "AMQP login refused: unknown user or wrong password");
             return Err(refused());
         }
-        if !self.peer.ip().is_loopback() {
+        if user == GUEST && !self.peer.ip().is_loopback() {
             tracing::info!(peer = %self.peer, "AMQP login refused: user 'guest' may only connect from loopback");
             return Err(refused());
         }
-        Ok(())
+        Ok(user)
     }
 
     /// A method on channel `ch`.
