@@ -151,6 +151,13 @@ pub(crate) struct QueueRules {
 
 /// Owner of messages being dead-lettered: in flight until their copy is stored.
 const DEAD_LETTERING: u64 = 0;
+/// Owner of messages being moved to the end of the log: in flight until their copy is
+/// stored. (Channel ids count up from 1.)
+const MOVING: u64 = u64::MAX;
+/// A message given back this many offsets or more behind the end of the log is moved
+/// there (copied, then settled where it was), so that a message nobody acks for good
+/// does not hold the log below it from being released.
+const MOVE_BEHIND: u64 = 1024;
 
 pub(crate) struct Dispatcher {
     node: Arc<ClusterNode>,
@@ -344,7 +351,7 @@ impl Dispatcher {
         let held = self
             .in_flight
             .iter()
-            .filter(|(_, (owner, _))| *owner != DEAD_LETTERING)
+            .filter(|(_, (owner, _))| *owner != DEAD_LETTERING && *owner != MOVING)
             .map(|(offset, (owner, _))| (*offset, *owner))
             .chain(self.adopted.iter().map(|(offset, owner)| (*offset, *owner)))
             .collect();
@@ -551,6 +558,8 @@ impl Dispatcher {
                     .get_or_insert_with(Default::default)
                     .insert("x-delivery-count".into(), Value::I64(i64::from(*n)));
             }
+            // A copy moved to the end of the log was delivered before.
+            let redelivered = redelivered || delivery_count(&message) > 0;
             return Some((offset, message, redelivered));
         }
     }
@@ -587,18 +596,73 @@ impl Dispatcher {
     /// A message returned by its consumer: delivered again, unless it was returned more
     /// often than the queue's delivery limit allows.
     fn give_back(&mut self, offset: u64, message: Message) {
-        let returned = self.returned.entry(offset).or_default();
+        // A message moved to the end of the log brings its count along.
+        let returned = self
+            .returned
+            .entry(offset)
+            .or_insert_with(|| delivery_count(&message));
         *returned += 1;
+        let returned = *returned;
         if self
             .policy
             .delivery_limit
-            .is_some_and(|limit| u64::from(*returned) > limit)
+            .is_some_and(|limit| u64::from(returned) > limit)
         {
             self.returned.remove(&offset);
             self.dead_letter(offset, message, "delivery_limit");
+        } else if self.read_pos.saturating_sub(offset) >= MOVE_BEHIND
+            && self.policy.overflow == Overflow::DropHead
+        {
+            self.move_to_end(offset, message, returned);
         } else {
             self.redeliver.insert(offset, message);
         }
+    }
+
+    /// Appends a copy of `message` (returned `returned` times) to the end of the log and
+    /// settles it where it was once the copy is stored; until then it is in flight. (Not
+    /// for a queue that refuses publishes when full: it could refuse the copy.)
+    fn move_to_end(&mut self, offset: u64, mut message: Message, returned: u32) {
+        message
+            .properties
+            .headers
+            .get_or_insert_with(Default::default)
+            .insert("x-delivery-count".into(), Value::I64(i64::from(returned)));
+        let stored = {
+            let encoded = super::message::Encoded::new(&message);
+            let mut scratch = Vec::new();
+            // The copy keeps the time it was published: its TTL runs on.
+            let record = encoded.record(message.published_ms, &mut scratch);
+            self.node
+                .enqueue(Kind::Queue, &self.queue, 0, std::slice::from_ref(&record))
+        };
+        let stored = match stored {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(queue = %self.queue, error = %e, "moving a message to the end of the log");
+                self.redeliver.insert(offset, message);
+                return;
+            }
+        };
+        self.returned.remove(&offset);
+        self.in_flight.insert(offset, (MOVING, message));
+        let me = self.me.clone();
+        let queue = self.queue.clone();
+        tokio::spawn(async move {
+            match stored.await {
+                Ok(_) => {
+                    if let Some(me) = me.upgrade() {
+                        let _ = me.send(Op::Settle {
+                            offsets: vec![offset],
+                        });
+                    }
+                }
+                // In flight until the next leader delivers it again: at least once.
+                Err(e) => {
+                    tracing::warn!(queue, error = %e, "moving a message to the end of the log")
+                }
+            }
+        });
     }
 
     /// When `message` expires (ms since the epoch) by the queue's TTL or its own
@@ -918,6 +982,19 @@ impl Dispatcher {
             count,
             bytes,
         }));
+    }
+}
+
+/// Times a message was returned, as its `x-delivery-count` header says (0 without one).
+fn delivery_count(message: &Message) -> u32 {
+    match message
+        .properties
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("x-delivery-count"))
+    {
+        Some(Value::I64(n)) => u32::try_from(*n).unwrap_or(0),
+        _ => 0,
     }
 }
 
