@@ -3,7 +3,7 @@
 //! state machine, so every replica knows it and a new leader delivers exactly what is
 //! left; a publish is refused by the same rule on every replica.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use petrel_log::RecordBatch;
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,10 @@ pub struct Settle {
     /// Body bytes of the messages this settles that no earlier settle did.
     #[serde(default)]
     pub bytes: u64,
+    /// Offsets given back once more each (nacked, rejected with requeue, left unacked by
+    /// a closing channel): their delivery counts survive a change of leader.
+    #[serde(default)]
+    pub returned: Vec<u64>,
 }
 
 /// What a queue partition's consumers have settled.
@@ -59,6 +63,9 @@ pub struct Settled {
     /// Body bytes appended in all: counted only while the queue has a byte limit.
     #[serde(default)]
     pub appended_bytes: u64,
+    /// Times each unsettled message was given back, for the ones that were.
+    #[serde(default)]
+    pub returned: BTreeMap<u64, u32>,
 }
 
 impl Settled {
@@ -79,6 +86,15 @@ impl Settled {
         while self.above.remove(&self.floor) {
             self.floor += 1;
         }
+        for offset in &settle.returned {
+            if !self.contains(*offset) {
+                *self.returned.entry(*offset).or_default() += 1;
+            }
+        }
+        for offset in &settle.offsets {
+            self.returned.remove(offset);
+        }
+        self.returned = self.returned.split_off(&self.floor);
     }
 
     /// Messages appended and not settled (ready, or delivered and not yet acked).
@@ -142,8 +158,25 @@ mod tests {
             floor,
             offsets: offsets.to_vec(),
             count: offsets.len() as u64,
-            bytes: 0,
+            ..Settle::default()
         }
+    }
+
+    #[test]
+    fn delivery_counts_are_kept_until_their_messages_are_settled() {
+        let mut s = Settled {
+            appended: 10,
+            ..Settled::default()
+        };
+        let returned = |offsets: &[u64]| Settle {
+            returned: offsets.to_vec(),
+            ..Settle::default()
+        };
+        s.apply(&returned(&[3, 5, 5]));
+        assert_eq!(s.returned, BTreeMap::from([(3, 1), (5, 2)]));
+        s.apply(&settle(0, &[5]));
+        s.apply(&settle(4, &[]));
+        assert!(s.returned.is_empty(), "{:?}", s.returned);
     }
 
     /// A batch of messages with these body sizes, placed at `base`.
@@ -184,9 +217,9 @@ mod tests {
         assert_eq!(s.unsettled_bytes(), 10);
         s.apply(&Settle {
             floor: 1,
-            offsets: vec![],
             count: 1,
             bytes: 6,
+            ..Settle::default()
         });
         assert_eq!(s.unsettled_bytes(), 4);
     }
@@ -204,9 +237,8 @@ mod tests {
         s.apply(&settle(2, &[]));
         s.apply(&Settle {
             floor: 2,
-            offsets: vec![],
             count: 2,
-            bytes: 0,
+            ..Settle::default()
         });
         assert_eq!(s.unsettled_bytes(), 0);
     }

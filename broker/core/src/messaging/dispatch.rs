@@ -205,6 +205,8 @@ pub(crate) struct Dispatcher {
     /// Settled lately (at most `RECENT`), oldest first: perhaps not committed when the
     /// leadership moves, so the relay taking over settles them again.
     recent: VecDeque<u64>,
+    /// Given back here, not yet proposed.
+    to_return: Vec<u64>,
     /// Settled here, not yet proposed, and their body bytes.
     to_settle: Vec<u64>,
     to_settle_bytes: u64,
@@ -233,7 +235,7 @@ impl Dispatcher {
             queue: rules.name,
             auto_delete: rules.auto_delete,
             policy: rules.policy,
-            returned: HashMap::new(),
+            returned: settled.returned.iter().map(|(o, n)| (*o, *n)).collect(),
             deadlines: VecDeque::new(),
             consumed: false,
             used: Instant::now(),
@@ -253,6 +255,7 @@ impl Dispatcher {
             floor_sent: settled.floor,
             settled,
             recent: VecDeque::new(),
+            to_return: Vec::new(),
             to_settle: Vec::new(),
             to_settle_bytes: 0,
             settler,
@@ -603,6 +606,7 @@ impl Dispatcher {
             .or_insert_with(|| delivery_count(&message));
         *returned += 1;
         let returned = *returned;
+        self.to_return.push(offset);
         if self
             .policy
             .delivery_limit
@@ -966,7 +970,7 @@ impl Dispatcher {
 
     fn flush_settles(&mut self) {
         let floor = self.floor();
-        if self.to_settle.is_empty() && floor <= self.floor_sent {
+        if self.to_settle.is_empty() && self.to_return.is_empty() && floor <= self.floor_sent {
             return;
         }
         self.floor_sent = floor;
@@ -981,6 +985,7 @@ impl Dispatcher {
             offsets,
             count,
             bytes,
+            returned: std::mem::take(&mut self.to_return),
         }));
     }
 }
@@ -1033,6 +1038,8 @@ async fn propose_settles(
                     settle.floor = settle.floor.max(more.floor);
                     settle.offsets.extend(more.offsets);
                     settle.count += more.count;
+                    settle.bytes += more.bytes;
+                    settle.returned.extend(more.returned);
                 }
                 None => merged = Some(more),
             },
