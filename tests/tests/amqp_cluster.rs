@@ -233,3 +233,97 @@ async fn a_consumer_on_the_leaders_node_goes_on_unaware_when_the_leadership_move
     ensure!(extra.is_err(), "a delivery after all {N}: {extra:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_read_on_a_node_that_holds_no_replica_of_it() -> anyhow::Result<()> {
+    use lapin::types::AMQPValue;
+
+    const N: u32 = 200;
+    // Four nodes: the stream has three replicas, so one node holds none.
+    let cluster = Cluster::start(4)?;
+    let (_c, setup) = channel(&cluster.nodes[0].amqp_url()).await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    setup.queue_declare("events".into(), durable, args).await?;
+    let mut admin = AdminClient::connect(format!("http://127.0.0.1:{}", cluster.ports[0])).await?;
+    let placed = admin
+        .get_destination(DestinationRef {
+            kind: Kind::Queue.into(),
+            name: "events".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let replicas = placed
+        .partitions
+        .first()
+        .map(|p| p.replicas.clone())
+        .unwrap_or_default();
+    ensure!(replicas.len() == 3, "replicas: {replicas:?}");
+    let outside = (1..=4u64)
+        .find(|n| !replicas.contains(n))
+        .context("a node without a replica")?;
+    let url = cluster.nodes[outside as usize - 1].amqp_url();
+
+    let (_p, publisher) = channel(&url).await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let publish = |i: u32| {
+        let publisher = publisher.clone();
+        async move {
+            let confirm = publisher
+                .basic_publish(
+                    "".into(),
+                    "events".into(),
+                    BasicPublishOptions::default(),
+                    &i.to_be_bytes(),
+                    BasicProperties::default(),
+                )
+                .await?
+                .await?;
+            ensure!(matches!(confirm, Confirmation::Ack(_)), "nacked");
+            anyhow::Ok(())
+        }
+    };
+    for i in 0..N {
+        publish(i).await?;
+    }
+    let (_r, reader) = channel(&url).await?;
+    reader.basic_qos(20, BasicQosOptions::default()).await?;
+    let mut offset = FieldTable::default();
+    offset.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString("first".into()),
+    );
+    let mut consumer = reader
+        .basic_consume(
+            "events".into(),
+            "outside".into(),
+            BasicConsumeOptions::default(),
+            offset,
+        )
+        .await?;
+    let mut got = Vec::new();
+    while got.len() < N as usize + 1 {
+        if got.len() == N as usize {
+            // Caught up: what is published now comes too.
+            publish(N).await?;
+        }
+        let delivery = tokio::time::timeout(TIMEOUT, consumer.next())
+            .await
+            .with_context(|| format!("no delivery after {}", got.len()))?
+            .context("the consumer was cancelled")??;
+        got.push(u32::from_be_bytes(delivery.data[..4].try_into()?));
+        delivery.ack(BasicAckOptions::default()).await?;
+    }
+    ensure!(got == (0..=N).collect::<Vec<_>>(), "read {got:?}");
+    Ok(())
+}

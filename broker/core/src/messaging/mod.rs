@@ -779,23 +779,17 @@ impl Messaging {
             }
             let start = stream::StartAt::from_arguments(arguments, now_ms())
                 .map_err(MessagingError::PreconditionFailed)?;
-            let placed = self.node.partition(Kind::Queue, queue, 0)?;
+            let group = self.group(queue)?;
             let ops = stream::spawn(
                 self.node.clone(),
-                placed.group,
+                group,
+                queue.clone(),
                 consumer,
                 owner,
                 sink,
                 start,
-            )
-            .ok_or(ClusterError::NotReplica {
-                group: placed.group,
-                replicas: placed.replicas,
-            })?;
-            return Ok(QueueHandle {
-                group: placed.group,
-                ops,
-            });
+            );
+            return Ok(QueueHandle { group, ops });
         }
         let handle = self.queue(queue).await?;
         handle.send(Op::Subscribe {

@@ -18,7 +18,12 @@ use crate::transport::proto::queue_feed::Item;
 use crate::transport::proto::queue_op::Op as Up;
 use crate::transport::proto::queues_server::{Queues, QueuesServer};
 use crate::transport::proto::request::Kind as Ask;
-use crate::transport::proto::{Answer, QueueFeed, QueueOp, RemoteDelivery, TimedOut};
+use crate::transport::proto::{
+    Answer, QueueFeed, QueueOp, ReadStreamReply, ReadStreamRequest, RemoteDelivery, TimedOut,
+};
+
+/// The longest a stream read waits for new messages.
+const MAX_STREAM_WAIT_MS: u32 = 5_000;
 
 /// Feed items buffered towards a relaying node before deliveries wait.
 const FEED_BUFFER: usize = 1024;
@@ -55,6 +60,30 @@ pub struct QueuesService {
 #[tonic::async_trait]
 impl Queues for QueuesService {
     type ConsumeStream = ReceiverStream<Result<QueueFeed, Status>>;
+
+    async fn read_stream(
+        &self,
+        request: Request<ReadStreamRequest>,
+    ) -> Result<Response<ReadStreamReply>, Status> {
+        let request = request.into_inner();
+        let node = self.slot.get()?.node.clone();
+        let group = request.group;
+        let not_here = || Status::not_found(format!("no replica of raft group {group} here"));
+        let mut high_watermark = node.high_watermark(group).ok_or_else(not_here)?;
+        let wait =
+            std::time::Duration::from_millis(u64::from(request.wait_ms.min(MAX_STREAM_WAIT_MS)));
+        // Nothing new yet: wait (a while) for the high watermark to pass the offset.
+        let _ = tokio::time::timeout(wait, high_watermark.wait_for(|h| *h > request.offset)).await;
+        let max_bytes = usize::try_from(request.max_bytes.max(1)).unwrap_or(usize::MAX);
+        let (batches, high_watermark) = node
+            .read(group, request.offset, max_bytes)
+            .ok_or_else(not_here)?
+            .map_err(Status::from)?;
+        Ok(Response::new(ReadStreamReply {
+            batches: batches.into_iter().map(|b| b.as_bytes().clone()).collect(),
+            high_watermark,
+        }))
+    }
 
     async fn consume(
         &self,

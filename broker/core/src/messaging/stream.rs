@@ -1,19 +1,27 @@
 //! A stream's consumer (`x-queue-type: stream`), as RabbitMQ's streams have them: each
 //! reads the partition's log from an offset of its own (`x-stream-offset`), against
 //! credit, and settles nothing (acks only give credit back); the log is kept by
-//! retention. It reads this node's replica, so it runs where one is.
+//! retention. It reads this node's replica, or a replica elsewhere where the node holds
+//! none.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use petrel_log::RecordBatch;
+use tokio::sync::{mpsc, watch};
 
 use super::dispatch::{Delivery, Feed, Op, Sink, Stats};
 use super::message::{Message, Table, Value};
 use crate::cluster::ClusterNode;
+use crate::meta::Kind;
+use crate::transport::proto::ReadStreamRequest;
 
 /// Bytes read from the log at a time.
 const READ_BYTES: usize = 1 << 20;
+/// How long a read from a replica elsewhere waits there for new messages.
+const WAIT_MS: u32 = 1_000;
+/// Pause before reading again when no replica answered.
+const RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Where a stream consumer starts (`x-stream-offset`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,13 +80,18 @@ impl StartAt {
     }
 }
 
-/// One consumer reading one stream partition.
+/// One consumer reading one stream partition: from this node's replica, or, on a node
+/// that holds none, from a replica elsewhere over the internal `ReadStream` call.
 struct Reader {
     node: Arc<ClusterNode>,
     group: u64,
+    /// The stream's stored name, to find its replicas.
+    queue: String,
     consumer: u64,
     owner: u64,
     sink: Sink,
+    /// This node holds no replica: reads go to one that does.
+    remote: bool,
     /// The next offset to read.
     pos: u64,
     /// Records stored before this time are skipped (a start by time).
@@ -87,51 +100,60 @@ struct Reader {
     read: VecDeque<(u64, Message)>,
 }
 
-/// Starts consumer `consumer` of channel `owner` on stream partition `group` at
-/// `start`; `None` if this node holds no replica of it.
+/// Starts consumer `consumer` of channel `owner` on partition `group` of stream `queue`
+/// (its stored name) at `start`.
 pub(crate) fn spawn(
     node: Arc<ClusterNode>,
     group: u64,
+    queue: String,
     consumer: u64,
     owner: u64,
     sink: Sink,
     start: StartAt,
-) -> Option<mpsc::UnboundedSender<Op>> {
-    let high_watermark = node.high_watermark(group)?;
-    let now = *high_watermark.borrow();
-    let mut reader = Reader {
+) -> mpsc::UnboundedSender<Op> {
+    let high_watermark = node.high_watermark(group);
+    let reader = Reader {
         node,
         group,
+        queue,
         consumer,
         owner,
         sink,
+        remote: high_watermark.is_none(),
         pos: 0,
         not_before: None,
         read: VecDeque::new(),
     };
-    match start {
-        StartAt::First => {}
-        StartAt::Next => reader.pos = now,
-        StartAt::Offset(offset) => reader.pos = offset,
-        StartAt::Last => reader.pos = reader.last_batch(now),
-        StartAt::Time(ms) => reader.not_before = Some(ms),
-    }
     let (ops, rx) = mpsc::unbounded_channel();
-    tokio::spawn(reader.run(rx, high_watermark));
-    Some(ops)
+    tokio::spawn(reader.run(rx, high_watermark, start));
+    ops
 }
 
 impl Reader {
     async fn run(
         mut self,
         mut ops: mpsc::UnboundedReceiver<Op>,
-        mut high_watermark: tokio::sync::watch::Receiver<u64>,
+        mut high_watermark: Option<watch::Receiver<u64>>,
+        start: StartAt,
     ) {
+        match start {
+            StartAt::First => {}
+            StartAt::Next => self.pos = self.end().await,
+            StartAt::Offset(offset) => self.pos = offset,
+            StartAt::Last => {
+                let end = self.end().await;
+                self.pos = self.last_batch(end).await;
+            }
+            StartAt::Time(ms) => self.not_before = Some(ms),
+        }
         let mut credit: u32 = 0;
         loop {
             while credit > 0 {
-                let Some((offset, message)) = self.next() else {
+                if self.read.is_empty() && !self.fill(0).await {
                     break;
+                }
+                let Some((offset, message)) = self.read.pop_front() else {
+                    continue;
                 };
                 let delivery = Delivery {
                     consumer: self.consumer,
@@ -161,10 +183,15 @@ impl Reader {
                     Some(_) => {}
                     None => return,
                 },
-                changed = high_watermark.changed(), if waiting => {
-                    if changed.is_err() {
-                        // The replica went away (the stream was deleted, or moved).
-                        let _ = self.sink.send(Feed::Cancelled { consumer: self.consumer });
+                grew = grown(&mut high_watermark), if waiting && !self.remote => {
+                    if !grew {
+                        self.gone();
+                        return;
+                    }
+                }
+                _ = self.fill(WAIT_MS), if waiting && self.remote => {
+                    if self.node.partition(Kind::Queue, &self.queue, 0).is_err() {
+                        self.gone();
                         return;
                     }
                 }
@@ -172,21 +199,67 @@ impl Reader {
         }
     }
 
-    /// The next message, read from the log as needed; `None` when caught up.
-    fn next(&mut self) -> Option<(u64, Message)> {
-        while self.read.is_empty() {
-            if !self.fill() {
-                return None;
+    /// The stream went away (deleted, or its replica moved off this node).
+    fn gone(&self) {
+        let _ = self.sink.send(Feed::Cancelled {
+            consumer: self.consumer,
+        });
+    }
+
+    /// Committed message batches from `offset` (about `READ_BYTES`) and the high
+    /// watermark, from this node's replica or from a replica elsewhere (waiting up to
+    /// `wait_ms` there for new ones); `None` if no replica answered.
+    async fn read_at(&self, offset: u64, wait_ms: u32) -> Option<(Vec<RecordBatch>, u64)> {
+        if !self.remote {
+            return self.node.read(self.group, offset, READ_BYTES)?.ok();
+        }
+        let replicas = self
+            .node
+            .partition(Kind::Queue, &self.queue, 0)
+            .map(|p| p.replicas)
+            .unwrap_or_default();
+        for id in replicas {
+            let Some(addr) = self.node.addr_of(id) else {
+                continue;
+            };
+            let Ok(mut client) = self.node.peers().queues(&addr) else {
+                continue;
+            };
+            let request = ReadStreamRequest {
+                group: self.group,
+                offset,
+                max_bytes: u32::try_from(READ_BYTES).unwrap_or(u32::MAX),
+                wait_ms,
+            };
+            match client.read_stream(request).await {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    let batches = reply
+                        .batches
+                        .into_iter()
+                        .filter_map(|b| RecordBatch::from_bytes(b).ok())
+                        .collect();
+                    return Some((batches, reply.high_watermark));
+                }
+                Err(status) => {
+                    tracing::debug!(group = self.group, addr, %status, "reading a stream")
+                }
             }
         }
-        self.read.pop_front()
+        // No replica answered: not again at once.
+        tokio::time::sleep(RETRY).await;
+        None
+    }
+
+    /// The stream's high watermark: where `next` starts.
+    async fn end(&self) -> u64 {
+        self.read_at(u64::MAX, 0).await.map_or(0, |(_, end)| end)
     }
 
     /// Reads the next batches into `read` (none of them, if all are older than a start
     /// by time); false if there was nothing more to read.
-    fn fill(&mut self) -> bool {
-        let Some(Ok((batches, high_watermark))) = self.node.read(self.group, self.pos, READ_BYTES)
-        else {
+    async fn fill(&mut self, wait_ms: u32) -> bool {
+        let Some((batches, high_watermark)) = self.read_at(self.pos, wait_ms).await else {
             return false;
         };
         let Some(last) = batches.last() else {
@@ -228,14 +301,14 @@ impl Reader {
 
     /// Where the last batch of messages below `high_watermark` starts (or
     /// `high_watermark` if there is none): looked for in ever longer stretches back.
-    fn last_batch(&self, high_watermark: u64) -> u64 {
+    async fn last_batch(&self, high_watermark: u64) -> u64 {
         let mut back = 64;
         loop {
             let from = high_watermark.saturating_sub(back);
             let mut at = from;
             let mut last = None;
             while at < high_watermark {
-                let Some(Ok((batches, _))) = self.node.read(self.group, at, READ_BYTES) else {
+                let Some((batches, _)) = self.read_at(at, 0).await else {
                     return high_watermark;
                 };
                 let Some(batch) = batches.last() else {
@@ -250,6 +323,14 @@ impl Reader {
                 None => back = back.saturating_mul(16),
             }
         }
+    }
+}
+
+/// Whether the high watermark moved (false: the replica went away); never, without one.
+async fn grown(high_watermark: &mut Option<watch::Receiver<u64>>) -> bool {
+    match high_watermark {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 
