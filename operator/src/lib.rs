@@ -1,13 +1,13 @@
-//! Petrel's Kubernetes operator.
+//! Petrel's Kubernetes operator (DESIGN.md §6).
 //!
-//! Only the API group is fixed so far. What this crate will hold (DESIGN.md §6):
+//! * [`crd`]: the custom resources `Broker`, `Queue` and `Topic` in [`API_GROUP`] /
+//!   [`API_VERSION`], whose definitions the `crdgen` binary writes to `crds/`.
 //!
-//! * the CRD types `Broker`, `Queue` and `Topic` in [`API_GROUP`] / [`API_VERSION`],
-//!   with a `crdgen` binary writing their YAML to `crds/`;
-//! * pure desired-state builders (Broker → StatefulSet, Services, ConfigMap,
-//!   PodDisruptionBudget, monitoring objects);
-//! * kube-rs controllers that server-side apply those objects and report status
-//!   conditions, and that reach brokers only through `petrel-api`'s admin client.
+//! Still to come: pure desired-state builders (Broker → StatefulSet, Services, ConfigMap,
+//! PodDisruptionBudget, monitoring objects) and the kube-rs controllers that server-side
+//! apply them and report status, reaching brokers only through `petrel-api`'s admin client.
+
+pub mod crd;
 
 /// The API group of every Petrel custom resource.
 pub const API_GROUP: &str = "petrel.io";
