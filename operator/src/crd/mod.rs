@@ -74,6 +74,10 @@ pub fn file_name(crd: &CustomResourceDefinition) -> String {
     format!("{}.yaml", crd.spec.names.kind.to_lowercase())
 }
 
+/// A duration as the resources write one: a whole number and a unit, `ms`, `s`, `m`, `h`
+/// or `d` (`30s`, `7d`).
+const DURATION: &str = r"^[0-9]+(ms|s|m|h|d)$";
+
 /// Serde default: one.
 fn one() -> u32 {
     1

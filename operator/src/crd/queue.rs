@@ -6,7 +6,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{BrokerRef, DeletionPolicy, PartitionStatus, one, three};
+use super::{BrokerRef, DURATION, DeletionPolicy, PartitionStatus, one, three};
 
 /// A queue on a Broker: messages kept until acknowledged.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -53,7 +53,7 @@ pub struct QueueSpec {
         rename = "messageTTL",
         skip_serializing_if = "Option::is_none"
     )]
-    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h|d)$"))]
+    #[schemars(regex(pattern = DURATION))]
     pub message_ttl: Option<String>,
     /// Messages kept at most (`x-max-length`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

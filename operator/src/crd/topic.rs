@@ -5,7 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{BrokerRef, DeadLetter, DeletionPolicy, one, three};
+use super::{BrokerRef, DURATION, DeadLetter, DeletionPolicy, one, three};
 
 /// A topic on a Broker: messages kept by retention, read by any number of subscriptions.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -61,7 +61,7 @@ pub struct TopicSpec {
 pub struct Retention {
     /// Longest a message is kept, such as `7d` or `12h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h|d)$"))]
+    #[schemars(regex(pattern = DURATION))]
     pub time: Option<String>,
     /// Most bytes a partition keeps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,7 +107,7 @@ pub struct Subscription {
     pub mode: SubscriptionMode,
     /// How long a delivery may go unacknowledged, such as `30s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h|d)$"))]
+    #[schemars(regex(pattern = DURATION))]
     pub ack_deadline: Option<String>,
     /// Deliveries of a message that may be returned before it is dead-lettered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
