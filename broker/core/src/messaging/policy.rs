@@ -246,6 +246,8 @@ pub(crate) fn dead_lettered(
         dead.properties.expiration = None;
     }
     let headers = dead.properties.headers.get_or_insert_with(Table::new);
+    // Its deliveries from this queue do not count in the next one.
+    headers.remove("x-delivery-count");
     let same = |entry: &Value| match entry {
         Value::Table(t) => {
             t.get("queue") == Some(&long(queue)) && t.get("reason") == Some(&long(reason))
@@ -374,12 +376,24 @@ mod tests {
             ..Message::default()
         };
         message.properties.expiration = Some("100".into());
+        message.properties.headers = Some(Table::from([(
+            "x-delivery-count".to_owned(),
+            Value::I64(3),
+        )]));
         let once = dead_lettered(&message, "q", "expired", &to, 5_000);
         assert_eq!(
             (once.exchange.as_str(), once.routing_key.as_str()),
             ("dlx", "k")
         );
         assert_eq!(once.properties.expiration, None);
+        assert!(
+            !once
+                .properties
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.contains_key("x-delivery-count")),
+            "a dead-lettered message counts its deliveries afresh"
+        );
         let twice = dead_lettered(&once, "q", "expired", &to, 6_000);
         let headers = twice.properties.headers.expect("headers");
         let Some(Value::Array(deaths)) = headers.get("x-death") else {

@@ -1,0 +1,231 @@
+//! The custom resources on a real Kubernetes API server (etcd + kube-apiserver built by
+//! `e2e/k8s/build`, started by `e2e/k8s/apiserver`): the definitions install, and the API
+//! server refuses bad objects with readable messages, as `kubectl apply` shows them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, Client, Config};
+use petrel_operator::crd::{self, Queue};
+use serde_json::{Value, json};
+
+/// How long the definitions may take to be served.
+const ESTABLISHED: Duration = Duration::from_secs(30);
+
+/// A control plane of its own, stopped when dropped.
+struct ControlPlane {
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/k8s/apiserver")
+}
+
+impl ControlPlane {
+    /// Starts one (building the binaries on first use on a machine).
+    fn start() -> anyhow::Result<ControlPlane> {
+        let dir = tempfile::Builder::new().prefix("petrel-k8s-").tempdir()?;
+        let out = Command::new(script())
+            .arg("start")
+            .arg(dir.path())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "the control plane did not start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let printed = String::from_utf8(out.stdout)?;
+        let kubeconfig = PathBuf::from(printed.lines().last().context("no kubeconfig printed")?);
+        Ok(ControlPlane { dir, kubeconfig })
+    }
+
+    async fn client(&self) -> anyhow::Result<Client> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
+        let config =
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = Command::new(script())
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Installs every definition (server-side apply) and waits until each is served.
+async fn install(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let apply = PatchParams::apply("petrel-operator").force();
+    for definition in crd::all() {
+        let name = definition
+            .metadata
+            .name
+            .clone()
+            .context("a named definition")?;
+        crds.patch(&name, &apply, &Patch::Apply(&definition))
+            .await?;
+        tokio::time::timeout(
+            ESTABLISHED,
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .with_context(|| format!("{name} not established within {ESTABLISHED:?}"))??;
+    }
+    Ok(())
+}
+
+/// The API server's answer to creating `object`: `Ok` or its message.
+async fn create<K>(api: &Api<K>, object: Value) -> anyhow::Result<Result<(), String>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let object: K = serde_json::from_value(object)?;
+    Ok(api
+        .create(&PostParams::default(), &object)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string()))
+}
+
+fn queue(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "petrel.io/v1alpha1", "kind": "Queue",
+           "metadata": {"name": name}, "spec": spec})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_takes_the_definitions_and_refuses_bad_objects_readably()
+-> anyhow::Result<()> {
+    let plane = ControlPlane::start()?;
+    let client = plane.client().await?;
+    install(&client).await?;
+    let queues: Api<Queue> = Api::namespaced(client.clone(), "default");
+
+    let zero = queue(
+        "zero",
+        json!({"brokerRef": {"name": "petrel"}, "partitions": 0}),
+    );
+    let refused = create(&queues, zero).await?;
+    ensure!(
+        refused.as_ref().is_err_and(
+            |e| e.contains("spec.partitions") && e.contains("greater than or equal to 1")
+        ),
+        "{refused:?}"
+    );
+
+    let work = queue(
+        "work",
+        json!({"brokerRef": {"name": "petrel"}, "partitions": 2}),
+    );
+    create(&queues, work).await?.map_err(anyhow::Error::msg)?;
+    let patch = |spec: Value| Patch::Merge(json!({"spec": spec}));
+    let fewer = queues
+        .patch(
+            "work",
+            &PatchParams::default(),
+            &patch(json!({"partitions": 1})),
+        )
+        .await;
+    ensure!(
+        fewer
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("partitions can only grow")),
+        "{fewer:?}"
+    );
+    let moved = queues
+        .patch(
+            "work",
+            &PatchParams::default(),
+            &patch(json!({"brokerRef": {"name": "other"}})),
+        )
+        .await;
+    ensure!(
+        moved
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("brokerRef cannot change")),
+        "{moved:?}"
+    );
+    let more = queues
+        .patch(
+            "work",
+            &PatchParams::default(),
+            &patch(json!({"partitions": 3})),
+        )
+        .await?;
+    assert_eq!(more.spec.partitions, 3);
+
+    // Unknown enum values, duplicate subscriptions and an empty Broker, in the API
+    // server's words (raw objects: the typed client would refuse them first).
+    let raw = |kind: &str, plural: &str| {
+        let resource = kube::api::ApiResource {
+            group: "petrel.io".into(),
+            version: "v1alpha1".into(),
+            api_version: "petrel.io/v1alpha1".into(),
+            kind: kind.into(),
+            plural: plural.into(),
+        };
+        Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), "default", &resource)
+    };
+    let cases = [
+        (
+            raw("Queue", "queues"),
+            queue(
+                "odd",
+                json!({"brokerRef": {"name": "petrel"}, "overflow": "sideways"}),
+            ),
+            "supported values",
+        ),
+        (
+            raw("Topic", "topics"),
+            json!({"apiVersion": "petrel.io/v1alpha1", "kind": "Topic", "metadata": {"name": "t"},
+                   "spec": {"brokerRef": {"name": "petrel"},
+                            "subscriptions": [{"name": "a"}, {"name": "a"}]}}),
+            "Duplicate value",
+        ),
+        (
+            raw("Broker", "brokers"),
+            json!({"apiVersion": "petrel.io/v1alpha1", "kind": "Broker", "metadata": {"name": "b"},
+                   "spec": {"replicas": 0}}),
+            "greater than or equal to 1",
+        ),
+        (
+            raw("Broker", "brokers"),
+            json!({"apiVersion": "petrel.io/v1alpha1", "kind": "Broker", "metadata": {"name": "c"},
+                   "spec": {"storage": {"size": "0"}}}),
+            "storage size must be more than zero",
+        ),
+    ];
+    for (api, object, expected) in cases {
+        let refused = create(&api, object).await?;
+        ensure!(
+            refused.as_ref().is_err_and(|e| e.contains(expected)),
+            "expected {expected:?}: {refused:?}"
+        );
+    }
+    // The chart's examples are taken as written.
+    for (name, kind, plural) in [
+        ("broker.yaml", "Broker", "brokers"),
+        ("queue.yaml", "Queue", "queues"),
+        ("topic.yaml", "Topic", "topics"),
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../charts/petrel/examples")
+            .join(name);
+        let object: Value = serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
+        create(&raw(kind, plural), object)
+            .await?
+            .map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
