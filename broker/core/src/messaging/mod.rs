@@ -980,17 +980,24 @@ impl Messaging {
 /// consumer (a TTL, a length limit), so that they apply from the start; until the
 /// messaging is dropped.
 async fn watch_queues(messaging: Weak<Messaging>) {
+    let Some(mut view) = messaging.upgrade().map(|m| m.node.metadata()) else {
+        return;
+    };
     let mut tick = tokio::time::interval(WATCH_QUEUES);
+    // The partitions of queues whose rules apply without consumers: their arguments
+    // change only with the metadata, so they are read again only then.
+    let mut watched: Vec<u64> = Vec::new();
+    let mut read = false;
     loop {
         tick.tick().await;
         let Some(messaging) = messaging.upgrade() else {
             return;
         };
-        let me = messaging.node.id();
-        let watched: Vec<u64> = {
-            let view = messaging.node.metadata();
-            let view = view.borrow();
-            view.destinations
+        if !read || view.has_changed().unwrap_or(false) {
+            read = true;
+            let view = view.borrow_and_update();
+            watched = view
+                .destinations
                 .get(&Kind::Queue)
                 .into_iter()
                 .flat_map(|queues| queues.values())
@@ -999,15 +1006,16 @@ async fn watch_queues(messaging: Weak<Messaging>) {
                         .is_ok_and(|p| p.watches())
                 })
                 .flat_map(|d| d.partitions.iter().map(|p| p.group))
-                .filter(|group| messaging.node.leader(*group) == Some(me))
-                .collect()
-        };
-        for group in watched {
-            if lock(&messaging.dispatchers)
-                .get(&group)
-                .is_none_or(|ops| !dispatch::running(ops))
+                .collect();
+        }
+        let me = messaging.node.id();
+        for group in &watched {
+            if messaging.node.leader(*group) == Some(me)
+                && lock(&messaging.dispatchers)
+                    .get(group)
+                    .is_none_or(|ops| !dispatch::running(ops))
             {
-                let _ = messaging.local(group).await;
+                let _ = messaging.local(*group).await;
             }
         }
     }
