@@ -19,7 +19,7 @@ use super::Messaging;
 use super::cursor::{SETTLE, Settle, Settled};
 use super::message::{Message, Value};
 use super::policy::{Overflow, Policy, dead_lettered};
-use super::relay::{Handover, RECENT, Relay};
+use super::relay::{Consumer, Handover, RECENT, Relay};
 use crate::cluster::{ClusterNode, now_ms};
 use crate::meta::{Kind, unscoped};
 use crate::raft::{NodeId, Proposal};
@@ -349,7 +349,15 @@ impl Dispatcher {
         let consumers = self
             .consumers
             .drain(..)
-            .map(|s| (s.id, s.owner, s.sink, s.auto_ack, s.credit))
+            .map(|s| {
+                let consumer = Consumer {
+                    owner: s.owner,
+                    sink: s.sink,
+                    auto_ack: s.auto_ack,
+                    credit: s.credit,
+                };
+                (s.id, consumer)
+            })
             .collect();
         let held = self
             .in_flight

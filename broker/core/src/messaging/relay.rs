@@ -30,20 +30,21 @@ const RETRY: Duration = Duration::from_millis(100);
 /// Settled offsets remembered, to settle again what a new leader would deliver twice.
 pub(super) const RECENT: usize = 1 << 16;
 
-struct Consumer {
-    owner: u64,
-    sink: Sink,
-    auto_ack: bool,
+/// A consumer served through a relay.
+pub(super) struct Consumer {
+    pub owner: u64,
+    pub sink: Sink,
+    pub auto_ack: bool,
     /// Credit granted and not used yet: granted again to a new leader.
-    credit: u32,
+    pub credit: u32,
 }
 
 /// What a dispatcher that lost its leadership hands to the relay that takes its place on
 /// its node, so that its consumers go on with the next leader unaware.
 #[derive(Default)]
 pub(crate) struct Handover {
-    /// Consumers: id, channel, sink, auto-ack, credit left.
-    pub consumers: Vec<(u64, u64, Sink, bool, u32)>,
+    /// Consumers by id, with the credit they have left.
+    pub consumers: Vec<(u64, Consumer)>,
     /// Delivered and not settled: offset and the channel holding it.
     pub held: Vec<(u64, u64)>,
     /// Settled lately, perhaps not yet committed: settled again, not delivered again.
@@ -104,22 +105,13 @@ impl Relay {
             node,
             group,
             queue,
-            consumers: HashMap::new(),
+            consumers: handover.consumers.into_iter().collect(),
             held: handover.held.into_iter().collect(),
             recent: HashSet::new(),
             recent_order: VecDeque::new(),
             waiting: HashMap::new(),
             next_request: 1,
         };
-        for (id, owner, sink, auto_ack, credit) in handover.consumers {
-            let consumer = Consumer {
-                owner,
-                sink,
-                auto_ack,
-                credit,
-            };
-            relay.consumers.insert(id, consumer);
-        }
         for offset in handover.recent {
             relay.remember(offset);
         }

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 /// The user every fresh cluster has (loopback only).
 pub const GUEST: &str = "guest";
 
-/// PBKDF2 rounds: about a millisecond per login on these machines' optimised builds,
-/// millions of guesses per stolen hash per core-year.
+/// PBKDF2 rounds: each login (and each guess against a stolen hash) costs this many
+/// HMAC-SHA256 computations; the check runs off the async threads.
 const ROUNDS: u32 = 10_000;
 const SALT_BYTES: usize = 16;
 const HASH_BYTES: usize = 32;
