@@ -2,12 +2,40 @@
 //!
 //! * [`crd`]: the custom resources `Broker`, `Queue` and `Topic` in [`API_GROUP`] /
 //!   [`API_VERSION`], whose definitions the `crdgen` binary writes to `crds/`.
+//! * [`queues`] and [`topics`]: their controllers, over what [`destinations`] shares;
+//!   each kind's `desired` module holds the pure functions from resource to admin API
+//!   requests and from the broker's answer to status.
+//! * [`admin`]: how a Broker's admin API is reached — the only way the operator talks
+//!   to brokers.
+//! * [`context`], [`conditions`], [`error`], [`metrics`]: what every reconcile shares;
+//!   [`http`]: the operator's `/metrics`, `/healthz` and `/readyz`.
 //!
-//! Still to come: pure desired-state builders (Broker → StatefulSet, Services, ConfigMap,
-//! PodDisruptionBudget, monitoring objects) and the kube-rs controllers that server-side
-//! apply them and report status, reaching brokers only through `petrel-api`'s admin client.
+//! Still to come: the Broker controller (StatefulSet, Services, ConfigMap,
+//! PodDisruptionBudget, monitoring objects; scale and roll through the admin API).
 
+pub mod admin;
+pub mod conditions;
+pub mod context;
 pub mod crd;
+pub mod destinations;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod queues;
+pub mod topics;
+
+use std::sync::Arc;
+
+pub use context::{Context, Settings};
+pub use error::Error;
+
+/// Runs every controller with `ctx` until their watches end.
+pub async fn run(ctx: Arc<Context>) {
+    tokio::join!(
+        destinations::run::<crd::Queue, _, _>(ctx.clone(), queues::reconcile),
+        destinations::run::<crd::Topic, _, _>(ctx, topics::reconcile),
+    );
+}
 
 /// The API group of every Petrel custom resource.
 pub const API_GROUP: &str = "petrel.io";

@@ -2,89 +2,16 @@
 //! `e2e/k8s/build`, started by `e2e/k8s/apiserver`): the definitions install, and the API
 //! server refuses bad objects with readable messages, as `kubectl apply` shows them.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+mod support;
 
-use anyhow::{Context, bail, ensure};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use std::path::Path;
+
+use anyhow::ensure;
+use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::wait::{await_condition, conditions};
-use kube::{Api, Client, Config};
-use petrel_operator::crd::{self, Queue};
+use petrel_operator::crd::Queue;
 use serde_json::{Value, json};
-
-/// How long the definitions may take to be served.
-const ESTABLISHED: Duration = Duration::from_secs(30);
-
-/// A control plane of its own, stopped when dropped.
-struct ControlPlane {
-    dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/k8s/apiserver")
-}
-
-impl ControlPlane {
-    /// Starts one (building the binaries on first use on a machine).
-    fn start() -> anyhow::Result<ControlPlane> {
-        let dir = tempfile::Builder::new().prefix("petrel-k8s-").tempdir()?;
-        let out = Command::new(script())
-            .arg("start")
-            .arg(dir.path())
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "the control plane did not start: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let printed = String::from_utf8(out.stdout)?;
-        let kubeconfig = PathBuf::from(printed.lines().last().context("no kubeconfig printed")?);
-        Ok(ControlPlane { dir, kubeconfig })
-    }
-
-    async fn client(&self) -> anyhow::Result<Client> {
-        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
-        let config =
-            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-        Ok(Client::try_from(config)?)
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = Command::new(script())
-            .arg("stop")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
-/// Installs every definition (server-side apply) and waits until each is served.
-async fn install(client: &Client) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let apply = PatchParams::apply("petrel-operator").force();
-    for definition in crd::all() {
-        let name = definition
-            .metadata
-            .name
-            .clone()
-            .context("a named definition")?;
-        crds.patch(&name, &apply, &Patch::Apply(&definition))
-            .await?;
-        tokio::time::timeout(
-            ESTABLISHED,
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .with_context(|| format!("{name} not established within {ESTABLISHED:?}"))??;
-    }
-    Ok(())
-}
+use support::{ControlPlane, install};
 
 /// The API server's answer to creating `object`: `Ok` or its message.
 async fn create<K>(api: &Api<K>, object: Value) -> anyhow::Result<Result<(), String>>

@@ -88,6 +88,14 @@ fn transition_rules_refuse_fewer_partitions_and_a_new_broker_or_vhost() -> anyho
     let elsewhere = with_spec(&queue, json!({"vhost": "shop"}));
     assert!(refusals::<Queue>(&elsewhere, Some(&queue))?.contains("vhost cannot change"));
 
+    let other_rf = with_spec(&queue, json!({"replicationFactor": 1}));
+    assert!(
+        refusals::<Queue>(&other_rf, Some(&queue))?.contains("replicationFactor cannot change")
+    );
+    let renamed = with_spec(&queue, json!({"name": "orders.v2"}));
+    let renamed_again = with_spec(&queue, json!({"name": "orders.v3"}));
+    assert!(refusals::<Queue>(&renamed_again, Some(&renamed))?.contains("name cannot change"));
+
     let topic = example("topic.yaml")?;
     let shrunk = with_spec(&topic, json!({"partitions": 3}));
     assert!(refusals::<Topic>(&shrunk, Some(&topic))?.contains("partitions can only grow"));
@@ -97,6 +105,40 @@ fn transition_rules_refuse_fewer_partitions_and_a_new_broker_or_vhost() -> anyho
     assert!(refusals::<Broker>(&resized, Some(&broker))?.contains("storage cannot change"));
     let scaled = with_spec(&broker, json!({"replicas": 5}));
     assert_eq!(refusals::<Broker>(&scaled, Some(&broker))?, "");
+    Ok(())
+}
+
+#[test]
+fn queue_arguments_cannot_change_once_set_or_unset() -> anyhow::Result<()> {
+    let queue = example("queue.yaml")?;
+    let fixed = "queue arguments";
+    for change in [
+        json!({"messageTTL": "1h"}),
+        json!({"maxLength": 5}),
+        json!({"maxLengthBytes": 1024}),
+        json!({"overflow": "drop-head"}),
+        json!({"deadLetter": {"exchange": "elsewhere"}}),
+        json!({"deliveryLimit": 3}),
+    ] {
+        let changed = with_spec(&queue, change.clone());
+        let refused = refusals::<Queue>(&changed, Some(&queue))?;
+        assert!(
+            refused.contains(fixed),
+            "{change} was let through: {refused:?}"
+        );
+    }
+    let mut unset = queue.clone();
+    if let Some(spec) = unset["spec"].as_object_mut() {
+        spec.remove("messageTTL");
+    }
+    assert!(refusals::<Queue>(&unset, Some(&queue))?.contains(fixed));
+    assert!(refusals::<Queue>(&queue, Some(&unset))?.contains(fixed));
+    // What may change does: bindings, partitions, the deletion policy.
+    let free = with_spec(
+        &queue,
+        json!({"bindings": [], "partitions": 2, "deletionPolicy": "retain"}),
+    );
+    assert_eq!(refusals::<Queue>(&free, Some(&queue))?, "");
     Ok(())
 }
 

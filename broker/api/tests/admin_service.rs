@@ -139,6 +139,24 @@ impl Admin for FixedNode {
     ) -> Result<Response<v1::User>, Status> {
         Err(Status::unimplemented("a fixed node has no users"))
     }
+
+    async fn bind(&self, _request: Request<v1::Binding>) -> Result<Response<v1::Binding>, Status> {
+        Err(Status::unimplemented("a fixed node has no queues"))
+    }
+
+    async fn unbind(
+        &self,
+        _request: Request<v1::Binding>,
+    ) -> Result<Response<v1::Binding>, Status> {
+        Err(Status::unimplemented("a fixed node has no queues"))
+    }
+
+    async fn list_bindings(
+        &self,
+        _request: Request<v1::ListBindingsRequest>,
+    ) -> Result<Response<v1::ListBindingsResponse>, Status> {
+        Err(Status::unimplemented("a fixed node has no queues"))
+    }
 }
 
 fn status() -> GetNodeStatusResponse {

@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use petrel_api::admin::v1::{self as api, admin_server::Admin, admin_server::AdminServer};
 use petrel_core::cluster::ClusterNode;
+use petrel_core::messaging::{Messaging, MessagingError, QueueArguments};
 use petrel_core::meta::{self, Command, Kind, MetaError, Outcome};
 use tonic::{Request, Response, Status};
 
@@ -17,6 +18,7 @@ use crate::readiness::{Phase, Readiness};
 #[derive(Clone)]
 pub(crate) struct AdminService {
     node: Arc<OnceLock<Arc<ClusterNode>>>,
+    messaging: Arc<OnceLock<Arc<Messaging>>>,
     node_id: u64,
     data_dir: String,
     readiness: Readiness,
@@ -26,6 +28,7 @@ impl AdminService {
     pub fn new(node_id: u64, data_dir: &Path, readiness: Readiness) -> Self {
         Self {
             node: Arc::default(),
+            messaging: Arc::default(),
             node_id,
             data_dir: data_dir.display().to_string(),
             readiness,
@@ -42,10 +45,41 @@ impl AdminService {
         let _ = self.node.set(node);
     }
 
+    /// Hands the service the node's messaging once it runs.
+    pub fn messaging_started(&self, messaging: Arc<Messaging>) {
+        let _ = self.messaging.set(messaging);
+    }
+
     fn node(&self) -> Result<&Arc<ClusterNode>, Status> {
         self.node
             .get()
             .ok_or_else(|| Status::unavailable("the node is still starting"))
+    }
+
+    fn messaging(&self) -> Result<&Arc<Messaging>, Status> {
+        self.messaging
+            .get()
+            .ok_or_else(|| Status::unavailable("the node is still starting"))
+    }
+
+    /// Binds or unbinds as `binding` says, answering it.
+    async fn change_binding(
+        &self,
+        mut binding: api::Binding,
+        bind: bool,
+    ) -> Result<Response<api::Binding>, Status> {
+        binding.vhost = vhost_or_default(&binding.vhost).to_owned();
+        self.messaging()?
+            .bind_queue(
+                &binding.vhost,
+                &binding.queue,
+                &binding.exchange,
+                &binding.routing_key,
+                bind,
+            )
+            .await
+            .map_err(messaging_status)?;
+        Ok(Response::new(binding))
     }
 
     async fn command(&self, command: Command) -> Result<Response<api::Destination>, Status> {
@@ -165,6 +199,55 @@ fn api_durability(d: meta::Durability) -> api::Durability {
 /// How long a node may take to answer the status's ping before it counts as unreachable.
 const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// A messaging error as a gRPC status: what the client asked wrongly, or what failed.
+fn messaging_status(e: MessagingError) -> Status {
+    match e {
+        MessagingError::QueueNotFound(_) | MessagingError::ExchangeNotFound(_) => {
+            Status::not_found(e.to_string())
+        }
+        MessagingError::PreconditionFailed(_) | MessagingError::AccessRefused(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        MessagingError::Locked(_) => Status::failed_precondition(e.to_string()),
+        MessagingError::Cluster(e) => Status::from(e),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+/// The vhost a request names: empty is the default.
+fn vhost_or_default(vhost: &str) -> &str {
+    if vhost.is_empty() { "/" } else { vhost }
+}
+
+/// A queue's arguments as the API types them, from what is stored.
+fn api_arguments(arguments: &meta::Arguments) -> api::QueueArguments {
+    let typed = QueueArguments::from_arguments(arguments);
+    api::QueueArguments {
+        message_ttl_ms: typed.message_ttl_ms,
+        max_length: typed.max_length,
+        max_length_bytes: typed.max_length_bytes,
+        overflow: typed.overflow.unwrap_or_default(),
+        dead_letter_exchange: typed.dead_letter_exchange.unwrap_or_default(),
+        dead_letter_routing_key: typed.dead_letter_routing_key,
+        delivery_limit: typed.delivery_limit,
+    }
+}
+
+/// What the API's queue arguments are stored as.
+fn stored_arguments(arguments: api::QueueArguments) -> meta::Arguments {
+    let text = |s: String| (!s.is_empty()).then_some(s);
+    QueueArguments {
+        message_ttl_ms: arguments.message_ttl_ms,
+        max_length: arguments.max_length,
+        max_length_bytes: arguments.max_length_bytes,
+        overflow: text(arguments.overflow),
+        dead_letter_exchange: text(arguments.dead_letter_exchange),
+        dead_letter_routing_key: arguments.dead_letter_routing_key,
+        delivery_limit: arguments.delivery_limit,
+    }
+    .to_arguments()
+}
+
 /// A destination as the API shows it, with the leaders this node knows.
 fn destination(d: &meta::Destination, node: &ClusterNode) -> api::Destination {
     let spec = &d.spec;
@@ -179,6 +262,8 @@ fn destination(d: &meta::Destination, node: &ClusterNode) -> api::Destination {
             durability: api_durability(spec.durability).into(),
             retention_ms: spec.retention.ms,
             retention_bytes: spec.retention.bytes,
+            queue_arguments: (spec.kind == Kind::Queue)
+                .then(|| api_arguments(&spec.declared.arguments)),
         }),
         partitions: d
             .partitions
@@ -190,17 +275,21 @@ fn destination(d: &meta::Destination, node: &ClusterNode) -> api::Destination {
                 replicas: p.replicas.clone(),
                 leader: node.leader(p.group),
                 lag: Default::default(),
+                end_offset: None,
             })
             .collect(),
+        queue_stats: None,
     }
 }
 
-/// The destination with each partition's replica lag, as its leader reports it.
-async fn with_lag(d: &meta::Destination, node: &ClusterNode) -> api::Destination {
+/// The destination with each partition's replica lag and end offset, as its leader
+/// reports them.
+async fn with_progress(d: &meta::Destination, node: &ClusterNode) -> api::Destination {
     let mut shown = destination(d, node);
     for p in &mut shown.partitions {
-        if let Ok(Some(lag)) = node.lag(d.spec.kind, &d.spec.name, p.number).await {
-            p.lag = lag;
+        if let Ok(Some(progress)) = node.progress(d.spec.kind, &d.spec.name, p.number).await {
+            p.lag = progress.lag;
+            p.end_offset = Some(progress.end_offset);
         }
     }
     shown
@@ -282,8 +371,21 @@ impl Admin for AdminService {
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("spec is required"))?;
+        let kind = required_kind(spec.kind)?;
+        let declared = match (kind, spec.queue_arguments) {
+            (Kind::Topic, Some(_)) => {
+                return Err(Status::invalid_argument("a topic takes no queue arguments"));
+            }
+            (Kind::Topic, None) => meta::Declared::default(),
+            // Made by an administrator: kept until deleted, as a durable queue.
+            (Kind::Queue, arguments) => meta::Declared {
+                durable: true,
+                arguments: arguments.map(stored_arguments).unwrap_or_default(),
+                ..meta::Declared::default()
+            },
+        };
         let spec = meta::Spec {
-            kind: required_kind(spec.kind)?,
+            kind,
             name: stored(&spec.vhost, &spec.name)?,
             partitions: spec.partitions,
             replication_factor: spec.replication_factor,
@@ -292,9 +394,17 @@ impl Admin for AdminService {
                 ms: spec.retention_ms,
                 bytes: spec.retention_bytes,
             },
-            declared: meta::Declared::default(),
+            declared,
         };
-        self.command(Command::Create(spec)).await
+        if kind == Kind::Topic {
+            return self.command(Command::Create(spec)).await;
+        }
+        let created = self
+            .messaging()?
+            .create_queue(spec)
+            .await
+            .map_err(messaging_status)?;
+        Ok(Response::new(destination(&created, self.node()?)))
     }
 
     async fn update_destination(
@@ -327,8 +437,22 @@ impl Admin for AdminService {
         let target = request.into_inner();
         let kind = required_kind(target.kind)?;
         let node = self.node()?;
-        let found = find(node, kind, &stored_ref(&target)?)?;
-        Ok(Response::new(with_lag(&found, node).await))
+        let name = stored_ref(&target)?;
+        let found = find(node, kind, &name)?;
+        let mut shown = with_progress(&found, node).await;
+        if kind == Kind::Queue {
+            let stats = self
+                .messaging()?
+                .queue_stats(&name)
+                .await
+                .map_err(messaging_status)?;
+            shown.queue_stats = Some(api::QueueStats {
+                ready: stats.ready,
+                unacked: stats.unacked,
+                consumers: stats.consumers,
+            });
+        }
+        Ok(Response::new(shown))
     }
 
     async fn list_destinations(
@@ -393,7 +517,7 @@ impl Admin for AdminService {
             .await
             .map_err(Status::from)?;
         let found = find(node, kind, &name)?;
-        let shown = with_lag(&found, node).await;
+        let shown = with_progress(&found, node).await;
         shown
             .partitions
             .into_iter()
@@ -508,6 +632,38 @@ impl Admin for AdminService {
         };
         node.command(&command).await.map_err(Status::from)?;
         user(&node.metadata().borrow(), &request.user).map(Response::new)
+    }
+
+    async fn bind(&self, request: Request<api::Binding>) -> Result<Response<api::Binding>, Status> {
+        self.change_binding(request.into_inner(), true).await
+    }
+
+    async fn unbind(
+        &self,
+        request: Request<api::Binding>,
+    ) -> Result<Response<api::Binding>, Status> {
+        self.change_binding(request.into_inner(), false).await
+    }
+
+    async fn list_bindings(
+        &self,
+        request: Request<api::ListBindingsRequest>,
+    ) -> Result<Response<api::ListBindingsResponse>, Status> {
+        let request = request.into_inner();
+        let vhost = vhost_or_default(&request.vhost);
+        let queue = (!request.queue.is_empty()).then_some(request.queue.as_str());
+        let bindings = self
+            .messaging()?
+            .queue_bindings(vhost, queue)
+            .into_iter()
+            .map(|b| api::Binding {
+                vhost: b.vhost,
+                exchange: b.exchange,
+                queue: b.queue,
+                routing_key: b.routing_key,
+            })
+            .collect();
+        Ok(Response::new(api::ListBindingsResponse { bindings }))
     }
 
     async fn list_vhosts(

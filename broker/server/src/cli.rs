@@ -356,6 +356,7 @@ pub async fn destination(
                 retention_ms: *retention_ms,
                 retention_bytes: *retention_bytes,
                 vhost: vhost.to_owned(),
+                queue_arguments: None,
             };
             let request = api::CreateDestinationRequest { spec: Some(spec) };
             client.create_destination(request).await
@@ -410,7 +411,14 @@ pub async fn destination(
             );
             out.push('\n');
             out.push_str(&table(
-                &["PARTITION", "GROUP", "LEADER", "REPLICAS", "LAG"],
+                &[
+                    "PARTITION",
+                    "GROUP",
+                    "LEADER",
+                    "REPLICAS",
+                    "LAG",
+                    "END OFFSET",
+                ],
                 d.partitions
                     .iter()
                     .map(|p| {
@@ -424,10 +432,23 @@ pub async fn destination(
                                 .collect::<Vec<_>>()
                                 .join(","),
                             lag(p),
+                            p.end_offset
+                                .map_or_else(|| "-".to_owned(), |o| o.to_string()),
                         ]
                     })
                     .collect(),
             ));
+            if let Some(s) = d.queue_stats {
+                out.push('\n');
+                out.push_str(&table(
+                    &["READY", "UNACKED", "CONSUMERS"],
+                    vec![vec![
+                        s.ready.to_string(),
+                        s.unacked.to_string(),
+                        s.consumers.to_string(),
+                    ]],
+                ));
+            }
             out
         }
     })
@@ -611,7 +632,7 @@ fn destination_json(d: &api::Destination) -> Value {
         .map(|p| {
             let lag: serde_json::Map<String, Value> =
                 p.lag.iter().map(|(id, n)| (id.to_string(), json!(n))).collect();
-            json!({"partition": p.number, "group": p.group, "leader": p.leader, "replicas": p.replicas, "lag": lag})
+            json!({"partition": p.number, "group": p.group, "leader": p.leader, "replicas": p.replicas, "lag": lag, "end_offset": p.end_offset})
         })
         .collect();
     json!({
@@ -624,6 +645,7 @@ fn destination_json(d: &api::Destination) -> Value {
         "retention_ms": spec.retention_ms,
         "retention_bytes": spec.retention_bytes,
         "placement": partitions,
+        "messages": d.queue_stats.map(|s| json!({"ready": s.ready, "unacked": s.unacked, "consumers": s.consumers})),
     })
 }
 

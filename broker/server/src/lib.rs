@@ -242,6 +242,7 @@ impl Server {
                 let amqp_addr = amqp.local_addr().ok();
                 let messaging = petrel_core::messaging::Messaging::new(node.clone());
                 queues.set(&messaging);
+                admin.messaging_started(messaging.clone());
                 let alarms = resources::start(
                     resources::Limits {
                         data_dir: config.data_dir.clone(),

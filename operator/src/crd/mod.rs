@@ -78,6 +78,21 @@ pub fn file_name(crd: &CustomResourceDefinition) -> String {
 /// or `d` (`30s`, `7d`).
 const DURATION: &str = r"^[0-9]+(ms|s|m|h|d)$";
 
+/// Milliseconds in a [`DURATION`] such as `30s`; `None` if it is not one (or too long).
+pub fn duration_ms(text: &str) -> Option<u64> {
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let unit_ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    number.parse::<u64>().ok()?.checked_mul(unit_ms)
+}
+
 /// Serde default: one.
 fn one() -> u32 {
     1
@@ -86,4 +101,20 @@ fn one() -> u32 {
 /// Serde default: three (replicas, replication factor).
 fn three() -> u32 {
     3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::duration_ms;
+
+    #[test]
+    fn durations_are_read_as_the_schema_writes_them() {
+        assert_eq!(duration_ms("30s"), Some(30_000));
+        assert_eq!(duration_ms("250ms"), Some(250));
+        assert_eq!(duration_ms("7d"), Some(604_800_000));
+        assert_eq!(duration_ms("10m"), Some(600_000));
+        for bad in ["", "s", "10", "1.5h", "10x", "99999999999999999999d"] {
+            assert_eq!(duration_ms(bad), None, "{bad}");
+        }
+    }
 }

@@ -26,7 +26,14 @@ use super::{BrokerRef, DURATION, DeletionPolicy, PartitionStatus, one, three};
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(ARGUMENTS_FIXED).message("queue arguments (messageTTL, maxLength, maxLengthBytes, overflow, deadLetter, deliveryLimit) cannot change once the queue exists, as in RabbitMQ: delete the Queue and create it again"))]
 pub struct QueueSpec {
+    /// The queue's name on the broker (any AMQP queue name); the resource's name if
+    /// unset. It cannot change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("name cannot change"))]
+    pub name: Option<String>,
     /// The Broker holding the queue; it cannot change.
     #[x_kube(validation = Rule::new("self == oldSelf").message("brokerRef cannot change"))]
     pub broker_ref: BrokerRef,
@@ -40,9 +47,10 @@ pub struct QueueSpec {
     #[schemars(range(min = 1, max = 10000))]
     #[x_kube(validation = Rule::new("self >= oldSelf").message("partitions can only grow"))]
     pub partitions: u32,
-    /// Replicas of each partition (at most the Broker's replicas).
+    /// Replicas of each partition (at most the Broker's replicas); it cannot change.
     #[serde(default = "three")]
     #[schemars(range(min = 1, max = 99))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("replicationFactor cannot change"))]
     pub replication_factor: u32,
     /// When a publish is confirmed.
     #[serde(default)]
@@ -81,6 +89,16 @@ pub struct QueueSpec {
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 }
+
+/// CEL: every queue argument is as it was (set alike, or unset in both).
+const ARGUMENTS_FIXED: &str = "[\
+    has(self.messageTTL) == has(oldSelf.messageTTL) && (!has(self.messageTTL) || self.messageTTL == oldSelf.messageTTL), \
+    has(self.maxLength) == has(oldSelf.maxLength) && (!has(self.maxLength) || self.maxLength == oldSelf.maxLength), \
+    has(self.maxLengthBytes) == has(oldSelf.maxLengthBytes) && (!has(self.maxLengthBytes) || self.maxLengthBytes == oldSelf.maxLengthBytes), \
+    has(self.overflow) == has(oldSelf.overflow) && (!has(self.overflow) || self.overflow == oldSelf.overflow), \
+    has(self.deadLetter) == has(oldSelf.deadLetter) && (!has(self.deadLetter) || self.deadLetter == oldSelf.deadLetter), \
+    has(self.deliveryLimit) == has(oldSelf.deliveryLimit) && (!has(self.deliveryLimit) || self.deliveryLimit == oldSelf.deliveryLimit)\
+    ].all(same, same)";
 
 fn default_vhost() -> String {
     "/".to_owned()
@@ -154,6 +172,10 @@ pub struct QueueStatus {
     /// Consumers attached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumers: Option<u32>,
+    /// The bindings the operator made, so that it removes only those (a client's own
+    /// bindings of the queue stay).
+    #[serde(default)]
+    pub bindings: Vec<Binding>,
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

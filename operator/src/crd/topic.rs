@@ -24,6 +24,11 @@ use super::{BrokerRef, DURATION, DeadLetter, DeletionPolicy, one, three};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TopicSpec {
+    /// The topic's name on the broker; the resource's name if unset. It cannot change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("name cannot change"))]
+    pub name: Option<String>,
     /// The Broker holding the topic; it cannot change.
     #[x_kube(validation = Rule::new("self == oldSelf").message("brokerRef cannot change"))]
     pub broker_ref: BrokerRef,
@@ -32,9 +37,10 @@ pub struct TopicSpec {
     #[schemars(range(min = 1, max = 10000))]
     #[x_kube(validation = Rule::new("self >= oldSelf").message("partitions can only grow"))]
     pub partitions: u32,
-    /// Replicas of each partition (at most the Broker's replicas).
+    /// Replicas of each partition (at most the Broker's replicas); it cannot change.
     #[serde(default = "three")]
     #[schemars(range(min = 1, max = 99))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("replicationFactor cannot change"))]
     pub replication_factor: u32,
     /// How long and how much each partition keeps; unset keeps everything.
     #[serde(default, skip_serializing_if = "Option::is_none")]

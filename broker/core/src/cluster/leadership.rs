@@ -41,6 +41,15 @@ const LEAD_TIMEOUT: Duration = Duration::from_secs(7);
 /// How often a condition of the handover is looked at again.
 const POLL: Duration = Duration::from_millis(10);
 
+/// How far a partition's replicas are, as its leader sees them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Node id to entries (batches) that replica is behind the leader's log.
+    pub lag: HashMap<NodeId, u64>,
+    /// The leader's high watermark: the offset its next record gets.
+    pub end_offset: u64,
+}
+
 impl ClusterNode {
     /// Hands the leadership of a partition to `to`, one of its replicas; returns once
     /// `to` leads it.
@@ -111,22 +120,25 @@ impl ClusterNode {
         }
     }
 
-    /// How many entries each replica of a partition is behind its leader (asked of the
-    /// leader if that is another node); `None` if no leader is known.
-    pub async fn lag(
+    /// How many entries each replica of a partition is behind its leader, and the
+    /// leader's end offset (asked of the leader if that is another node); `None` if no
+    /// leader is known.
+    pub async fn progress(
         &self,
         kind: Kind,
         name: &str,
         partition: u32,
-    ) -> Result<Option<HashMap<NodeId, u64>>, ClusterError> {
+    ) -> Result<Option<Progress>, ClusterError> {
         let group = self.partition(kind, name, partition)?.group;
-        Ok(self.group_lag(group).await)
+        Ok(self.group_progress(group).await)
     }
 
     /// How many entries each member of the metadata group is behind its leader; `None`
     /// if no leader is known.
     pub async fn metadata_lag(&self) -> Option<HashMap<NodeId, u64>> {
-        self.group_lag(crate::meta::METADATA_GROUP).await
+        self.group_progress(crate::meta::METADATA_GROUP)
+            .await
+            .map(|p| p.lag)
     }
 
     /// The nodes of the metadata that answer a ping within `timeout` (this one does).
@@ -153,15 +165,21 @@ impl ClusterNode {
         up
     }
 
-    /// How many entries each replica of `group` is behind its leader, asked of the
-    /// leader if that is another node.
-    async fn group_lag(&self, group: u64) -> Option<HashMap<NodeId, u64>> {
-        if let Some(lag) = self.local_lag(group) {
-            return Some(lag);
+    /// The progress of `group`'s replicas, asked of the leader if that is another node.
+    async fn group_progress(&self, group: u64) -> Option<Progress> {
+        if let Some(progress) = self.local_progress(group) {
+            return Some(progress);
         }
         let addr = self.leader(group).and_then(|id| self.address(id))?;
         // An error: it stopped leading meanwhile, or is down; not known now.
         self.peers.lag(&addr, group).await.ok()
+    }
+
+    /// The progress of `group`'s replicas if this node leads it.
+    fn local_progress(&self, group: u64) -> Option<Progress> {
+        let lag = self.local_lag(group)?;
+        let end_offset = self.high_watermark(group).map_or(0, |hw| *hw.borrow());
+        Some(Progress { lag, end_offset })
     }
 
     /// Lag of the replicas of `group` if this node leads it.
@@ -513,12 +531,15 @@ impl Leadership for LeadershipService {
     async fn lag(&self, request: Request<LagRequest>) -> Result<Response<LagReply>, Status> {
         let group = request.into_inner().group;
         let node = self.node.get()?;
-        let entries_behind = node.local_lag(group).ok_or_else(|| {
+        let progress = node.local_progress(group).ok_or_else(|| {
             Status::failed_precondition(format!(
                 "node {} does not lead raft group {group}",
                 node.id
             ))
         })?;
-        Ok(Response::new(LagReply { entries_behind }))
+        Ok(Response::new(LagReply {
+            entries_behind: progress.lag,
+            end_offset: progress.end_offset,
+        }))
     }
 }

@@ -19,6 +19,7 @@ mod partitions;
 mod retention;
 
 pub use commit::{NewRecord, Offsets};
+pub use leadership::Progress;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

@@ -6,12 +6,14 @@
 //! * [`cursor`]: what a queue's consumers have settled, kept in its Raft state machine.
 //! * `dispatch`: the per-partition task, on its leader, that delivers against credit and
 //!   settles.
+//! * `manage`: what an administrator does to queues with no connection of its own.
 //! * `relay` and `service`: consumers on other nodes reach that task through a relay on
 //!   their node, over one internal stream per queue partition, which survives a change of
 //!   leader without delivering a settled message again.
 
 pub mod cursor;
 mod dispatch;
+mod manage;
 pub mod message;
 mod policy;
 mod relay;
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use dispatch::{Delivery, Feed, Sink, Stats};
+pub use manage::{QueueArguments, QueueBinding};
 pub use message::{Message, Properties, Table, Value};
 pub use service::{MessagingSlot, QueuesService};
 
@@ -1070,13 +1073,32 @@ fn equivalent(name: &str, current: &Declared, asked: &Declared) -> Result<(), Me
         .collect();
     for key in keys {
         let (a, c) = (asked.arguments.get(key), current.arguments.get(key));
-        if a != c {
-            let show =
-                |v: Option<&serde_json::Value>| v.map_or("none".to_owned(), |v| v.to_string());
+        if !alike(a, c) {
+            let show = |v: Option<&serde_json::Value>| match v {
+                None => "none".to_owned(),
+                Some(v) => policy::integer(v)
+                    .map(|n| n.to_string())
+                    .or_else(|| meta::argument_text(v))
+                    .unwrap_or_else(|| v.to_string()),
+            };
             return differs(key, show(a), show(c));
         }
     }
     Ok(())
+}
+
+/// Whether two argument values are the same: integers whatever their width, and text
+/// whether short or long (a queue made through the admin API holds 64-bit integers and
+/// short strings; clients send what their language has), as in RabbitMQ.
+fn alike(a: Option<&serde_json::Value>, b: Option<&serde_json::Value>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) if a != b => {
+            let integers = policy::integer(a).zip(policy::integer(b));
+            let texts = meta::argument_text(a).zip(meta::argument_text(b));
+            integers.is_some_and(|(a, b)| a == b) || texts.is_some_and(|(a, b)| a == b)
+        }
+        (a, b) => a == b,
+    }
 }
 
 /// A neutral table as stored arguments.

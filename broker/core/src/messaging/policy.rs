@@ -313,7 +313,8 @@ pub(crate) fn age_ms(age: &str) -> Option<u64> {
 }
 
 /// An integer argument in neutral JSON form (`{"i32": 5}` and the like).
-fn integer(v: &serde_json::Value) -> Option<i64> {
+/// An integer argument's value, whatever its width.
+pub(super) fn integer(v: &serde_json::Value) -> Option<i64> {
     let (kind, inner) = v.as_object()?.iter().next()?;
     match kind.as_str() {
         "i8" | "u8" | "i16" | "u16" | "i32" | "u32" | "i64" => inner.as_i64(),

@@ -155,6 +155,11 @@ impl Exchanges {
         &self.declared
     }
 
+    /// Every binding, by source exchange.
+    pub fn all_bindings(&self) -> impl Iterator<Item = &Binding> {
+        self.bindings.values().flatten()
+    }
+
     /// Bindings whose source is `exchange`.
     pub fn bindings(&self, exchange: &str) -> &[Binding] {
         self.bindings.get(exchange).map_or(&[], Vec::as_slice)

@@ -262,12 +262,13 @@ impl Peers {
         .is_ok()
     }
 
-    /// How far each replica of `group` is behind, from its leader at `addr`.
+    /// How far each replica of `group` is behind, and the end offset, from its leader
+    /// at `addr`.
     pub async fn lag(
         &self,
         addr: &str,
         group: u64,
-    ) -> Result<std::collections::HashMap<NodeId, u64>, tonic::Status> {
+    ) -> Result<crate::cluster::Progress, tonic::Status> {
         let reply = self
             .call(
                 addr,
@@ -276,7 +277,10 @@ impl Peers {
                 |channel, request| async move { LeadershipClient::new(channel).lag(request).await },
             )
             .await?;
-        Ok(reply.entries_behind)
+        Ok(crate::cluster::Progress {
+            lag: reply.entries_behind,
+            end_offset: reply.end_offset,
+        })
     }
 }
 

@@ -1,0 +1,110 @@
+//! What the operator's tests against a real API server share: a control plane of their
+//! own (etcd + kube-apiserver from `e2e/k8s/apiserver`), the definitions installed, and
+//! waits on conditions.
+
+#![allow(dead_code)] // each test file uses its own part
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Api, Client, Config};
+use petrel_operator::crd;
+
+/// How long the definitions may take to be served.
+const ESTABLISHED: Duration = Duration::from_secs(30);
+
+/// A control plane of its own, stopped when dropped.
+pub struct ControlPlane {
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/k8s/apiserver")
+}
+
+impl ControlPlane {
+    /// Starts one (building the binaries on first use on a machine).
+    pub fn start() -> anyhow::Result<ControlPlane> {
+        let dir = tempfile::Builder::new().prefix("petrel-k8s-").tempdir()?;
+        let out = Command::new(script())
+            .arg("start")
+            .arg(dir.path())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "the control plane did not start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let printed = String::from_utf8(out.stdout)?;
+        let kubeconfig = PathBuf::from(printed.lines().last().context("no kubeconfig printed")?);
+        Ok(ControlPlane { dir, kubeconfig })
+    }
+
+    /// Its admin kubeconfig.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
+        let config =
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = Command::new(script())
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Installs every definition (server-side apply) and waits until each is served.
+pub async fn install(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let apply = PatchParams::apply("petrel-operator").force();
+    for definition in crd::all() {
+        let name = definition
+            .metadata
+            .name
+            .clone()
+            .context("a named definition")?;
+        crds.patch(&name, &apply, &Patch::Apply(&definition))
+            .await?;
+        tokio::time::timeout(
+            ESTABLISHED,
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .with_context(|| format!("{name} not established within {ESTABLISHED:?}"))??;
+    }
+    Ok(())
+}
+
+/// Waits until `test` holds for object `name` (or its absence), at most `timeout`.
+pub async fn wait_for<K>(
+    api: &Api<K>,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    test: impl Fn(Option<&K>) -> bool,
+) -> anyhow::Result<Option<K>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let found = tokio::time::timeout(timeout, await_condition(api.clone(), name, test))
+        .await
+        .with_context(|| format!("{name}: not {what} within {timeout:?}"))??;
+    Ok(found)
+}
