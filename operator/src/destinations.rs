@@ -4,19 +4,14 @@
 //! (delete on the broker as `deletionPolicy` says); an error becomes a `Ready=False`
 //! condition and a Warning Event, and is retried after a backoff.
 
-use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Instant;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self, Event as Finalized};
 use kube::{Api, Resource, ResourceExt};
 use petrel_api::admin::v1 as api;
 use petrel_api::admin::v1::admin_client::AdminClient;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -24,24 +19,14 @@ use crate::conditions::{self, Observed};
 use crate::context::{self, Context};
 use crate::crd::{Broker, DeletionPolicy};
 use crate::error::Error;
+use crate::reporting::{self, Reported};
 
 /// Annotation that lets a Queue or Topic go without touching the broker (for a broker
 /// that will never answer again): its finalizer is removed at once.
 pub const SKIP_CLEANUP_ANNOTATION: &str = "petrel.io/skip-cleanup";
 
 /// A resource standing for a queue or topic on a Broker.
-pub trait OnBroker:
-    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-    + Clone
-    + Debug
-    + Serialize
-    + DeserializeOwned
-    + Send
-    + Sync
-    + 'static
-{
-    /// Its kind, for metrics and logs.
-    const KIND: &'static str;
+pub trait OnBroker: Reported {
     /// Its finalizer.
     const FINALIZER: &'static str;
     /// The Broker it lives on, in its namespace.
@@ -50,8 +35,6 @@ pub trait OnBroker:
     fn deletion_policy(&self) -> DeletionPolicy;
     /// How the admin API names it.
     fn reference(&self) -> api::DestinationRef;
-    /// Its conditions as last stored.
-    fn conditions(&self) -> &[Condition];
 }
 
 /// Makes `object`'s destination on the broker from `spec` if it is not there, else
@@ -157,7 +140,7 @@ pub async fn finish<K: OnBroker>(
         &observed,
         generation
     ));
-    patch_status(ctx, object, status).await?;
+    reporting::patch_status(ctx, object, status).await?;
     Ok(Action::requeue(if ready {
         ctx.settings.resync
     } else {
@@ -177,22 +160,6 @@ pub async fn required_broker<K: OnBroker>(ctx: &Context, object: &K) -> Result<B
     broker(ctx, object)
         .await?
         .ok_or_else(|| Error::BrokerNotFound(object.broker_name().to_owned()))
-}
-
-/// Merges `status` (a JSON object) into `object`'s status.
-pub async fn patch_status<K: OnBroker>(
-    ctx: &Context,
-    object: &K,
-    status: serde_json::Value,
-) -> Result<(), Error> {
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), &object.namespace().unwrap_or_default());
-    api.patch_status(
-        &object.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
-    )
-    .await?;
-    Ok(())
 }
 
 /// One reconcile of `object`: `apply` brings the broker in step with it.
@@ -223,47 +190,7 @@ where
         finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => Error::Kube(e),
         other => Error::InvalidSpec(other.to_string()),
     });
-    ctx.metrics.reconciled(
-        K::KIND,
-        started.elapsed(),
-        result.as_ref().err().map(Error::reason),
-    );
-    match &result {
-        Ok(_) => ctx.succeeded(&key(&*object)),
-        Err(e) => report(&*object, &ctx, e).await,
-    }
-    result
-}
-
-/// When to look at `object` again after `error`.
-pub fn retry<K: OnBroker>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
-    tracing::warn!(kind = K::KIND, name = %object.name_any(), error = %error, "reconcile failed");
-    ctx.failed(key(&*object))
-}
-
-fn key<K: OnBroker>(object: &K) -> String {
-    format!(
-        "{}/{}/{}",
-        K::KIND,
-        object.namespace().unwrap_or_default(),
-        object.name_any()
-    )
-}
-
-/// Shows `error` on `object`: `Ready=False` with its reason, and a Warning Event.
-async fn report<K: OnBroker>(object: &K, ctx: &Context, error: &Error) {
-    let message = error.to_string();
-    if object.meta().deletion_timestamp.is_none() {
-        let ready = Observed::no(conditions::READY, error.reason(), &message);
-        let status = json!({
-            "conditions": conditions::merge(object.conditions(), &[ready], object.meta().generation),
-        });
-        if let Err(e) = patch_status(ctx, object, status).await {
-            tracing::warn!(error = %e, "could not store the failure in the status");
-        }
-    }
-    ctx.event(object, true, error.reason(), "Reconcile", message)
-        .await;
+    reporting::reconciled(&*object, &ctx, started, result).await
 }
 
 /// Deletion: the destination goes from the broker if `deletionPolicy` says so; nothing
@@ -327,7 +254,7 @@ where
                 .map(|r| ObjectRef::from_obj(&*r))
                 .collect::<Vec<_>>()
         })
-        .run(reconcile, retry, ctx)
+        .run(reconcile, reporting::retry, ctx)
         .for_each(|_| ())
         .await;
 }

@@ -7,13 +7,14 @@
 //!   requests and from the broker's answer to status.
 //! * [`admin`]: how a Broker's admin API is reached — the only way the operator talks
 //!   to brokers.
-//! * [`context`], [`conditions`], [`error`], [`metrics`]: what every reconcile shares;
+//! * [`context`], [`conditions`], [`reporting`], [`error`], [`metrics`]: what every
+//!   reconcile shares;
 //!   [`http`]: the operator's `/metrics`, `/healthz` and `/readyz`.
-//!
-//! Still to come: the Broker controller (StatefulSet, Services, ConfigMap,
-//! PodDisruptionBudget, monitoring objects; scale and roll through the admin API).
+//! * [`brokers`]: the Broker controller — the objects that run a Broker (`desired`),
+//!   and its scale and roll decisions (`plan`), carried out through the admin API.
 
 pub mod admin;
+pub mod brokers;
 pub mod conditions;
 pub mod context;
 pub mod crd;
@@ -22,6 +23,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod queues;
+pub mod reporting;
 pub mod topics;
 
 use std::sync::Arc;
@@ -32,6 +34,7 @@ pub use error::Error;
 /// Runs every controller with `ctx` until their watches end.
 pub async fn run(ctx: Arc<Context>) {
     tokio::join!(
+        brokers::run(ctx.clone()),
         destinations::run::<crd::Queue, _, _>(ctx.clone(), queues::reconcile),
         destinations::run::<crd::Topic, _, _>(ctx, topics::reconcile),
     );

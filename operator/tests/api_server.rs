@@ -6,7 +6,7 @@ mod support;
 
 use std::path::Path;
 
-use anyhow::ensure;
+use anyhow::{Context, ensure};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use petrel_operator::crd::Queue;
@@ -154,5 +154,72 @@ async fn the_api_server_takes_the_definitions_and_refuses_bad_objects_readably()
             .await?
             .map_err(anyhow::Error::msg)?;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_admission_policy_refuses_a_replication_factor_above_the_brokers_replicas()
+-> anyhow::Result<()> {
+    let plane = ControlPlane::start()?;
+    let client = plane.client().await?;
+    install(&client).await?;
+    // The policy and its binding, as the chart installs them.
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/petrel/templates/validation.yaml");
+    let text = std::fs::read_to_string(&path)?;
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let object: kube::api::DynamicObject = serde::Deserialize::deserialize(document)?;
+        let types = object.types.clone().context("apiVersion and kind")?;
+        let (group, version) = types.api_version.split_once('/').context("group")?;
+        let gvk = kube::api::GroupVersionKind::gvk(group, version, &types.kind);
+        let (resource, _) = kube::discovery::pinned_kind(&client, &gvk).await?;
+        let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &resource);
+        api.create(&PostParams::default(), &object).await?;
+    }
+    let brokers: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "default",
+        &kube::api::ApiResource::erase::<petrel_operator::crd::Broker>(&()),
+    );
+    create(
+        &brokers,
+        json!({"apiVersion": "petrel.io/v1alpha1", "kind": "Broker",
+        "metadata": {"name": "petrel"}, "spec": {"replicas": 3}}),
+    )
+    .await?
+    .map_err(anyhow::Error::msg)?;
+    let queues: Api<Queue> = Api::namespaced(client.clone(), "default");
+    // The policy takes effect within moments of being made: retry until it refuses.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let refused = loop {
+        let wide = queue(
+            "wide",
+            json!({"brokerRef": {"name": "petrel"}, "replicationFactor": 5}),
+        );
+        match create(&queues, wide).await? {
+            Err(message) => break message,
+            Ok(()) => {
+                queues.delete("wide", &Default::default()).await?;
+                ensure!(std::time::Instant::now() < deadline, "never refused");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    };
+    ensure!(
+        refused.contains("spec.replicationFactor: 5 is above the 3 replicas of Broker petrel"),
+        "{refused}"
+    );
+    let fits = queue(
+        "fits",
+        json!({"brokerRef": {"name": "petrel"}, "replicationFactor": 3}),
+    );
+    create(&queues, fits).await?.map_err(anyhow::Error::msg)?;
+    let elsewhere = queue(
+        "elsewhere",
+        json!({"brokerRef": {"name": "other"}, "replicationFactor": 5}),
+    );
+    create(&queues, elsewhere)
+        .await?
+        .map_err(anyhow::Error::msg)?;
     Ok(())
 }

@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
@@ -16,11 +15,10 @@ use kube::{Api, Client};
 use petrel_api::admin::v1::{self as api, admin_client::AdminClient};
 use petrel_operator::conditions::{self, READY};
 use petrel_operator::crd::{Broker, Queue, Topic};
-use petrel_operator::{Context, Settings, metrics::Metrics};
 use petrel_tests::amqp::{confirming_channel, publish_confirmed};
 use petrel_tests::{PetrelProcess, Serve};
 use serde_json::{Value, json};
-use support::{ControlPlane, install, wait_for};
+use support::{ControlPlane, install, run_operator, wait_for};
 use tonic::transport::Channel;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,13 +45,7 @@ impl Setup {
         install(&client).await?;
         let mut petrel = Serve::new()?.start()?;
         petrel.wait_ready(TIMEOUT)?;
-        let settings = Settings {
-            resync: Duration::from_millis(500),
-            backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(2),
-        };
-        let ctx = Arc::new(Context::new(client.clone(), settings, Metrics::new()?));
-        let operator = tokio::spawn(petrel_operator::run(ctx));
+        let operator = run_operator(&client)?;
         Ok(Setup {
             _plane: plane,
             client,
@@ -80,7 +72,8 @@ impl Setup {
         };
         let broker: Broker = serde_json::from_value(json!({
             "apiVersion": "petrel.io/v1alpha1", "kind": "Broker",
-            "metadata": {"name": name, "annotations": {"petrel.io/admin-url": url}},
+            // Paused: the Broker controller leaves alone what a process stands for.
+            "metadata": {"name": name, "annotations": {"petrel.io/admin-url": url, "petrel.io/paused": "true"}},
             "spec": {"replicas": 1},
         }))?;
         self.api::<Broker>()

@@ -140,6 +140,20 @@ impl Admin for FixedNode {
         Err(Status::unimplemented("a fixed node has no users"))
     }
 
+    async fn cancel_decommission(
+        &self,
+        _request: Request<v1::NodeRef>,
+    ) -> Result<Response<v1::DecommissionProgress>, Status> {
+        Err(Status::unimplemented("a fixed node has no cluster"))
+    }
+
+    async fn remove_node(
+        &self,
+        _request: Request<v1::NodeRef>,
+    ) -> Result<Response<v1::ClusterStatus>, Status> {
+        Err(Status::unimplemented("a fixed node has no cluster"))
+    }
+
     async fn bind(&self, _request: Request<v1::Binding>) -> Result<Response<v1::Binding>, Status> {
         Err(Status::unimplemented("a fixed node has no queues"))
     }

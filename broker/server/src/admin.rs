@@ -486,6 +486,31 @@ impl Admin for AdminService {
         progress(node, id)
     }
 
+    async fn cancel_decommission(
+        &self,
+        request: Request<api::NodeRef>,
+    ) -> Result<Response<api::DecommissionProgress>, Status> {
+        let id = request.into_inner().node_id;
+        let node = self.node()?;
+        node.command(&Command::ActivateNode { id })
+            .await
+            .map_err(Status::from)?;
+        progress(node, id)
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<api::NodeRef>,
+    ) -> Result<Response<api::ClusterStatus>, Status> {
+        let id = request.into_inner().node_id;
+        self.node()?
+            .command(&Command::RemoveNode { id })
+            .await
+            .map_err(Status::from)?;
+        self.get_cluster_status(Request::new(api::GetClusterStatusRequest {}))
+            .await
+    }
+
     async fn add_node(
         &self,
         request: Request<api::AddNodeRequest>,

@@ -60,6 +60,16 @@ pub enum NodeCommand {
         /// The node's id.
         id: u64,
     },
+    /// Cancels a node's decommission: it is active again and takes replicas back.
+    CancelDecommission {
+        /// The node's id.
+        id: u64,
+    },
+    /// Forgets a drained node that has stopped. Prints the cluster.
+    Remove {
+        /// The node's id.
+        id: u64,
+    },
     /// Registers a node ahead of its start (a node started with a peer list joins by
     /// itself); it is given an even share of the replicas. Prints the cluster.
     Add {
@@ -289,6 +299,18 @@ pub async fn node(command: &NodeCommand, connection: &Connection) -> anyhow::Res
             .await
             .map_err(failed)?
             .into_inner(),
+        NodeCommand::CancelDecommission { id } => client
+            .cancel_decommission(api::NodeRef { node_id: *id })
+            .await
+            .map_err(failed)?
+            .into_inner(),
+        NodeCommand::Remove { id } => {
+            client
+                .remove_node(api::NodeRef { node_id: *id })
+                .await
+                .map_err(failed)?;
+            return cluster(&ClusterCommand::Status, connection).await;
+        }
         NodeCommand::Add { id, addr } => {
             let request = api::AddNodeRequest {
                 node_id: *id,

@@ -79,7 +79,8 @@ pub struct Settings {
     #[arg(long, env = "PETREL_PEER_PATTERN", value_name = "PATTERN")]
     pub peer_pattern: Option<String>,
 
-    /// Kubernetes mode: the number of nodes (the StatefulSet's replicas)
+    /// Kubernetes mode: the nodes that form a new cluster, ordinals 0 to N - 1 (the
+    /// StatefulSet's first size); a pod with a higher ordinal joins them
     #[arg(long, env = "PETREL_REPLICAS", value_name = "N")]
     pub replicas: Option<u64>,
 
@@ -354,6 +355,16 @@ impl Config {
         };
         if config.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::EmptyDataDir);
+        }
+        let mut config = config;
+        // Kubernetes mode: a pod beyond the seed (the StatefulSet grew) joins the cluster
+        // the seed formed, through its members.
+        if let (Some(pattern), false) = (
+            &settings.peer_pattern,
+            config.peers.contains_key(&config.node_id),
+        ) {
+            let addr = pattern.replace("{}", &config.node_id.to_string());
+            config.peers.insert(config.node_id, addr);
         }
         if !config.peers.is_empty() && !config.peers.contains_key(&config.node_id) {
             return Err(ConfigError::NodeNotInPeers {
@@ -758,6 +769,21 @@ write_buffer_bytes: 0
         assert_eq!(config.peers.len(), 3);
         assert_eq!(config.peers[&0], "petrel-0.petrel.default.svc:9470");
         assert_eq!(config.peers[&2], "petrel-2.petrel.default.svc:9470");
+        // A pod beyond the seed of 3 (the StatefulSet grew) joins through it.
+        let grown = Config::resolve(flags(&[
+            "--peer-pattern",
+            "petrel-{}.petrel.default.svc:9470",
+            "--replicas",
+            "3",
+            "--node-id",
+            "5",
+        ]))
+        .expect("valid");
+        assert_eq!(
+            grown.peers.keys().copied().collect::<Vec<_>>(),
+            vec![0, 1, 2, 5]
+        );
+        assert_eq!(grown.peers[&5], "petrel-5.petrel.default.svc:9470");
         assert_eq!(ordinal("petrel-12").expect("ordinal"), 12);
         assert_eq!(ordinal("my-broker-0").expect("ordinal"), 0);
         let none = ordinal("petrel").expect_err("no ordinal");
@@ -782,17 +808,6 @@ write_buffer_bytes: 0
                     "1",
                 ],
                 "exclude each other",
-            ),
-            (
-                vec![
-                    "--peer-pattern",
-                    "p-{}:1",
-                    "--replicas",
-                    "2",
-                    "--node-id",
-                    "5",
-                ],
-                "does not list this node",
             ),
         ];
         for (mut args, expected) in refusals {

@@ -16,9 +16,17 @@ use crate::context::Context;
 use crate::crd::{DeletionPolicy, Queue};
 use crate::destinations::{self, OnBroker};
 use crate::error::Error;
+use crate::reporting::Reported;
+
+impl Reported for Queue {
+    const KIND: &'static str = "Queue";
+
+    fn conditions(&self) -> &[Condition] {
+        self.status.as_ref().map_or(&[], |s| &s.conditions)
+    }
+}
 
 impl OnBroker for Queue {
-    const KIND: &'static str = "Queue";
     const FINALIZER: &'static str = "petrel.io/queue";
 
     fn broker_name(&self) -> &str {
@@ -31,10 +39,6 @@ impl OnBroker for Queue {
 
     fn reference(&self) -> api::DestinationRef {
         desired::reference(self)
-    }
-
-    fn conditions(&self) -> &[Condition] {
-        self.status.as_ref().map_or(&[], |s| &s.conditions)
     }
 }
 

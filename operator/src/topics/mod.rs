@@ -14,9 +14,17 @@ use crate::context::Context;
 use crate::crd::{DeletionPolicy, Topic};
 use crate::destinations::{self, OnBroker};
 use crate::error::Error;
+use crate::reporting::Reported;
+
+impl Reported for Topic {
+    const KIND: &'static str = "Topic";
+
+    fn conditions(&self) -> &[Condition] {
+        self.status.as_ref().map_or(&[], |s| &s.conditions)
+    }
+}
 
 impl OnBroker for Topic {
-    const KIND: &'static str = "Topic";
     const FINALIZER: &'static str = "petrel.io/topic";
 
     fn broker_name(&self) -> &str {
@@ -29,10 +37,6 @@ impl OnBroker for Topic {
 
     fn reference(&self) -> api::DestinationRef {
         desired::reference(self)
-    }
-
-    fn conditions(&self) -> &[Condition] {
-        self.status.as_ref().map_or(&[], |s| &s.conditions)
     }
 }
 

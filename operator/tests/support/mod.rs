@@ -108,3 +108,20 @@ where
         .with_context(|| format!("{name}: not {what} within {timeout:?}"))??;
     Ok(found)
 }
+
+/// Runs the operator's controllers in this process, quick to resync and retry, until
+/// the handle is aborted.
+pub fn run_operator(client: &Client) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use petrel_operator::{Context as OperatorContext, Settings, metrics::Metrics};
+    let settings = Settings {
+        resync: Duration::from_millis(500),
+        backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(2),
+    };
+    let ctx = std::sync::Arc::new(OperatorContext::new(
+        client.clone(),
+        settings,
+        Metrics::new()?,
+    ));
+    Ok(tokio::spawn(petrel_operator::run(ctx)))
+}

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, Fatal, RaftError};
 use openraft::raft::ClientWriteResponse;
 use openraft::{BasicNode, Raft};
 use petrel_log::{PartitionConfig, Storage};
@@ -389,6 +389,12 @@ impl ClusterNode {
                         }
                         "no leader known".to_owned()
                     }
+                    // This node's replica stopped meanwhile (moved to another node, or
+                    // the node is stopping): the group's leader is asked instead.
+                    RaftError::Fatal(Fatal::Stopped) => {
+                        tokio::time::sleep(FORWARD_RETRY).await;
+                        "the replica here stopped".to_owned()
+                    }
                     other => {
                         return Err(ClusterError::Raft {
                             group,
@@ -747,6 +753,10 @@ fn serve(listener: TcpListener, services: tonic::service::Routes) -> oneshot::Se
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
+            // A relay whose node vanished is seen dead in seconds: its consumers go, and
+            // what they held is delivered again.
+            .http2_keepalive_interval(Some(crate::transport::KEEP_ALIVE))
+            .http2_keepalive_timeout(Some(crate::transport::KEEP_ALIVE_TIMEOUT))
             .add_routes(services)
             .serve_with_incoming_shutdown(
                 // Without TCP_NODELAY a reply split over writes waits for a delayed ACK.

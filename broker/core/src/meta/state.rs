@@ -165,6 +165,9 @@ pub enum Command {
     AddNode { id: NodeId, addr: String },
     /// A node starts draining: its replicas are placed elsewhere.
     DecommissionNode { id: NodeId },
+    /// A draining node is active again (its decommission is cancelled): replicas are
+    /// rebalanced onto it.
+    ActivateNode { id: NodeId },
     /// A drained node leaves.
     RemoveNode { id: NodeId },
     /// A new queue or topic.
@@ -341,6 +344,14 @@ impl Metadata {
                 self.move_replicas_off(id);
                 Ok(Outcome::Nodes)
             }
+            Command::ActivateNode { id } => {
+                let node = self.nodes.get_mut(&id).ok_or(MetaError::UnknownNode(id))?;
+                if node.state == NodeState::Draining {
+                    node.state = NodeState::Active;
+                    self.rebalance();
+                }
+                Ok(Outcome::Nodes)
+            }
             Command::RemoveNode { id } => {
                 if !self.nodes.contains_key(&id) {
                     return Err(MetaError::UnknownNode(id));
@@ -371,10 +382,17 @@ impl Metadata {
                     .ok_or_else(|| invalid(format!("no partition group {group}")))?;
                 let placed: BTreeSet<NodeId> = partition.replicas.iter().copied().collect();
                 let applied = replicas.map(|r| r.into_iter().collect::<BTreeSet<NodeId>>());
-                if applied.is_none_or(|a| a == placed) {
+                let settled = applied.is_none_or(|a| a == placed);
+                if settled {
                     partition.moving = false;
                 }
-                Ok(Outcome::Placement(partition.clone()))
+                let placement = partition.clone();
+                // A move done frees the group for the next one the balance needs (a
+                // join or a cancelled drain asks for more than one move per group).
+                if settled {
+                    self.rebalance();
+                }
+                Ok(Outcome::Placement(placement))
             }
             Command::Delete { kind, name } => {
                 let removed = self
@@ -972,6 +990,36 @@ mod tests {
         assert!(later.partitions.iter().all(|p| !p.replicas.contains(&2)));
         m.execute(Command::RemoveNode { id: 2 }).expect("remove");
         assert!(!m.nodes.contains_key(&2));
+    }
+
+    #[test]
+    fn a_cancelled_decommission_makes_the_node_active_and_gives_it_replicas_again() {
+        let mut m = cluster(4);
+        create(&mut m, Kind::Topic, "t", 8, 3);
+        m.execute(Command::DecommissionNode { id: 4 })
+            .expect("decommission");
+        assert_eq!(m.replicas_on(4), 0);
+        m.execute(Command::ActivateNode { id: 4 })
+            .expect("activate");
+        assert_eq!(m.nodes[&4].state, NodeState::Active);
+        // Moves settle one per group at a time; each settled one lets the next go.
+        for _ in 0..8 {
+            for group in m
+                .partitions()
+                .filter(|p| p.moving)
+                .map(|p| p.group)
+                .collect::<Vec<_>>()
+            {
+                m.execute(Command::Settled {
+                    group,
+                    replicas: None,
+                })
+                .expect("settled");
+            }
+        }
+        assert_eq!(m.replicas_on(4), 6, "balanced again");
+        assert!(m.execute(Command::RemoveNode { id: 4 }).is_err());
+        assert!(m.execute(Command::ActivateNode { id: 9 }).is_err());
     }
 
     #[test]

@@ -43,6 +43,10 @@ const LAG_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a connection attempt to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a connection to a peer is pinged (HTTP/2), and how long an answer may take
+/// before the connection counts as dead.
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(1);
+pub(crate) const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 type RpcError<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
 
@@ -82,6 +86,11 @@ impl Peers {
         }
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(CONNECT_TIMEOUT)
+            // A peer that vanished without closing (a pod gone with its address) is
+            // seen dead in seconds, so streams to it (a relay's) end and are made anew.
+            .http2_keep_alive_interval(KEEP_ALIVE)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true)
             .local_address(self.local)
             .connect_lazy();

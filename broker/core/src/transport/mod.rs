@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::raft::NodeId;
 
 pub use client::{Connection, Network, Peers, ProposeError};
+pub(crate) use client::{KEEP_ALIVE, KEEP_ALIVE_TIMEOUT};
 pub use server::{Groups, HoldGuard, Holds, RaftService};
 
 /// The generated `petrel.internal.v1` code (messages, client and server).
