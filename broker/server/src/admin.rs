@@ -141,12 +141,7 @@ fn durability(value: i32) -> Result<Option<meta::Durability>, Status> {
 
 /// The stored name of `name` in `vhost` (empty: the default one).
 fn stored(vhost: &str, name: &str) -> Result<String, Status> {
-    let vhost = if vhost.is_empty() {
-        meta::DEFAULT_VHOST
-    } else {
-        vhost
-    };
-    meta::scoped(vhost, name)
+    meta::scoped(vhost_or_default(vhost), name)
         .map(std::borrow::Cow::into_owned)
         .ok_or_else(|| Status::invalid_argument("a name may not contain control characters"))
 }
@@ -216,7 +211,11 @@ fn messaging_status(e: MessagingError) -> Status {
 
 /// The vhost a request names: empty is the default.
 fn vhost_or_default(vhost: &str) -> &str {
-    if vhost.is_empty() { "/" } else { vhost }
+    if vhost.is_empty() {
+        meta::DEFAULT_VHOST
+    } else {
+        vhost
+    }
 }
 
 /// A queue's arguments as the API types them, from what is stored.

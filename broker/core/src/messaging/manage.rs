@@ -4,10 +4,8 @@
 //! `queue.declare` and `queue.bind`.
 
 use super::policy::integer;
-use super::{
-    Messaging, MessagingError, Op, Policy, STATS_TIMEOUT, Stats, Value, exchange_name, queue_name,
-};
-use crate::meta::{self, Binding, Command, Outcome, Spec, Target, unscoped};
+use super::{Messaging, MessagingError, Op, Policy, STATS_TIMEOUT, Stats, Table, Value};
+use crate::meta::{self, Command, Outcome, Spec, Target, unscoped};
 
 /// A queue's arguments as typed fields, for those who do not speak AMQP field tables;
 /// stored as the `x-…` arguments a client would declare.
@@ -137,23 +135,18 @@ impl Messaging {
         routing_key: &str,
         bind: bool,
     ) -> Result<(), MessagingError> {
-        let stored = queue_name(vhost, queue)?;
-        let binding = Binding {
-            exchange: exchange_name(vhost, exchange)?.into_owned(),
-            destination: stored,
-            target: Target::Queue,
-            routing_key: routing_key.to_owned(),
-            arguments: meta::Arguments::new(),
-        };
-        // A fresh id owns no exclusive queue.
-        self.check_exclusive(&binding.destination, self.next_id())?;
-        let command = if bind {
-            Command::Bind(binding)
-        } else {
-            Command::Unbind(binding)
-        };
-        self.node.command(&command).await?;
-        Ok(())
+        // A fresh connection id owns no exclusive queue.
+        let connection = self.next_id();
+        self.bind(
+            vhost,
+            queue,
+            exchange,
+            routing_key,
+            &Table::new(),
+            bind,
+            connection,
+        )
+        .await
     }
 
     /// The bindings of queues to exchanges in `vhost`, of `queue` only if given.
