@@ -1,7 +1,8 @@
 //! AMQP 0-9-1 against `petrel serve` with lapin, as a RabbitMQ user relies on it:
 //! durable queues surviving a restart, large volumes in order, a large message, acks,
 //! nacks and rejects, exchange-to-exchange bindings, and the errors RabbitMQ gives for
-//! redeclaring and for exclusive queues.
+//! redeclaring and for exclusive queues, and a node that stops closing its connections
+//! as RabbitMQ does, after confirming what it took in.
 
 use std::time::Duration;
 
@@ -440,6 +441,113 @@ async fn exchanges_bound_to_exchanges_route_on_each_message_once_even_in_a_cycle
             .as_ref()
             .is_err_and(|e| format!("{e:?}").contains("NOT_FOUND")),
         "{missing:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_confirms_what_it_took_in_then_closes_with_connection_forced()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut first = Serve::on_data_dir(dir.path())?.start()?;
+    first.wait_ready(TIMEOUT)?;
+    let (conn, ch) = channel(&first).await?;
+    let mut events = conn.events_listener();
+    durable(&ch, "stopping").await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+
+    // A publisher that keeps a window of unconfirmed publishes until the node goes.
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0usize);
+    let publisher = tokio::spawn(async move {
+        let persistent = BasicProperties::default().with_delivery_mode(2);
+        let mut window = std::collections::VecDeque::new();
+        let (mut acked, mut nacked) = (Vec::new(), 0usize);
+        let mut settle = |i: u32, c: lapin::Result<Confirmation>| match c {
+            Ok(Confirmation::Ack(_)) => {
+                acked.push(i);
+                acked_tx.send_replace(acked.len());
+                Ok(())
+            }
+            Ok(_) => {
+                nacked += 1;
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let mut ended = None;
+        for i in 0u32.. {
+            let published = ch
+                .basic_publish(
+                    "".into(),
+                    "stopping".into(),
+                    BasicPublishOptions::default(),
+                    &i.to_be_bytes(),
+                    persistent.clone(),
+                )
+                .await;
+            match published {
+                Ok(confirm) => window.push_back((i, confirm)),
+                Err(e) => {
+                    ended = Some(e.to_string());
+                    break;
+                }
+            }
+            if window.len() >= 50
+                && let Some((i, c)) = window.pop_front()
+                && let Err(e) = settle(i, c.await)
+            {
+                ended = Some(e);
+                break;
+            }
+        }
+        // Those still out are confirmed, or unanswered when the connection closed.
+        for (i, c) in window {
+            let _ = settle(i, c.await);
+        }
+        (acked, nacked, ended)
+    });
+
+    acked_rx.wait_for(|n| *n >= 500).await?;
+    first.signal(Signal::Term)?;
+    let exited = first.wait_exit(TIMEOUT)?;
+    ensure!(exited.status.success(), "unclean stop: {}", exited.stderr);
+    let (acked, nacked, ended) = tokio::time::timeout(TIMEOUT, publisher).await??;
+    ensure!(
+        nacked == 0,
+        "{nacked} publishes were nacked while the node stopped"
+    );
+    ensure!(
+        ended.is_some(),
+        "the publisher was never told the node went"
+    );
+    let closed = tokio::time::timeout(TIMEOUT, async {
+        while let Some(event) = events.next().await {
+            if let lapin::Event::Error(e) = event {
+                return e.to_string();
+            }
+        }
+        String::new()
+    })
+    .await?;
+    ensure!(
+        closed.contains("CONNECTION_FORCED"),
+        "the connection ended with {closed:?}"
+    );
+
+    let mut second = Serve::on_data_dir(dir.path())?.start()?;
+    second.wait_ready(TIMEOUT)?;
+    let (_conn, ch) = channel(&second).await?;
+    let kept: std::collections::HashSet<u32> = drain(&ch, "stopping")
+        .await?
+        .iter()
+        .filter_map(|b| Some(u32::from_be_bytes(b.as_slice().try_into().ok()?)))
+        .collect();
+    let lost: Vec<&u32> = acked.iter().filter(|i| !kept.contains(i)).collect();
+    ensure!(
+        lost.is_empty(),
+        "{} of {} confirmed publishes were lost: {lost:?}",
+        lost.len(),
+        acked.len()
     );
     Ok(())
 }

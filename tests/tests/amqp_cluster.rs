@@ -208,19 +208,7 @@ async fn a_consumer_on_the_leaders_node_goes_on_unaware_when_the_leadership_move
         }
         delivery.ack(BasicAckOptions::default()).await?;
         if !moved && seen.len() == N as usize / 2 {
-            let mut admin =
-                AdminClient::connect(format!("http://127.0.0.1:{}", cluster.ports[0])).await?;
-            admin
-                .transfer_leadership(TransferLeadershipRequest {
-                    destination: Some(DestinationRef {
-                        kind: Kind::Queue.into(),
-                        name: "moving".into(),
-                        ..Default::default()
-                    }),
-                    partition: 0,
-                    to_node: to,
-                })
-                .await?;
+            transfer(cluster.ports[0], "moving", to).await?;
             moved = true;
         }
     }
@@ -325,5 +313,154 @@ async fn a_stream_is_read_on_a_node_that_holds_no_replica_of_it() -> anyhow::Res
         delivery.ack(BasicAckOptions::default()).await?;
     }
     ensure!(got == (0..=N).collect::<Vec<_>>(), "read {got:?}");
+    Ok(())
+}
+
+/// Hands the leadership of `queue` to node `to` through node `port`'s admin API.
+async fn transfer(port: u16, queue: &str, to: u64) -> anyhow::Result<()> {
+    let mut admin = AdminClient::connect(format!("http://127.0.0.1:{port}")).await?;
+    admin
+        .transfer_leadership(TransferLeadershipRequest {
+            destination: Some(DestinationRef {
+                kind: Kind::Queue.into(),
+                name: queue.into(),
+                ..Default::default()
+            }),
+            partition: 0,
+            to_node: to,
+        })
+        .await?;
+    Ok(())
+}
+
+/// Moves the leadership of `queue` off node `from` (to the next node), if it leads.
+async fn lead_elsewhere(port: u16, queue: &str, from: u64, nodes: u64) -> anyhow::Result<()> {
+    if leader(port, queue, None).await? != from {
+        return Ok(());
+    }
+    let to = from % nodes + 1;
+    transfer(port, queue, to).await?;
+    ensure!(
+        leader(port, queue, Some(from)).await? == to,
+        "the leadership moved"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_a_node_that_stays_up_go_on_while_the_others_restart_one_by_one()
+-> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let mut cluster = Cluster::start(3)?;
+    let url = cluster.nodes[0].amqp_url();
+    let (_c, setup) = channel(&url).await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    setup
+        .queue_declare("rolling".into(), durable, FieldTable::default())
+        .await?;
+
+    // Publisher and consumer both on node 1, which stays up; nodes 3 and 2 restart as
+    // the operator rolls them: leadership moved off first, then a clean stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked_tx, mut acked_rx) = tokio::sync::watch::channel(0usize);
+    let (_p, publisher) = channel(&url).await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let publishing = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut acked, mut nacked) = (Vec::new(), 0usize);
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let mut window = Vec::new();
+                for _ in 0..20 {
+                    let confirm = publisher
+                        .basic_publish(
+                            "".into(),
+                            "rolling".into(),
+                            BasicPublishOptions::default(),
+                            &i.to_be_bytes(),
+                            BasicProperties::default().with_delivery_mode(2),
+                        )
+                        .await?;
+                    window.push((i, confirm));
+                    i += 1;
+                }
+                for (i, confirm) in window {
+                    match confirm.await? {
+                        Confirmation::Ack(_) => acked.push(i),
+                        _ => nacked += 1,
+                    }
+                }
+                acked_tx.send_replace(acked.len());
+            }
+            anyhow::Ok((acked, nacked))
+        })
+    };
+    let (_conn, consumer_ch) = channel(&url).await?;
+    consumer_ch
+        .basic_qos(50, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consumer_ch
+        .basic_consume(
+            "rolling".into(),
+            "stays".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let (seen_tx, seen_rx) = tokio::sync::watch::channel(HashSet::<u32>::new());
+    let consuming = tokio::spawn(async move {
+        while let Some(delivery) = consumer.next().await {
+            let delivery = delivery?;
+            let i = u32::from_be_bytes(delivery.data[..4].try_into()?);
+            delivery.ack(BasicAckOptions::default()).await?;
+            seen_tx.send_modify(|seen| {
+                seen.insert(i);
+            });
+        }
+        anyhow::Ok(())
+    });
+
+    let mut acked_before = 0;
+    for index in [2usize, 1] {
+        let id = index as u64 + 1;
+        acked_rx.wait_for(|n| *n >= acked_before + 200).await?;
+        lead_elsewhere(cluster.ports[0], "rolling", id, 3).await?;
+        cluster.nodes[index].signal(Signal::Term)?;
+        let _stopped = cluster.restart(index, false)?;
+        cluster.joined()?;
+        acked_before = *acked_rx.borrow();
+    }
+    acked_rx.wait_for(|n| *n >= acked_before + 200).await?;
+    stop.store(true, Ordering::Relaxed);
+    let (acked, nacked) = tokio::time::timeout(TIMEOUT, publishing).await???;
+    ensure!(nacked == 0, "{nacked} publishes were nacked");
+
+    let mut seen_rx = seen_rx;
+    let all = tokio::time::timeout(TIMEOUT, async {
+        seen_rx
+            .wait_for(|seen| acked.iter().all(|i| seen.contains(i)))
+            .await
+            .is_ok()
+    })
+    .await;
+    if all != Ok(true) {
+        let seen = seen_rx.borrow().clone();
+        let missing = acked.iter().filter(|i| !seen.contains(i)).count();
+        let logs: Vec<String> = cluster.nodes.iter().map(|n| n.stdout()).collect();
+        anyhow::bail!(
+            "{missing} of {} confirmed messages never reached the consumer\n{}",
+            acked.len(),
+            logs.join("\n=====\n")
+        );
+    }
+    consuming.abort();
     Ok(())
 }

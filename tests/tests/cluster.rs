@@ -800,6 +800,8 @@ mod failover {
 }
 
 mod growth {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
     use anyhow::ensure;
@@ -810,6 +812,9 @@ mod growth {
     use petrel_core::transport::proto::data_client::DataClient;
     use petrel_core::transport::proto::{FetchRequest, ProduceRequest, Record, Target};
     use petrel_tests::cluster::{Cluster, READY};
+
+    /// The topic's partitions.
+    const PARTITIONS: usize = 3;
 
     fn target(partition: u32) -> Option<Target> {
         Some(Target {
@@ -849,8 +854,66 @@ mod growth {
         }
     }
 
+    /// Writes one record at a time, round robin over the partitions, through `port` until
+    /// `stop`; returns what was acknowledged, by partition.
+    fn write_until(
+        port: u16,
+        stop: Arc<AtomicBool>,
+        count: Arc<AtomicUsize>,
+    ) -> std::thread::JoinHandle<anyhow::Result<Vec<Vec<String>>>> {
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let mut data = DataClient::connect(format!("http://127.0.0.1:{port}")).await?;
+                let mut acked = vec![Vec::new(); PARTITIONS];
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let partition = i % PARTITIONS;
+                    let value = format!("{partition}-load-{i}");
+                    i += 1;
+                    let request = ProduceRequest {
+                        target: target(u32::try_from(partition)?),
+                        records: vec![Record {
+                            key: None,
+                            value: value.clone().into(),
+                        }],
+                    };
+                    // A refusal while a replica moves is not acknowledged: not counted.
+                    if data.produce(request).await.is_ok() {
+                        acked[partition].push(value);
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                anyhow::Ok(acked)
+            })
+        })
+    }
+
+    /// Waits until `count` reaches `n`.
+    fn acked_at_least(count: &AtomicUsize, n: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY;
+        while count.load(Ordering::Relaxed) < n {
+            ensure!(Instant::now() < deadline, "the writer stalled below {n}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// The topic's placement as node `port` knows it.
+    async fn placement(port: u16) -> anyhow::Result<Vec<Vec<u64>>> {
+        let mut admin = AdminClient::connect(format!("http://127.0.0.1:{port}")).await?;
+        let d = admin
+            .get_destination(DestinationRef {
+                kind: Kind::Topic.into(),
+                name: "spread".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        Ok(d.partitions.into_iter().map(|p| p.replicas).collect())
+    }
+
     #[test]
-    fn a_node_added_to_a_running_cluster_takes_a_share_of_the_replicas_with_their_data()
+    fn a_node_added_to_a_running_cluster_takes_a_share_of_the_replicas_and_gives_them_back_drained()
     -> anyhow::Result<()> {
         let mut cluster = Cluster::start(3)?;
         let runtime = tokio::runtime::Runtime::new()?;
@@ -901,24 +964,17 @@ mod growth {
             ensure!(status.nodes.len() == 4, "{status:?}");
             let deadline = Instant::now() + READY;
             let placed = loop {
-                let d = admin
-                    .get_destination(DestinationRef {
-                        kind: Kind::Topic.into(),
-                        name: "spread".into(),
-                        ..Default::default()
-                    })
+                let on_new: Vec<u32> = placement(added)
                     .await?
-                    .into_inner();
-                let on_new: Vec<u32> = d
-                    .partitions
                     .iter()
-                    .filter(|p| p.replicas.contains(&4))
-                    .map(|p| p.number)
+                    .zip(0..)
+                    .filter(|(replicas, _)| replicas.contains(&4))
+                    .map(|(_, number)| number)
                     .collect();
                 if on_new.len() >= 2 {
                     break on_new;
                 }
-                ensure!(Instant::now() < deadline, "node 4 was given {d:?}");
+                ensure!(Instant::now() < deadline, "node 4 was given {on_new:?}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             };
             for partition in placed {
@@ -930,6 +986,43 @@ mod growth {
                 );
             }
             anyhow::Ok(())
-        })
+        })?;
+
+        // Drained under write load, node 4 hands its replicas back to nodes that deleted
+        // theirs when it took them: they are refilled, and nothing acknowledged is lost.
+        let (stop, count) = (Arc::new(AtomicBool::new(false)), Arc::default());
+        let writer = write_until(first, stop.clone(), Arc::clone(&count));
+        acked_at_least(&count, 30)?;
+        let drained = super::petrel(
+            first,
+            &["node", "decommission", "4", "--wait", "--timeout", "60"],
+        )?;
+        ensure!(drained.status.success(), "{}", super::text(&drained.stderr));
+        acked_at_least(&count, count.load(Ordering::Relaxed) + 30)?;
+        stop.store(true, Ordering::Relaxed);
+        let acked = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+        let placed = runtime.block_on(placement(first))?;
+        ensure!(
+            placed.iter().all(|r| r.len() == 3 && !r.contains(&4)),
+            "{placed:?}"
+        );
+        for (partition, replicas) in placed.iter().enumerate() {
+            let mut expected = written[partition].clone();
+            expected.extend(acked[partition].iter().cloned());
+            for id in replicas {
+                let port = cluster.ports[usize::try_from(id - 1)?];
+                let number = u32::try_from(partition)?;
+                let held = runtime.block_on(values(port, number, expected.len()))?;
+                let mut held = held.iter();
+                ensure!(
+                    expected.iter().all(|a| held.any(|v| v == a)),
+                    "node {id} lost acknowledged records of partition {partition} (or holds \
+                     them out of order)"
+                );
+            }
+        }
+        Ok(())
     }
 }

@@ -92,7 +92,8 @@ impl AdminService {
             | Outcome::Placement(_)
             | Outcome::Exchanges
             | Outcome::Vhosts
-            | Outcome::Users => Err(Status::internal("the command changed no destination")),
+            | Outcome::Users
+            | Outcome::Nothing => Err(Status::internal("the command changed no destination")),
         }
     }
 }

@@ -259,7 +259,11 @@ impl ClusterNode {
 
     /// On the leader of `group`: hands it to the voter `to`. On a task of its own, so that
     /// a caller that goes away cannot leave heartbeats off or proposals held.
-    async fn hand_over(self: &Arc<Self>, group: u64, to: NodeId) -> Result<(), ClusterError> {
+    pub(super) async fn hand_over(
+        self: &Arc<Self>,
+        group: u64,
+        to: NodeId,
+    ) -> Result<(), ClusterError> {
         let node = self.clone();
         tokio::spawn(async move { node.hand_over_here(group, to).await })
             .await

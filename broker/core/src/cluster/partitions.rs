@@ -57,6 +57,7 @@ async fn apply(node: &Arc<ClusterNode>, metadata: &Metadata) {
         .flat_map(|d| d.partitions.iter().map(move |p| (p.group, (d, p))))
         .filter(|(_, (_, p))| p.replicas.contains(&node.id))
         .collect();
+    drop_failed(node).await;
     for (group, (destination, partition)) in &here {
         if node.group(*group).is_none()
             && let Err(e) = start(node, metadata, destination, partition).await
@@ -65,58 +66,111 @@ async fn apply(node: &Arc<ClusterNode>, metadata: &Metadata) {
         }
     }
     // Every group held here, placed here or moving away: its leader moves it.
-    for partition in metadata
-        .destinations
-        .values()
-        .flat_map(|d| d.values())
-        .flat_map(|d| d.partitions.iter())
-    {
+    for partition in metadata.partitions() {
         if let Some(raft) = node.group(partition.group) {
             move_membership(node, metadata, &raft, partition);
             super::leadership::prefer(node, &raft, partition);
         }
     }
-    let moving: BTreeSet<u64> = metadata
-        .destinations
-        .values()
-        .flat_map(|d| d.values())
-        .flat_map(|d| d.partitions.iter().filter(|p| p.moving).map(|p| p.group))
-        .collect();
-    let held: Vec<u64> = node
-        .groups
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .keys()
-        .copied()
-        .filter(|g| *g != METADATA_GROUP && !here.contains_key(g))
-        .collect();
-    for group in held {
-        // Moved elsewhere: keep serving until the group's leader settled the move (a
-        // removed replica is never told it was removed).
-        if moving.contains(&group) {
-            continue;
-        }
-        if let Err(e) = stop(node, group).await {
+    let leaving = |metadata: &Metadata| -> Vec<u64> {
+        let (placed, moving) = placed_here_or_moving(metadata, node.id);
+        node.groups
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .copied()
+            // Moved elsewhere: keep serving until the group's leader settled the move (a
+            // removed replica is never told it was removed).
+            .filter(|g| *g != METADATA_GROUP && !placed.contains(g) && !moving.contains(g))
+            .collect()
+    };
+    if leaving(metadata).is_empty() {
+        return;
+    }
+    // The placement may have come back here since this copy of the metadata: once the
+    // group's leader re-added this node, deleting its replica would lose entries the
+    // leader counts on. So read the metadata as of now first, then detach at once.
+    if let Err(e) = node.command(&Command::Barrier).await {
+        tracing::warn!(error = %e, "reading the metadata before stopping groups; will retry");
+        return;
+    }
+    let now = node.view.borrow().clone();
+    for group in leaving(&now) {
+        let raft = node
+            .groups
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&group);
+        if let Err(e) = stop(node, group, raft).await {
             tracing::warn!(group, error = %e, "stopping a partition group");
         }
     }
 }
 
+/// Takes out the partition groups whose Raft core stopped on a fault (storage failed,
+/// or a bug in it panicked), so that they start again from their data instead of
+/// refusing every proposal until the node restarts.
+async fn drop_failed(node: &ClusterNode) {
+    let failed: Vec<(u64, Raft<raft::PartitionRaft>)> = node
+        .groups
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .filter(|(g, raft)| **g != METADATA_GROUP && raft.metrics().borrow().running_state.is_err())
+        .map(|(g, raft)| (*g, raft.clone()))
+        .collect();
+    for (group, raft) in failed {
+        let fault = raft.metrics().borrow().running_state.clone();
+        tracing::error!(
+            group,
+            ?fault,
+            "a partition group failed; starting it again from its data"
+        );
+        node.groups
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&group);
+        node.replicas
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&group);
+        let _ = raft.shutdown().await;
+    }
+}
+
+/// The groups placed on `id`, and the groups still moving anywhere.
+fn placed_here_or_moving(metadata: &Metadata, id: u64) -> (BTreeSet<u64>, BTreeSet<u64>) {
+    let mut placed = BTreeSet::new();
+    let mut moving = BTreeSet::new();
+    for p in metadata.partitions() {
+        if p.replicas.contains(&id) {
+            placed.insert(p.group);
+        }
+        if p.moving {
+            moving.insert(p.group);
+        }
+    }
+    (placed, moving)
+}
+
 /// Where this node leads a group whose members differ from its placement, moves them
 /// there (one move at a time per group): new replicas join as learners and catch up,
-/// then the voters become the placement, and the move is reported settled.
+/// then the voters become the placement, and the move is reported settled. A leader
+/// that leaves hands the group to a voter that stays once the learners caught up, and
+/// that one finishes the move: no election, and no proposal refused meanwhile.
 fn move_membership(
     node: &Arc<ClusterNode>,
     metadata: &Metadata,
     raft: &Raft<raft::PartitionRaft>,
     partition: &Partition,
 ) {
-    if raft.metrics().borrow().current_leader != Some(node.id) {
-        return;
-    }
     let group = partition.group;
     let wanted: BTreeSet<u64> = partition.replicas.iter().copied().collect();
     let (voters, all) = members(raft);
+    // A leader that already removed itself only waits to step down.
+    if raft.metrics().borrow().current_leader != Some(node.id) || !voters.contains(&node.id) {
+        return;
+    }
     if voters == wanted && !partition.moving {
         return;
     }
@@ -132,6 +186,12 @@ fn move_membership(
         .difference(&all)
         .filter_map(|id| Some((*id, metadata.nodes.get(id)?.addr.clone())))
         .collect();
+    // The placement's first voter that stays, preferred leader first.
+    let successor = partition
+        .replicas
+        .iter()
+        .copied()
+        .find(|id| *id != node.id && voters.contains(id));
     let (raft, node) = (raft.clone(), node.clone());
     tokio::spawn(async move {
         let result = async {
@@ -141,16 +201,26 @@ fn move_membership(
                         .await
                         .map_err(|e| raft_error(group, e))?;
                 }
+                if !wanted.contains(&node.id)
+                    && let Some(to) = successor
+                {
+                    node.hand_over(group, to).await?;
+                    return Ok(false);
+                }
                 raft.change_membership(wanted.clone(), false)
                     .await
                     .map_err(|e| raft_error(group, e))?;
             }
             let replicas = Some(wanted.into_iter().collect());
-            node.command(&Command::Settled { group, replicas }).await
+            node.command(&Command::Settled { group, replicas }).await?;
+            Ok::<_, ClusterError>(true)
         }
         .await;
         match result {
-            Ok(_) => tracing::info!(group, "partition group moved to its new replicas"),
+            Ok(true) => tracing::info!(group, "partition group moved to its new replicas"),
+            Ok(false) => {
+                tracing::info!(group, "partition group handed to a staying replica to move")
+            }
             Err(e) => tracing::warn!(group, error = %e, "moving a partition group; will retry"),
         }
         node.moving
@@ -240,13 +310,13 @@ async fn start(
     Ok(())
 }
 
-/// Stops the local replica of `group` and deletes its data.
-async fn stop(node: &ClusterNode, group: u64) -> Result<(), ClusterError> {
-    let raft = node
-        .groups
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .remove(&group);
+/// Stops the local replica of `group`, already taken out of the node's groups, and
+/// deletes its data.
+async fn stop(
+    node: &ClusterNode,
+    group: u64,
+    raft: Option<Raft<raft::PartitionRaft>>,
+) -> Result<(), ClusterError> {
     node.replicas
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

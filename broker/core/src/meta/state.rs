@@ -216,6 +216,8 @@ pub enum Command {
         #[serde(default)]
         replicas: Option<Vec<NodeId>>,
     },
+    /// Changes nothing: a node that applied it has seen every command committed before.
+    Barrier,
 }
 
 /// What a command did.
@@ -236,6 +238,8 @@ pub enum Outcome {
     Vhosts,
     /// The users changed (or were as asked already).
     Users,
+    /// Nothing changed (a barrier).
+    Nothing,
 }
 
 /// Why a command was refused; refusals change nothing.
@@ -372,6 +376,7 @@ impl Metadata {
                 durability,
                 retention,
             } => self.update(kind, &name, partitions, durability, retention),
+            Command::Barrier => Ok(Outcome::Nothing),
             Command::Settled { group, replicas } => {
                 let partition = self
                     .destinations
@@ -600,7 +605,8 @@ impl Metadata {
             .collect()
     }
 
-    fn partitions(&self) -> impl Iterator<Item = &Partition> {
+    /// Every partition of every destination.
+    pub fn partitions(&self) -> impl Iterator<Item = &Partition> {
         self.destinations
             .values()
             .flat_map(|d| d.values())

@@ -8,6 +8,8 @@ pub mod code {
     pub const REPLY_SUCCESS: u16 = 200;
     /// Unroutable mandatory message (basic.return).
     pub const NO_ROUTE: u16 = 312;
+    /// The broker closed the connection (it is shutting down).
+    pub const CONNECTION_FORCED: u16 = 320;
     /// Refused: credentials, or a reserved name.
     pub const ACCESS_REFUSED: u16 = 403;
     /// No such exchange or queue.

@@ -17,10 +17,12 @@ mod error;
 mod frame;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use petrel_core::messaging::Messaging;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 pub use error::code;
 
@@ -46,23 +48,41 @@ impl Default for Settings {
 }
 
 /// Accepts AMQP connections on `listener` until `stop` turns true; each is served on a
-/// task of its own.
+/// task of its own. Then every connection is closed (after confirming what it took in)
+/// before this returns, so that no publish reaches a node that is leaving.
 pub async fn serve(
     listener: TcpListener,
     messaging: Arc<Messaging>,
     settings: Settings,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
+    let mut connections = JoinSet::new();
+    let mut stopped = stop.clone();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    tokio::spawn(connection::run(stream, peer, messaging.clone(), settings));
+                    let run = connection::run(stream, peer, messaging.clone(), settings, stop.clone());
+                    connections.spawn(run);
                 }
                 // Out of file descriptors and the like: the listener itself goes on.
                 Err(e) => tracing::warn!(error = %e, "accepting an AMQP connection"),
             },
-            _ = stop.wait_for(|s| *s) => return,
+            Some(_) = connections.join_next() => {}
+            _ = stopped.wait_for(|s| *s) => break,
         }
     }
+    drop(listener);
+    let bound = connection::STOP_CONFIRM_TIMEOUT + connection::CLOSE_TIMEOUT + CLOSE_SLACK;
+    let all_closed = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(bound, all_closed).await.is_err() {
+        let open = connections.len();
+        tracing::warn!(
+            open,
+            "AMQP connections still open when the listener stopped"
+        );
+    }
 }
+
+/// Beyond a connection's own limits, for its task to end.
+const CLOSE_SLACK: Duration = Duration::from_secs(1);

@@ -21,7 +21,7 @@ use petrel_core::messaging::{
 use petrel_core::meta::GUEST;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 mod channels;
@@ -43,7 +43,9 @@ const UNLIMITED_WINDOW: u32 = 1000;
 /// How long the handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client has to answer our connection.close.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long publishes already taken in may take to be confirmed when the node stops.
+pub(super) const STOP_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A publish on its way to storage, for the confirmer.
 struct Pending {
@@ -148,12 +150,15 @@ enum Stage {
     Closing,
 }
 
-/// Serves one client connection until it closes.
+/// Serves one client connection until it closes, or until `stop`: then it stops
+/// reading, confirms what it took in, and closes with CONNECTION_FORCED as RabbitMQ
+/// does when it shuts down (clients reconnect elsewhere; nothing is nacked).
 pub async fn run(
     stream: TcpStream,
     peer: SocketAddr,
     messaging: Arc<Messaging>,
     settings: Settings,
+    stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
@@ -177,8 +182,9 @@ pub async fn run(
         pending_tx,
         blocked_capable: false,
         published: false,
+        in_flight: 0,
     };
-    match conn.serve(stream, deliveries, stored).await {
+    match conn.serve(stream, deliveries, stored, stop).await {
         Ok(()) => tracing::debug!(%peer, "AMQP connection closed"),
         Err(e) => tracing::info!(%peer, error = %e, "AMQP connection ended"),
     }
@@ -210,6 +216,8 @@ struct Connection {
     blocked_capable: bool,
     /// The client has published: a resource alarm holds it back.
     published: bool,
+    /// Publishes handed to the confirmer and not reported back yet.
+    in_flight: usize,
 }
 
 /// Why the connection ended without a clean close.
@@ -233,6 +241,7 @@ impl Connection {
         stream: TcpStream,
         mut deliveries: mpsc::UnboundedReceiver<Feed>,
         mut stored: mpsc::UnboundedReceiver<Stored>,
+        mut stop: watch::Receiver<bool>,
     ) -> Result<(), Ended> {
         let (mut rd, mut wr) = stream.into_split();
         let mut inbuf = BytesMut::with_capacity(64 * 1024);
@@ -257,14 +266,24 @@ impl Connection {
         let mut wrote_since_tick = false;
         let mut closing = false;
         let mut alarm = self.messaging.alarm();
+        // When the node began to stop: nothing more is read until our close is sent.
+        let mut stopping: Option<Instant> = None;
         loop {
             // Under a resource alarm a connection that publishes is not read (RabbitMQ's
             // blocking): its client waits instead of the node running out.
-            let held = self.published && alarm.borrow().is_some();
+            let held = (self.published && alarm.borrow().is_some())
+                || (stopping.is_some() && self.stage != Stage::Closing);
             if held {
                 last_read = Instant::now();
             }
             tokio::select! {
+                // (The guard `wait_for` returns must not live across the loop's awaits.)
+                () = async { let _ = stop.wait_for(|s| *s).await; }, if stopping.is_none() => {
+                    if self.stage != Stage::Running {
+                        return Ok(());
+                    }
+                    stopping = Some(Instant::now());
+                }
                 changed = alarm.changed() => {
                     if changed.is_ok() {
                         let reason = alarm.borrow().clone();
@@ -298,8 +317,10 @@ impl Connection {
                     }
                 }
                 Some(s) = stored.recv() => {
+                    self.in_flight = self.in_flight.saturating_sub(1);
                     self.on_stored(s);
                     while let Ok(s) = stored.try_recv() {
+                        self.in_flight = self.in_flight.saturating_sub(1);
                         self.on_stored(s);
                     }
                     self.flush_confirms();
@@ -319,6 +340,17 @@ impl Connection {
                     }
                     wrote_since_tick = false;
                 }
+            }
+            // Stopping: once what was taken in is confirmed (or could not be in time),
+            // the client is told to go.
+            if let Some(since) = stopping
+                && self.stage == Stage::Running
+                && (self.in_flight == 0 || since.elapsed() > STOP_CONFIRM_TIMEOUT)
+            {
+                self.close_connection(&Closing::connection(
+                    code::CONNECTION_FORCED,
+                    "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'",
+                ));
             }
             // After a close of ours the client has a moment to answer it.
             if self.stage == Stage::Closing && !closing {

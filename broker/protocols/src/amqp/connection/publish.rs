@@ -222,6 +222,7 @@ impl Connection {
                 "INTERNAL_ERROR - the publish confirmer stopped",
             ));
         }
+        self.in_flight += 1;
         Ok(())
     }
 
