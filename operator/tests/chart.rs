@@ -295,6 +295,11 @@ fn the_cluster_role_names_what_the_operator_does_and_no_wildcard() -> anyhow::Re
         ("apps", "statefulsets", "patch"),
         ("", "pods", "delete"),
         ("events.k8s.io", "events", "create"),
+        // Monitoring objects, when a Broker asks for them (and turned off again).
+        ("monitoring.coreos.com", "servicemonitors", "patch"),
+        ("monitoring.coreos.com", "prometheusrules", "create"),
+        ("monitoring.coreos.com", "prometheusrules", "delete"),
+        ("", "configmaps", "delete"),
     ] {
         ensure!(
             grants(group, resource, verb),

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 use crate::{PetrelProcess, Serve};
@@ -46,6 +47,20 @@ impl TestBroker {
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
+}
+
+/// Declares the durable queue `name` with `arguments`.
+pub async fn declare_durable(
+    ch: &Channel,
+    name: &str,
+    arguments: FieldTable,
+) -> anyhow::Result<()> {
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    ch.queue_declare(name.into(), options, arguments).await?;
+    Ok(())
 }
 
 /// A connection to `url` and a channel on it in confirm mode.

@@ -13,7 +13,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
-use petrel_tests::amqp::{confirming_channel, publish_confirmed};
+use petrel_tests::amqp::{confirming_channel, declare_durable as declare, publish_confirmed};
 use petrel_tests::{PetrelProcess, Serve};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -40,15 +40,6 @@ async fn setup() -> anyhow::Result<(PetrelProcess, Connection, Channel)> {
     )
     .await?;
     Ok((petrel, conn, ch))
-}
-
-async fn declare(ch: &Channel, name: &str, args: FieldTable) -> anyhow::Result<()> {
-    let options = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    ch.queue_declare(name.into(), options, args).await?;
-    Ok(())
 }
 
 fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {

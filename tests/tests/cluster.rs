@@ -78,6 +78,41 @@ fn an_internal_port_in_use_fails_naming_the_address() -> anyhow::Result<()> {
 }
 
 /// Three running nodes of one cluster.
+#[test]
+fn a_node_is_not_ready_for_clients_until_it_has_joined_its_cluster() -> anyhow::Result<()> {
+    let mut ports = Vec::new();
+    for _ in 0..2 {
+        ports.push(free_port_other_than(&ports)?);
+    }
+    let peers = format!("1=127.0.0.1:{},2=127.0.0.1:{}", ports[0], ports[1]);
+    // Node 2 alone: it serves HTTP, but cannot join while node 1 (which initialises the
+    // cluster) is not there, and says so.
+    let (serve, _) = node(2, &peers, ports[1], None)?;
+    let mut second = serve.start()?;
+    let deadline = Instant::now() + FORM;
+    while second.get("/healthz").map(|r| r.status).ok() != Some(200) {
+        ensure!(Instant::now() < deadline, "node 2 never served HTTP");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let watched = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < watched {
+        let ready = second.get("/readyz")?;
+        ensure!(
+            ready.status == 503 && ready.body.contains("starting"),
+            "ready before joining: {} {}",
+            ready.status,
+            ready.body
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Node 1 comes: both join, and node 2 turns ready.
+    let (serve, _) = node(1, &peers, ports[0], None)?;
+    let mut first = serve.start()?;
+    first.wait_ready(READY)?;
+    second.wait_ready(READY)?;
+    Ok(())
+}
+
 fn three_nodes() -> anyhow::Result<Cluster> {
     Cluster::start(3)
 }

@@ -6,7 +6,8 @@
 //!   open storage, join the cluster (`petrel_core::cluster`), report ready, wait for
 //!   shutdown, drain, leave, close storage.
 //! * `http`: `/healthz`, `/readyz` and `/metrics`.
-//! * [`Metrics`]: the Prometheus registry later subsystems extend.
+//! * [`Metrics`]: the Prometheus registry: the server's gauges, the protocol front-ends'
+//!   counters, and partition and queue gauges refreshed from the core.
 //! * [`Readiness`]: the node's phase (starting, ready, stopping).
 //! * [`ShutdownSignal`]: SIGTERM / SIGINT.
 //! * [`init_logging`]: text or JSON logs through tracing.
@@ -252,30 +253,44 @@ impl Server {
                             .unwrap_or_else(resources::default_memory_high_watermark),
                     },
                     &messaging,
+                    metrics.resources(),
                 );
                 let amqp = tokio::spawn(petrel_protocols::amqp::serve(
                     amqp,
                     messaging.clone(),
                     petrel_protocols::amqp::Settings::default(),
+                    metrics.protocols(),
                     amqp_stopped,
                 ));
                 let watching = metrics.watch_cluster(node.metadata());
-                readiness.advance(Phase::Ready);
-                metrics.set_up(true);
-                tracing::info!(
-                    http = %http.local_addr(),
-                    internal = %node.addr(),
-                    amqp = ?amqp_addr,
-                    node_id = node.id(),
-                    version = env!("CARGO_PKG_VERSION"),
-                    "petrel is ready"
-                );
-                shutdown.await;
+                let refreshing = metrics.watch_node(node.clone(), messaging.clone());
+                // Ready (clients sent here) only once a member: before, this node's
+                // metadata may be missing or behind, so its answers would be wrong.
+                let joined = tokio::select! {
+                    () = node.joined() => true,
+                    () = &mut shutdown => false,
+                };
+                if joined {
+                    readiness.advance(Phase::Ready);
+                    metrics.set_up(true);
+                    tracing::info!(
+                        http = %http.local_addr(),
+                        internal = %node.addr(),
+                        amqp = ?amqp_addr,
+                        node_id = node.id(),
+                        version = env!("CARGO_PKG_VERSION"),
+                        "petrel is ready"
+                    );
+                    shutdown.await;
+                }
                 let _ = stop_amqp.send(true);
                 let _ = amqp.await;
                 alarms.abort();
                 messaging.drain(SETTLE_DRAIN).await;
                 watching.abort();
+                refreshing.abort();
+                // Awaited, so that its hold on the node is gone before the node closes.
+                let _ = refreshing.await;
                 Some(node)
             }
             None => None,

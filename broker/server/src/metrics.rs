@@ -1,6 +1,24 @@
-//! The node's Prometheus registry. Later subsystems register their metrics here.
+//! The node's Prometheus registry: the one place metrics are registered. The server's
+//! own gauges live here; the protocol front-ends' counters are made by
+//! `petrel_protocols::Metrics` and registered here; what the core knows (partitions led,
+//! queue counts) is read through its API by a periodic task.
 
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use petrel_core::cluster::ClusterNode;
+use petrel_core::messaging::Messaging;
 use prometheus::{Encoder, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::resources;
+
+/// How often the partition and queue gauges are refreshed.
+const REFRESH_EVERY: Duration = Duration::from_secs(2);
+/// How long the queues' dispatchers may take to report their counts in one refresh.
+const QUEUE_STATS_TIMEOUT: Duration = Duration::from_secs(1);
+/// The labels of the per-queue gauges.
+const QUEUE_LABELS: [&str; 2] = ["vhost", "queue"];
 
 /// The node's metrics registry and the gauges the server itself owns.
 #[derive(Debug, Clone)]
@@ -9,6 +27,14 @@ pub struct Metrics {
     up: IntGauge,
     cluster_nodes: IntGauge,
     destinations: IntGauge,
+    protocols: petrel_protocols::Metrics,
+    resources: resources::Gauges,
+    partitions_led: IntGauge,
+    partition_replicas: IntGauge,
+    partitions_under_replicated: IntGauge,
+    queue_ready: IntGaugeVec,
+    queue_unacked: IntGaugeVec,
+    queue_consumers: IntGaugeVec,
 }
 
 impl Metrics {
@@ -42,11 +68,141 @@ impl Metrics {
             "Queues and topics in the cluster's metadata, as this node last applied it.",
         )?;
         registry.register(Box::new(destinations.clone()))?;
+        let protocols = petrel_protocols::Metrics::new()?;
+        protocols.register(&registry)?;
+        let alarm = IntGaugeVec::new(
+            Opts::new(
+                "petrel_resource_alarm",
+                "1 while the resource's alarm holds publishers back, else 0.",
+            ),
+            &["resource"],
+        )?;
+        registry.register(Box::new(alarm.clone()))?;
+        let disk_free = IntGauge::new(
+            "petrel_disk_free_bytes",
+            "Free bytes on the data directory's file system, as last measured.",
+        )?;
+        registry.register(Box::new(disk_free.clone()))?;
+        let resources = resources::Gauges {
+            disk_alarm: alarm.with_label_values(&["disk"]),
+            memory_alarm: alarm.with_label_values(&["memory"]),
+            disk_free,
+        };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let gauge = IntGauge::new(name, help)?;
+            registry.register(Box::new(gauge.clone()))?;
+            Ok(gauge)
+        };
+        let partitions_led = gauge(
+            "petrel_partitions_led",
+            "Partition Raft groups (queues and topics) this node leads.",
+        )?;
+        let partition_replicas = gauge(
+            "petrel_partition_replicas",
+            "Partition replicas (queues and topics) this node holds.",
+        )?;
+        let partitions_under_replicated = gauge(
+            "petrel_partitions_under_replicated",
+            "Partitions this node leads with a voter unreachable, unmatched or over 1000 entries behind.",
+        )?;
+        let queue_gauge = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
+            let gauge = IntGaugeVec::new(Opts::new(name, help), &QUEUE_LABELS)?;
+            registry.register(Box::new(gauge.clone()))?;
+            Ok(gauge)
+        };
+        let queue_ready = queue_gauge(
+            "petrel_queue_messages_ready",
+            "Messages ready for delivery in a queue this node leads.",
+        )?;
+        let queue_unacked = queue_gauge(
+            "petrel_queue_messages_unacked",
+            "Messages delivered and not yet acknowledged in a queue this node leads.",
+        )?;
+        let queue_consumers = queue_gauge(
+            "petrel_queue_consumers",
+            "Consumers of a queue this node leads.",
+        )?;
         Ok(Metrics {
             registry,
             up,
             cluster_nodes,
             destinations,
+            protocols,
+            resources,
+            partitions_led,
+            partition_replicas,
+            partitions_under_replicated,
+            queue_ready,
+            queue_unacked,
+            queue_consumers,
+        })
+    }
+
+    /// The protocol front-ends' counters, for their listeners.
+    pub(crate) fn protocols(&self) -> petrel_protocols::Metrics {
+        self.protocols.clone()
+    }
+
+    /// The resource gauges, for the resource watcher.
+    pub(crate) fn resources(&self) -> resources::Gauges {
+        self.resources.clone()
+    }
+
+    /// Keeps the partition and per-queue gauges up to date with what this node holds and
+    /// leads, every [`REFRESH_EVERY`], until the task is aborted.
+    pub(crate) fn watch_node(
+        &self,
+        node: Arc<ClusterNode>,
+        messaging: Arc<Messaging>,
+    ) -> tokio::task::JoinHandle<()> {
+        let metrics = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REFRESH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The queues exported at the last refresh: those not led here now go.
+            let mut exported: HashSet<[String; 2]> = HashSet::new();
+            loop {
+                tick.tick().await;
+                let replication = node.replication().await;
+                metrics.partitions_led.set(gauge_value(replication.led));
+                metrics
+                    .partition_replicas
+                    .set(gauge_value(replication.replicas));
+                metrics
+                    .partitions_under_replicated
+                    .set(gauge_value(replication.under_replicated));
+                let queues = messaging.led_queues(QUEUE_STATS_TIMEOUT).await;
+                let mut now = HashSet::with_capacity(queues.len());
+                for queue in queues {
+                    let labels = [queue.vhost, queue.name];
+                    let values = [labels[0].as_str(), labels[1].as_str()];
+                    metrics
+                        .queue_ready
+                        .with_label_values(&values)
+                        .set(gauge_value(queue.stats.ready));
+                    metrics
+                        .queue_unacked
+                        .with_label_values(&values)
+                        .set(gauge_value(queue.stats.unacked));
+                    metrics
+                        .queue_consumers
+                        .with_label_values(&values)
+                        .set(i64::from(queue.stats.consumers));
+                    exported.remove(&labels);
+                    now.insert(labels);
+                }
+                for gone in std::mem::replace(&mut exported, now) {
+                    let values = [gone[0].as_str(), gone[1].as_str()];
+                    for gauge in [
+                        &metrics.queue_ready,
+                        &metrics.queue_unacked,
+                        &metrics.queue_consumers,
+                    ] {
+                        // Absent already is fine: nothing stale is left either way.
+                        let _ = gauge.remove_label_values(&values);
+                    }
+                }
+            }
         })
     }
 
@@ -90,12 +246,18 @@ impl Metrics {
     }
 }
 
+/// A count as a gauge's value.
+fn gauge_value(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn renders_build_info_and_up() -> Result<(), prometheus::Error> {
+    fn renders_build_info_up_and_the_gauges_present_from_the_start() -> Result<(), prometheus::Error>
+    {
         let metrics = Metrics::new()?;
         let text = metrics.render()?;
         let version = env!("CARGO_PKG_VERSION");
@@ -104,6 +266,15 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("petrel_up 0"), "{text}");
+        for always in [
+            "petrel_amqp_connections 0",
+            "petrel_messages_published_total 0",
+            "petrel_resource_alarm{resource=\"disk\"} 0",
+            "petrel_resource_alarm{resource=\"memory\"} 0",
+            "petrel_partitions_led 0",
+        ] {
+            assert!(text.contains(always), "{always} in {text}");
+        }
         metrics.set_up(true);
         assert!(metrics.render()?.contains("petrel_up 1"));
         Ok(())

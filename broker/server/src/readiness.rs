@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 pub enum Phase {
     /// Binding listeners and opening storage.
     Starting = 0,
-    /// Storage open and every listener bound: clients may be sent here.
+    /// Storage open, every listener bound, a member of the cluster: clients may be sent
+    /// here.
     Ready = 1,
     /// Shutdown began: no new clients should be sent here.
     Stopping = 2,

@@ -23,25 +23,57 @@ pub struct Limits {
     pub memory_high_watermark: u64,
 }
 
+/// The resource gauges of `/metrics`, set at every look.
+#[derive(Debug, Clone)]
+pub struct Gauges {
+    /// `petrel_resource_alarm{resource="disk"}`.
+    pub disk_alarm: prometheus::IntGauge,
+    /// `petrel_resource_alarm{resource="memory"}`.
+    pub memory_alarm: prometheus::IntGauge,
+    /// `petrel_disk_free_bytes`.
+    pub disk_free: prometheus::IntGauge,
+}
+
+/// What one look at the resources found.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Reading {
+    /// Free bytes under the data directory, if they could be read.
+    disk_free: Option<u64>,
+    /// Why the disk alarm is on, if it is.
+    disk: Option<String>,
+    /// Why the memory alarm is on, if it is.
+    memory: Option<String>,
+}
+
 /// Watches the resources until the messaging goes.
-pub async fn watch(limits: Limits, messaging: std::sync::Weak<Messaging>) {
+pub async fn watch(limits: Limits, messaging: std::sync::Weak<Messaging>, gauges: Gauges) {
     let mut tick = tokio::time::interval(EVERY);
     loop {
         tick.tick().await;
         let Some(messaging) = messaging.upgrade() else {
             return;
         };
-        messaging.set_alarm(alarm(&limits));
+        let reading = read(&limits);
+        gauges.disk_alarm.set(i64::from(reading.disk.is_some()));
+        gauges.memory_alarm.set(i64::from(reading.memory.is_some()));
+        if let Some(free) = reading.disk_free {
+            gauges
+                .disk_free
+                .set(i64::try_from(free).unwrap_or(i64::MAX));
+        }
+        messaging.set_alarm(reading.disk.or(reading.memory));
     }
 }
 
-/// Why publishers must wait now, if they must.
-fn alarm(limits: &Limits) -> Option<String> {
+/// Looks at the disk and the memory: either alarm holds publishers back.
+fn read(limits: &Limits) -> Reading {
+    let mut reading = Reading::default();
     match rustix::fs::statvfs(&limits.data_dir) {
         Ok(fs) => {
             let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+            reading.disk_free = Some(free);
             if free < limits.disk_free_limit {
-                return Some(format!(
+                reading.disk = Some(format!(
                     "low on disk: {free} bytes free under {}, below the limit of {}",
                     limits.data_dir.display(),
                     limits.disk_free_limit
@@ -50,13 +82,14 @@ fn alarm(limits: &Limits) -> Option<String> {
         }
         Err(e) => tracing::warn!(error = %e, "reading the free disk space"),
     }
-    match resident_bytes() {
+    reading.memory = match resident_bytes() {
         Some(rss) if rss > limits.memory_high_watermark => Some(format!(
             "memory: {rss} bytes resident, above the high watermark of {}",
             limits.memory_high_watermark
         )),
         _ => None,
-    }
+    };
+    reading
 }
 
 /// This process's resident memory, from /proc.
@@ -77,9 +110,13 @@ pub fn default_memory_high_watermark() -> u64 {
     total_kib.map_or(4 << 30, |kib| kib * 1024 / 10 * 4)
 }
 
-/// Starts watching for `messaging`.
-pub fn start(limits: Limits, messaging: &Arc<Messaging>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(watch(limits, Arc::downgrade(messaging)))
+/// Starts watching for `messaging`, reporting in `gauges`.
+pub fn start(
+    limits: Limits,
+    messaging: &Arc<Messaging>,
+    gauges: Gauges,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(watch(limits, Arc::downgrade(messaging), gauges))
 }
 
 #[cfg(test)]
@@ -94,12 +131,18 @@ mod tests {
             disk_free_limit,
             memory_high_watermark: u64::MAX,
         };
-        assert!(alarm(&limits(u64::MAX)).is_some_and(|a| a.contains("low on disk")));
-        assert_eq!(alarm(&limits(0)), None);
+        let low = read(&limits(u64::MAX));
+        assert!(low.disk.is_some_and(|a| a.contains("low on disk")));
+        assert_eq!(low.memory, None);
+        let fine = read(&limits(0));
+        assert_eq!((fine.disk, fine.memory), (None, None));
+        assert!(fine.disk_free.is_some_and(|free| free > 0));
         let memory = Limits {
             memory_high_watermark: 1,
             ..limits(0)
         };
-        assert!(alarm(&memory).is_some_and(|a| a.contains("memory")));
+        let high = read(&memory);
+        assert!(high.memory.is_some_and(|a| a.contains("memory")));
+        assert_eq!(high.disk, None);
     }
 }

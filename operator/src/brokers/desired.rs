@@ -107,7 +107,11 @@ pub struct Objects {
 }
 
 /// `body` with the common metadata (name, namespace, labels, owner) as object `K`.
-fn object<K: DeserializeOwned>(broker: &Broker, name: &str, mut body: Value) -> Result<K, Error> {
+pub(super) fn object<K: DeserializeOwned>(
+    broker: &Broker,
+    name: &str,
+    mut body: Value,
+) -> Result<K, Error> {
     let owner = broker
         .controller_owner_ref(&())
         .ok_or_else(|| Error::InvalidSpec("the Broker has no uid yet".to_owned()))?;
@@ -178,7 +182,7 @@ fn ports(broker: &Broker) -> Vec<Value> {
 fn headless(broker: &Broker) -> Result<Service, Error> {
     // Peers find each other before they are ready: a new cluster forms only once they
     // talk, so not-ready addresses are published.
-    object(
+    let mut service: Service = object(
         broker,
         &headless_service(&broker.name_any()),
         json!({"apiVersion": "v1", "kind": "Service", "spec": {
@@ -187,7 +191,13 @@ fn headless(broker: &Broker) -> Result<Service, Error> {
             "selector": selector(broker),
             "ports": ports(broker),
         }}),
-    )
+    )?;
+    // Scraped by a ServiceMonitor: every pod once, ready or not.
+    service.labels_mut().insert(
+        super::monitoring::SCRAPED_LABEL.to_owned(),
+        "true".to_owned(),
+    );
+    Ok(service)
 }
 
 fn client_service(broker: &Broker) -> Result<Service, Error> {

@@ -4,6 +4,7 @@
 //! in the status.
 
 pub mod desired;
+pub mod monitoring;
 pub mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -152,6 +153,13 @@ async fn apply(broker: &Broker, ctx: &Context) -> Result<Action, Error> {
         }
     }
 
+    let unmonitored = monitoring::apply(ctx, broker).await?;
+    if !unmonitored.is_empty() {
+        let note = unmonitored.join("; ");
+        ctx.event(broker, true, "MonitoringUnavailable", "Monitor", note)
+            .await;
+    }
+
     let rolling = roll(
         ctx,
         broker,
@@ -161,7 +169,14 @@ async fn apply(broker: &Broker, ctx: &Context) -> Result<Action, Error> {
         admin.as_mut(),
     )
     .await?;
-    let (status, shown) = status(broker, &applied, cluster.as_ref(), scale.waiting, rolling);
+    let (status, shown) = status(
+        broker,
+        &applied,
+        cluster.as_ref(),
+        scale.waiting,
+        rolling,
+        unmonitored,
+    );
     let steady = conditions::holds(&shown, conditions::READY)
         && !conditions::holds(&shown, conditions::PROGRESSING);
     reporting::patch_status(ctx, broker, status).await?;
@@ -405,6 +420,7 @@ fn status(
     cluster: Option<&ClusterView>,
     draining: Option<String>,
     rolling: Option<String>,
+    unmonitored: Vec<String>,
 ) -> (serde_json::Value, Vec<Condition>) {
     let wanted = broker.spec.replicas;
     let shown = set.status.clone().unwrap_or_default();
@@ -438,7 +454,8 @@ fn status(
         Some(message) => Observed::yes(conditions::PROGRESSING, "Changing", message),
         None => Observed::no(conditions::PROGRESSING, "Steady", "nothing to do"),
     };
-    let unserved = unserved(broker);
+    let mut unserved = unserved(broker);
+    unserved.extend(unmonitored);
     let degraded = if unserved.is_empty() {
         Observed::no(
             conditions::DEGRADED,
@@ -482,10 +499,6 @@ fn unserved(broker: &Broker) -> Vec<String> {
     }
     if spec.tls.is_some() {
         found.push("TLS is not served by this broker version".to_owned());
-    }
-    let m = &spec.monitoring;
-    if m.service_monitor || m.prometheus_rule || m.grafana_dashboard {
-        found.push("monitoring objects are not made by this operator version".to_owned());
     }
     found
 }

@@ -40,6 +40,11 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(2);
 const LEAD_TIMEOUT: Duration = Duration::from_secs(7);
 /// How often a condition of the handover is looked at again.
 const POLL: Duration = Duration::from_millis(10);
+/// Entries a replica may be behind its leader and still count as caught up: one in
+/// flight under load is normal, a replica this far behind is not.
+const UNDER_REPLICATED_LAG: u64 = 1000;
+/// How long a peer may take to answer the ping that tells whether it is reachable.
+const REACHABLE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// How far a partition's replicas are, as its leader sees them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -50,7 +55,77 @@ pub struct Progress {
     pub end_offset: u64,
 }
 
+/// This node's share of the partitions' Raft groups (queues and topics; not the
+/// metadata group), for its metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replication {
+    /// Partition replicas held here.
+    pub replicas: u64,
+    /// Partitions led here.
+    pub led: u64,
+    /// Partitions led here with a voter that is unreachable, has matched nothing yet, or
+    /// is more than [`UNDER_REPLICATED_LAG`] entries behind.
+    pub under_replicated: u64,
+}
+
 impl ClusterNode {
+    /// How many partition replicas this node holds and leads, and how many of those it
+    /// leads lack a caught-up voter; peers are pinged only if some led group has one.
+    pub async fn replication(&self) -> Replication {
+        let groups: Vec<(u64, Raft<PartitionRaft>)> = self
+            .groups
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|(group, _)| **group != crate::meta::METADATA_GROUP)
+            .map(|(group, raft)| (*group, raft.clone()))
+            .collect();
+        let mut counts = Replication {
+            replicas: groups.len() as u64,
+            ..Replication::default()
+        };
+        // The voters other than this node of each group led here, with whether each
+        // is caught up as far as the leader's replication metrics tell.
+        let mut led: Vec<Vec<(NodeId, bool)>> = Vec::new();
+        for (_, raft) in &groups {
+            let metrics = raft.metrics();
+            let metrics = metrics.borrow();
+            if metrics.current_leader != Some(self.id) {
+                continue;
+            }
+            let last = metrics.last_log_index.unwrap_or(0);
+            let matched = metrics.replication.as_ref();
+            let voters = metrics
+                .membership_config
+                .membership()
+                .voter_ids()
+                .filter(|id| *id != self.id)
+                .map(|id| {
+                    let caught_up = matched
+                        .and_then(|r| r.get(&id).copied().flatten())
+                        .is_some_and(|m| last.saturating_sub(m.index) <= UNDER_REPLICATED_LAG);
+                    (id, caught_up)
+                })
+                .collect();
+            led.push(voters);
+        }
+        counts.led = led.len() as u64;
+        let reachable = if led.iter().any(|voters| !voters.is_empty()) {
+            self.reachable(REACHABLE_TIMEOUT).await
+        } else {
+            std::collections::BTreeSet::new()
+        };
+        counts.under_replicated = led
+            .iter()
+            .filter(|voters| {
+                voters
+                    .iter()
+                    .any(|(id, caught_up)| !caught_up || !reachable.contains(id))
+            })
+            .count() as u64;
+        counts
+    }
+
     /// Hands the leadership of a partition to `to`, one of its replicas; returns once
     /// `to` leads it.
     pub async fn transfer_leadership(

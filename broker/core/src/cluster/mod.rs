@@ -19,7 +19,7 @@ mod partitions;
 mod retention;
 
 pub use commit::{NewRecord, Offsets};
-pub use leadership::Progress;
+pub use leadership::{Progress, Replication};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -183,6 +183,8 @@ pub struct ClusterNode {
     seeds: Vec<String>,
     /// The seed asked next.
     next_seed: std::sync::atomic::AtomicUsize,
+    /// Turns true once this node's join was committed and applied here.
+    joined: watch::Sender<bool>,
 }
 
 impl ClusterNode {
@@ -273,6 +275,7 @@ impl ClusterNode {
                 .map(|(_, addr)| addr.clone())
                 .collect(),
             next_seed: std::sync::atomic::AtomicUsize::new(0),
+            joined: watch::channel(false).0,
         });
         started.set(&node);
         let first = config.peers.keys().next().copied().unwrap_or(config.id);
@@ -306,6 +309,12 @@ impl ClusterNode {
     /// The address peers reach this node at.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Resolves once this node's join of the cluster was committed and applied here.
+    pub async fn joined(&self) {
+        let mut joined = self.joined.subscribe();
+        let _ = joined.wait_for(|j| *j).await;
     }
 
     /// The metadata as this node last applied it.
@@ -635,7 +644,10 @@ impl ClusterNode {
         };
         loop {
             match self.command(&command).await {
-                Ok(_) => return,
+                Ok(_) => {
+                    self.joined.send_replace(true);
+                    return;
+                }
                 Err(e) => tracing::debug!(error = %e, "joining the metadata; trying again"),
             }
             tokio::time::sleep(JOIN_RETRY).await;

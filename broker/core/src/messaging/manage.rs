@@ -4,8 +4,12 @@
 //! `queue.declare` and `queue.bind`.
 
 use super::policy::integer;
-use super::{Messaging, MessagingError, Op, Policy, STATS_TIMEOUT, Stats, Table, Value};
-use crate::meta::{self, Command, Outcome, Spec, Target, unscoped};
+use tokio::sync::oneshot;
+
+use super::{
+    Messaging, MessagingError, Op, Policy, STATS_TIMEOUT, Stats, Table, Value, dispatch, lock,
+};
+use crate::meta::{self, Command, Kind, Outcome, Spec, Target, unscoped};
 
 /// A queue's arguments as typed fields, for those who do not speak AMQP field tables;
 /// stored as the `x-…` arguments a client would declare.
@@ -78,6 +82,17 @@ impl QueueArguments {
     }
 }
 
+/// The counts of a queue whose partition this node leads, by its name in its vhost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedQueue {
+    /// Its vhost.
+    pub vhost: String,
+    /// Its name as clients see it (without the vhost).
+    pub name: String,
+    /// Its counts.
+    pub stats: Stats,
+}
+
 /// A queue bound to an exchange, by their names in their vhost.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueBinding {
@@ -123,6 +138,62 @@ impl Messaging {
             return Ok(stats);
         }
         self.stats(stored).await
+    }
+
+    /// The counts of every queue whose partition (the one consumers read) this node
+    /// leads: from its dispatcher where one runs here, else from this node's replica
+    /// (everything unsettled counted ready). The dispatchers are asked all at once, and
+    /// one that does not answer within `timeout` is counted from the replica.
+    pub async fn led_queues(&self, timeout: std::time::Duration) -> Vec<LedQueue> {
+        let me = self.node.id();
+        let led: Vec<(String, u64)> = {
+            let view = self.node.metadata();
+            let view = view.borrow();
+            view.destinations
+                .get(&Kind::Queue)
+                .into_iter()
+                .flat_map(|queues| queues.values())
+                .filter_map(|d| Some((d.spec.name.clone(), d.partitions.first()?.group)))
+                .filter(|(_, group)| self.node.leader(*group) == Some(me))
+                .collect()
+        };
+        let asked: Vec<_> = led
+            .into_iter()
+            .map(|(name, group)| {
+                let ops = lock(&self.dispatchers)
+                    .get(&group)
+                    .filter(|ops| dispatch::running(ops))
+                    .cloned();
+                let answer = ops.map(|ops| {
+                    let (reply, answer) = oneshot::channel();
+                    let _ = ops.send(Op::Stats(reply));
+                    answer
+                });
+                (name, group, answer)
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut queues = Vec::with_capacity(asked.len());
+        for (stored, group, answer) in asked {
+            let answered = match answer {
+                Some(answer) => tokio::time::timeout_at(deadline, answer)
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                None => None,
+            };
+            let stats = answered.unwrap_or_else(|| Stats {
+                ready: self.node.settled(group).map_or(0, |s| s.unsettled()),
+                ..Stats::default()
+            });
+            let (vhost, name) = unscoped(&stored);
+            queues.push(LedQueue {
+                vhost: vhost.to_owned(),
+                name: name.to_owned(),
+                stats,
+            });
+        }
+        queues
     }
 
     /// Binds `queue` to `exchange` in `vhost` with `routing_key`, or unbinds it; an

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use dispatch::{Delivery, Feed, Sink, Stats};
-pub use manage::{QueueArguments, QueueBinding};
+pub use manage::{LedQueue, QueueArguments, QueueBinding};
 pub use message::{Message, Properties, Table, Value};
 pub use service::{MessagingSlot, QueuesService};
 

@@ -24,6 +24,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::Metrics;
+
 pub use error::code;
 
 /// The AMQP listener's limits, offered to clients in connection.tune.
@@ -48,12 +50,14 @@ impl Default for Settings {
 }
 
 /// Accepts AMQP connections on `listener` until `stop` turns true; each is served on a
-/// task of its own. Then every connection is closed (after confirming what it took in)
-/// before this returns, so that no publish reaches a node that is leaving.
+/// task of its own, counted in `metrics`. Then every connection is closed (after
+/// confirming what it took in) before this returns, so that no publish reaches a node
+/// that is leaving.
 pub async fn serve(
     listener: TcpListener,
     messaging: Arc<Messaging>,
     settings: Settings,
+    metrics: Metrics,
     stop: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
@@ -62,7 +66,14 @@ pub async fn serve(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let run = connection::run(stream, peer, messaging.clone(), settings, stop.clone());
+                    let run = connection::run(
+                        stream,
+                        peer,
+                        messaging.clone(),
+                        settings,
+                        metrics.clone(),
+                        stop.clone(),
+                    );
                     connections.spawn(run);
                 }
                 // Out of file descriptors and the like: the listener itself goes on.

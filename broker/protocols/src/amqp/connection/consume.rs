@@ -162,6 +162,10 @@ impl Connection {
         let Some(chan) = self.channels.get_mut(&ch) else {
             return Ok(());
         };
+        self.metrics.delivered.inc();
+        if d.redelivered {
+            self.metrics.redelivered.inc();
+        }
         let tag = chan.next_delivery_tag;
         chan.next_delivery_tag += 1;
         if !g.no_ack {
@@ -233,6 +237,9 @@ impl Connection {
                 code::PRECONDITION_FAILED,
                 format!("PRECONDITION_FAILED - unknown delivery tag {tag}"),
             ));
+        }
+        if matches!(how, Settle::Ack) {
+            self.metrics.acknowledged.inc_by(tags.len() as u64);
         }
         let mut by_queue: HashMap<u64, (QueueHandle, Vec<u64>)> = HashMap::new();
         let mut credits: HashMap<u64, u32> = HashMap::new();
@@ -324,6 +331,10 @@ impl Connection {
                 consumer.queue.requeue(vec![d.offset]);
             }
             return;
+        }
+        self.metrics.delivered.inc();
+        if d.redelivered {
+            self.metrics.redelivered.inc();
         }
         let tag = chan.next_delivery_tag;
         chan.next_delivery_tag += 1;

@@ -35,6 +35,8 @@ use super::Settings;
 use super::convert;
 use super::error::{Closing, Scope, code};
 use super::frame::{self, FrameError, Inbound, PROTOCOL_HEADER};
+use crate::Metrics;
+use crate::metrics::Open;
 
 /// Publishes queued for storage per connection before it stops reading its socket.
 const PUBLISH_WINDOW: usize = 4096;
@@ -158,6 +160,7 @@ pub async fn run(
     peer: SocketAddr,
     messaging: Arc<Messaging>,
     settings: Settings,
+    metrics: Metrics,
     stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -183,6 +186,8 @@ pub async fn run(
         blocked_capable: false,
         published: false,
         in_flight: 0,
+        metrics,
+        open: None,
     };
     match conn.serve(stream, deliveries, stored, stop).await {
         Ok(()) => tracing::debug!(%peer, "AMQP connection closed"),
@@ -218,6 +223,10 @@ struct Connection {
     published: bool,
     /// Publishes handed to the confirmer and not reported back yet.
     in_flight: usize,
+    /// The node's counters.
+    metrics: Metrics,
+    /// Counts this connection as open from its open-ok until it is dropped.
+    open: Option<Open>,
 }
 
 /// Why the connection ended without a clean close.
@@ -554,6 +563,7 @@ impl Connection {
                 self.vhost = vhost.to_owned();
                 self.method(0, AMQPClass::Connection(M::OpenOk(connection::OpenOk {})));
                 self.stage = Stage::Running;
+                self.open = Some(Open::new(&self.metrics));
                 // An alarm raised before the connection opened is told now.
                 let alarm = self.messaging.alarm().borrow().clone();
                 if alarm.is_some() {

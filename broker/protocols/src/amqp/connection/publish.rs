@@ -38,10 +38,13 @@ impl Connection {
                 let Transaction { publishes, settles } = std::mem::take(tx);
                 let mut stored = Vec::with_capacity(publishes.len());
                 for (message, mandatory) in publishes {
-                    let publishing = self
-                        .messaging
-                        .publish(&self.vhost, &message)
-                        .map_err(channel_error)?;
+                    let publishing = match self.messaging.publish(&self.vhost, &message) {
+                        Ok(publishing) => publishing,
+                        Err(e) => {
+                            self.metrics.refused.inc();
+                            return Err(channel_error(e));
+                        }
+                    };
                     stored.push((publishing, mandatory.then_some(message)));
                 }
                 for (publishing, mandatory) in stored {
@@ -51,6 +54,7 @@ impl Connection {
                     if let Err(e) = &result
                         && !matches!(e, MessagingError::Refused(_))
                     {
+                        self.metrics.refused.inc();
                         return Err(Closing::channel(
                             code::INTERNAL_ERROR,
                             format!("INTERNAL_ERROR - a publish of the transaction failed: {e}"),
@@ -158,6 +162,7 @@ impl Connection {
         let Some(incoming) = chan.incoming.take() else {
             return Ok(());
         };
+        self.metrics.published.inc();
         let body = match incoming.body.len() {
             0 => Bytes::new(),
             1 => incoming.body.into_iter().next().unwrap_or_default(),
@@ -197,7 +202,10 @@ impl Connection {
         });
         let stored = match self.messaging.publish(&self.vhost, &message) {
             Ok(stored) => stored,
-            Err(e @ MessagingError::ExchangeNotFound(_)) => return Err(channel_error(e)),
+            Err(e @ MessagingError::ExchangeNotFound(_)) => {
+                self.metrics.refused.inc();
+                return Err(channel_error(e));
+            }
             Err(e) => {
                 let report = Stored {
                     channel: ch,
@@ -228,6 +236,11 @@ impl Connection {
 
     /// Reports a stored publish: returned if unroutable and mandatory, confirmed.
     pub(super) fn on_stored(&mut self, s: Stored) {
+        // Counted whether or not its channel is still there to hear of it.
+        match &s.result {
+            Ok(_) => self.metrics.confirmed.inc(),
+            Err(_) => self.metrics.refused.inc(),
+        }
         let Some(chan) = self.channels.get(&s.channel).filter(|c| !c.closing) else {
             return;
         };
