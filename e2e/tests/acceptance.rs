@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use futures_lite::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;
 use kube::{Api, Client};
@@ -451,17 +451,19 @@ async fn acceptance(cluster: &TestCluster, started: Instant) -> anyhow::Result<(
             .args(["get", "brokers,queues,topics", "-n", NS]))?
     );
 
-    // An AMQP client through the Service (a user of its own: guest is loopback-only).
-    petrel_in(
-        cluster,
-        "petrel-0",
-        &["user", "add", "app", "--password", "e2e-secret"],
-    )?;
-    petrel_in(
-        cluster,
-        "petrel-0",
-        &["user", "permit", "app", "--vhost", "/"],
-    )?;
+    // An AMQP client through the Service, as the Broker's default user: its credentials
+    // are in the Secret the operator made (guest is loopback-only).
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let secret = secrets.get("petrel-default-user").await?;
+    let field = |key: &str| -> anyhow::Result<String> {
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .with_context(|| format!("no {key} in the Secret"))?;
+        Ok(String::from_utf8(bytes.0.clone())?)
+    };
+    let (user, password) = (field("username")?, field("password")?);
     let services: Api<Service> = Api::namespaced(client.clone(), NS);
     let ip = services
         .get("petrel")
@@ -474,7 +476,16 @@ async fn acceptance(cluster: &TestCluster, started: Instant) -> anyhow::Result<(
         "reaching the Service from here needs the local cluster (or a port-forward)"
     );
     // Heartbeats every 2 s: a connection to a pod that went away is seen dead at once.
-    let url = format!("amqp://app:e2e-secret@{ip}:5672/%2f?heartbeat=2");
+    let url = format!("amqp://{user}:{password}@{ip}:5672/%2f?heartbeat=2");
+    // The user is made on the brokers once they form a cluster: at most a resync later.
+    let deadline = Instant::now() + WAIT;
+    while let Err(e) = confirming_channel(&url).await {
+        ensure!(
+            Instant::now() < deadline,
+            "the default user never got in: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (_conn, ch) = confirming_channel(&url).await?;
     for i in 0..100u32 {
         ensure!(

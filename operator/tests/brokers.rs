@@ -8,8 +8,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
+use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -301,6 +302,131 @@ async fn scaling_down_drains_first_and_growing_again_cancels_the_drain() -> anyh
         .await?
         .into_inner();
     assert_eq!(status.nodes.len(), 3);
+    operator.abort();
+    Ok(())
+}
+
+/// The default user's credentials in `secret`: username and password.
+fn credentials(secret: &Secret) -> anyhow::Result<(String, String)> {
+    let data = secret.data.as_ref().context("no data")?;
+    let text = |key: &str| -> anyhow::Result<String> {
+        let ByteString(bytes) = data.get(key).with_context(|| format!("no {key}"))?;
+        Ok(String::from_utf8(bytes.clone())?)
+    };
+    let uri = text("uri")?;
+    let (user, password) = (text("username")?, text("password")?);
+    ensure!(
+        uri == format!("amqp://{user}:{password}@petrel.{NS}.svc:5672/%2f"),
+        "{uri}"
+    );
+    Ok((user, password))
+}
+
+/// Waits until the broker at `admin` has `user` and lets it open the default vhost.
+async fn user_made(
+    admin: &mut AdminClient<tonic::transport::Channel>,
+    user: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let users = admin
+            .list_users(api::ListUsersRequest {})
+            .await?
+            .into_inner()
+            .users;
+        if users
+            .iter()
+            .any(|u| u.name == user && u.vhosts.iter().any(|v| v == "/"))
+        {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "no user {user}: {users:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_gets_a_default_user_whose_secret_lets_an_amqp_client_in() -> anyhow::Result<()> {
+    // One node stands for the Broker's single pod.
+    let cluster = Cluster::start(1)?;
+    let url = format!("http://127.0.0.1:{}", cluster.ports[0]);
+    let plane = ControlPlane::start()?;
+    let client = plane.client().await?;
+    install(&client).await?;
+    let operator = run_operator(&client)?;
+    let brokers: Api<Broker> = Api::namespaced(client.clone(), NS);
+    brokers
+        .create(
+            &PostParams::default(),
+            &broker(
+                "petrel",
+                json!({"replicas": 1, "image": "localhost/petrel:dev"}),
+                Some(&url),
+            )?,
+        )
+        .await?;
+
+    // The Secret, owned by the Broker, and named in its status.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let secret = wait_for(&secrets, "petrel-default-user", TIMEOUT, "made", |s| {
+        s.is_some()
+    })
+    .await?
+    .context("gone")?;
+    let (user, password) = credentials(&secret)?;
+    ensure!(password.len() >= 32, "a short password: {password}");
+    let owner = brokers.get("petrel").await?.uid().context("uid")?;
+    ensure!(secret.owner_references().iter().any(|o| o.uid == owner));
+    wait_for(&brokers, "petrel", TIMEOUT, "naming its Secret", |b| {
+        b.and_then(|b| b.status.as_ref())
+            .and_then(|s| s.default_user_secret.as_deref())
+            == Some("petrel-default-user")
+    })
+    .await?;
+
+    // The user is made on the broker, and a client logs in with the Secret's credentials.
+    let mut admin = AdminClient::connect(url.clone()).await?;
+    user_made(&mut admin, &user).await?;
+    let amqp = cluster.nodes[0].amqp_addr();
+    let login = format!("amqp://{user}:{password}@{amqp}/%2f");
+    let (conn, _channel) = petrel_tests::amqp::confirming_channel(&login).await?;
+    conn.close(200, "bye".into()).await?;
+
+    // Deleted on the broker, it is made again, with the password the Secret still holds.
+    admin
+        .delete_user(api::UserRef { name: user.clone() })
+        .await?;
+    user_made(&mut admin, &user).await?;
+    let again = secrets.get("petrel-default-user").await?;
+    ensure!(credentials(&again)? == (user.clone(), password.clone()));
+    let (conn, _channel) = petrel_tests::amqp::confirming_channel(&login).await?;
+    conn.close(200, "bye".into()).await?;
+
+    // The Secret deleted by hand: a new one, with a new password, which the brokers take.
+    secrets
+        .delete("petrel-default-user", &DeleteParams::default())
+        .await?;
+    let rotated = wait_for(&secrets, "petrel-default-user", TIMEOUT, "unmarked", |s| {
+        s.is_some_and(|s| {
+            s.metadata.uid != secret.metadata.uid
+                && !s.annotations().contains_key("petrel.io/password-pending")
+        })
+    })
+    .await?
+    .context("gone")?;
+    let (_, new_password) = credentials(&rotated)?;
+    ensure!(new_password != password, "the password did not change");
+    let new_login = format!("amqp://{user}:{new_password}@{amqp}/%2f");
+    let (conn, _channel) = petrel_tests::amqp::confirming_channel(&new_login)
+        .await
+        .context("the new password")?;
+    conn.close(200, "bye".into()).await?;
+    ensure!(
+        petrel_tests::amqp::confirming_channel(&login)
+            .await
+            .is_err(),
+        "the old password still lets a client in"
+    );
     operator.abort();
     Ok(())
 }

@@ -300,16 +300,22 @@ fn the_cluster_role_names_what_the_operator_does_and_no_wildcard() -> anyhow::Re
         ("monitoring.coreos.com", "prometheusrules", "create"),
         ("monitoring.coreos.com", "prometheusrules", "delete"),
         ("", "configmaps", "delete"),
+        // A Broker's default-user Secret: made once, read back by name, unmarked.
+        ("", "secrets", "create"),
+        ("", "secrets", "get"),
+        ("", "secrets", "patch"),
     ] {
         ensure!(
             grants(group, resource, verb),
             "the ClusterRole should grant {verb} on {resource} in group {group:?}"
         );
     }
-    ensure!(
-        !grants("", "secrets", "get"),
-        "the operator never reads Secrets"
-    );
+    for verb in ["list", "watch", "delete"] {
+        ensure!(
+            !grants("", "secrets", verb),
+            "the operator reads only its Brokers' Secrets, by name: no {verb}"
+        );
+    }
 
     let binding: ClusterRoleBinding = the(&documents, "ClusterRoleBinding")?;
     let account: ServiceAccount = the(&documents, "ServiceAccount")?;

@@ -3,6 +3,7 @@
 //! moving their leaderships away (`plan`), and shows the pods and the cluster's members
 //! in the status.
 
+pub mod credentials;
 pub mod desired;
 pub mod monitoring;
 pub mod plan;
@@ -153,6 +154,22 @@ async fn apply(broker: &Broker, ctx: &Context) -> Result<Action, Error> {
         }
     }
 
+    let (password, pending) = credentials::password(ctx, broker).await?;
+    if let Some(admin) = admin.as_mut()
+        && cluster.as_ref().is_some_and(|c| c.healthy)
+        && credentials::ensure_user(admin, &password, pending).await?
+    {
+        if pending {
+            credentials::password_set(ctx, broker).await?;
+        }
+        let note = format!(
+            "set the default user {} on the brokers (credentials in Secret {})",
+            credentials::USERNAME,
+            credentials::secret_name(broker)
+        );
+        ctx.event(broker, false, "DefaultUser", "Update", note)
+            .await;
+    }
     let unmonitored = monitoring::apply(ctx, broker).await?;
     if !unmonitored.is_empty() {
         let note = unmonitored.join("; ");
@@ -476,6 +493,7 @@ fn status(
         "readyReplicas": ready_replicas,
         "members": cluster.map(|c| c.members.clone()).unwrap_or_default(),
         "version": cluster.map(|c| c.version.clone()),
+        "defaultUserSecret": credentials::secret_name(broker),
         "observedGeneration": generation,
         "conditions": merged,
     });

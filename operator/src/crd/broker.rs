@@ -248,6 +248,10 @@ pub struct BrokerStatus {
     /// The broker version running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// The Secret holding the default user's credentials (username, password, host,
+    /// port, uri).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_user_secret: Option<String>,
     /// The generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
