@@ -11,7 +11,7 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use petrel_operator::crd::Queue;
 use serde_json::{Value, json};
-use support::{ControlPlane, install};
+use support::ControlPlane;
 
 /// The API server's answer to creating `object`: `Ok` or its message.
 async fn create<K>(api: &Api<K>, object: Value) -> anyhow::Result<Result<(), String>>
@@ -34,9 +34,7 @@ fn queue(name: &str, spec: Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_takes_the_definitions_and_refuses_bad_objects_readably()
 -> anyhow::Result<()> {
-    let plane = ControlPlane::start()?;
-    let client = plane.client().await?;
-    install(&client).await?;
+    let (_plane, client) = ControlPlane::installed().await?;
     let queues: Api<Queue> = Api::namespaced(client.clone(), "default");
 
     let zero = queue(
@@ -160,9 +158,7 @@ async fn the_api_server_takes_the_definitions_and_refuses_bad_objects_readably()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_charts_admission_policy_refuses_a_replication_factor_above_the_brokers_replicas()
 -> anyhow::Result<()> {
-    let plane = ControlPlane::start()?;
-    let client = plane.client().await?;
-    install(&client).await?;
+    let (_plane, client) = ControlPlane::installed().await?;
     // The policy and its binding, as the chart installs them.
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/petrel/templates/validation.yaml");

@@ -19,7 +19,7 @@ use petrel_operator::conditions::PROGRESSING;
 use petrel_operator::crd::Broker;
 use petrel_tests::cluster::Cluster;
 use serde_json::{Value, json};
-use support::{ControlPlane, install, run_operator, wait_for};
+use support::{ControlPlane, run_operator, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const NS: &str = "default";
@@ -52,9 +52,7 @@ async fn replicas(client: &Client, name: &str) -> anyhow::Result<Option<i32>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_becomes_its_objects_owned_kept_and_described() -> anyhow::Result<()> {
-    let plane = ControlPlane::start()?;
-    let client = plane.client().await?;
-    install(&client).await?;
+    let (_plane, client) = ControlPlane::installed().await?;
     let operator = run_operator(&client)?;
     let brokers: Api<Broker> = Api::namespaced(client.clone(), NS);
     // No admin API answers (there are no pods): what it shows comes from Kubernetes.
@@ -211,9 +209,7 @@ async fn scaling_down_drains_first_and_growing_again_cancels_the_drain() -> anyh
         })
         .await?;
 
-    let plane = ControlPlane::start()?;
-    let client = plane.client().await?;
-    install(&client).await?;
+    let (_plane, client) = ControlPlane::installed().await?;
     let operator = run_operator(&client)?;
     let brokers: Api<Broker> = Api::namespaced(client.clone(), NS);
     brokers
@@ -350,9 +346,7 @@ async fn a_broker_gets_a_default_user_whose_secret_lets_an_amqp_client_in() -> a
     // One node stands for the Broker's single pod.
     let cluster = Cluster::start(1)?;
     let url = format!("http://127.0.0.1:{}", cluster.ports[0]);
-    let plane = ControlPlane::start()?;
-    let client = plane.client().await?;
-    install(&client).await?;
+    let (_plane, client) = ControlPlane::installed().await?;
     let operator = run_operator(&client)?;
     let brokers: Api<Broker> = Api::namespaced(client.clone(), NS);
     brokers

@@ -18,7 +18,7 @@ use petrel_operator::crd::{Broker, Queue, Topic};
 use petrel_tests::amqp::{confirming_channel, publish_confirmed};
 use petrel_tests::{PetrelProcess, Serve};
 use serde_json::{Value, json};
-use support::{ControlPlane, install, run_operator, wait_for};
+use support::{ControlPlane, run_operator, wait_for};
 use tonic::transport::Channel;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -40,9 +40,7 @@ impl Drop for Setup {
 
 impl Setup {
     async fn start() -> anyhow::Result<Setup> {
-        let plane = ControlPlane::start()?;
-        let client = plane.client().await?;
-        install(&client).await?;
+        let (plane, client) = ControlPlane::installed().await?;
         let mut petrel = Serve::new()?.start()?;
         petrel.wait_ready(TIMEOUT)?;
         let operator = run_operator(&client)?;
@@ -494,9 +492,7 @@ async fn a_topic_resource_is_made_grown_and_shows_its_partitions() -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_binary_serves_health_and_metrics_and_logs_json() -> anyhow::Result<()> {
-    let plane = ControlPlane::start()?;
-    let client = plane.client().await?;
-    install(&client).await?;
+    let (plane, client) = ControlPlane::installed().await?;
     let port = petrel_tests::free_port()?;
     let mut operator = std::process::Command::new(env!("CARGO_BIN_EXE_petrel-operator"))
         .args([

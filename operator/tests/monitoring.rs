@@ -19,7 +19,6 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{
     ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
 };
-use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, ResourceExt};
 use petrel_api::admin::v1::{self as api, admin_client::AdminClient};
 use petrel_operator::brokers::monitoring::{self, DASHBOARD_LABEL, SCRAPED_LABEL};
@@ -27,7 +26,7 @@ use petrel_operator::conditions::DEGRADED;
 use petrel_operator::crd::Broker;
 use petrel_tests::Serve;
 use serde_json::{Value, json};
-use support::{ControlPlane, install, run_operator, wait_for};
+use support::{ControlPlane, apply_definition, run_operator, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const NS: &str = "default";
@@ -182,21 +181,11 @@ async fn every_metric_the_rules_and_the_dashboard_use_is_one_a_broker_exports() 
 
 /// Installs the Prometheus operator's CRDs from `dir` and waits until they are served.
 async fn install_prometheus_operator_crds(client: &Client, dir: &Path) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let apply = PatchParams::apply("test").force();
     for plural in ["servicemonitors", "prometheusrules"] {
         let path: PathBuf = dir.join(format!("monitoring.coreos.com_{plural}.yaml"));
         let definition: CustomResourceDefinition =
             serde_yaml::from_str(&std::fs::read_to_string(&path)?)?;
-        let name = definition.name_any();
-        crds.patch(&name, &apply, &Patch::Apply(&definition))
-            .await?;
-        tokio::time::timeout(
-            TIMEOUT,
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .with_context(|| format!("{name} not established"))??;
+        apply_definition(client, &definition).await?;
     }
     Ok(())
 }
@@ -236,9 +225,7 @@ async fn owned(api: &Api<DynamicObject>, name: &str, uid: &str) -> anyhow::Resul
 async fn monitoring_objects_are_made_where_the_prometheus_operator_is_and_said_missing_where_not()
 -> anyhow::Result<()> {
     let tools = tools()?;
-    let plane = ControlPlane::start()?;
-    let client = plane.client().await?;
-    install(&client).await?;
+    let (_plane, client) = ControlPlane::installed().await?;
     let operator = run_operator(&client)?;
     let brokers: Api<Broker> = Api::namespaced(client.clone(), NS);
     let nowhere = format!("http://127.0.0.1:{}", petrel_tests::free_port()?);

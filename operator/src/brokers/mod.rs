@@ -142,15 +142,13 @@ async fn apply(broker: &Broker, ctx: &Context) -> Result<Action, Error> {
     apply_object(ctx, &namespace, &objects.headless).await?;
     apply_object(ctx, &namespace, &objects.client).await?;
     let applied = apply_object(ctx, &namespace, &objects.stateful_set).await?;
-    let budgets: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &namespace);
     match &objects.disruption_budget {
         Some(budget) => {
             apply_object(ctx, &namespace, budget).await?;
         }
         None => {
-            if budgets.get_opt(&name).await?.is_some() {
-                budgets.delete(&name, &DeleteParams::default()).await?;
-            }
+            let budgets: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &namespace);
+            delete_if_there(&budgets, &name).await?;
         }
     }
 
@@ -249,6 +247,18 @@ where
     Ok(api
         .patch(&object.name_any(), &params, &Patch::Apply(object))
         .await?)
+}
+
+/// Deletes `name` unless it is already gone (something the Broker no longer asks for).
+async fn delete_if_there<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The Broker's pods, by ordinal.

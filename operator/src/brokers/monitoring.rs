@@ -6,11 +6,11 @@
 //! narrowed to its own pods.
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
-use super::desired;
+use super::{delete_if_there, desired};
 use crate::admin::headless_service;
 use crate::context::{Context, FIELD_MANAGER};
 use crate::crd::Broker;
@@ -215,18 +215,6 @@ async fn served_kinds(ctx: &Context) -> Result<Vec<Kind>, Error> {
         .map(|(kind, _)| kind)
         .collect()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(Vec::new()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Deletes `name` unless it is already gone.
-async fn delete_if_there<K>(api: &Api<K>, name: &str) -> Result<(), Error>
-where
-    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    match api.delete(name, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
     }
 }

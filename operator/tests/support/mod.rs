@@ -48,6 +48,14 @@ impl ControlPlane {
         Ok(ControlPlane { dir, kubeconfig })
     }
 
+    /// Starts one with the operator's definitions installed, and a client of it.
+    pub async fn installed() -> anyhow::Result<(ControlPlane, Client)> {
+        let plane = ControlPlane::start()?;
+        let client = plane.client().await?;
+        install(&client).await?;
+        Ok((plane, client))
+    }
+
     /// Its admin kubeconfig.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
@@ -72,23 +80,31 @@ impl Drop for ControlPlane {
 
 /// Installs every definition (server-side apply) and waits until each is served.
 pub async fn install(client: &Client) -> anyhow::Result<()> {
+    for definition in crd::all() {
+        apply_definition(client, &definition).await?;
+    }
+    Ok(())
+}
+
+/// Applies `definition` (server-side) and waits until it is served.
+pub async fn apply_definition(
+    client: &Client,
+    definition: &CustomResourceDefinition,
+) -> anyhow::Result<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let apply = PatchParams::apply("petrel-operator").force();
-    for definition in crd::all() {
-        let name = definition
-            .metadata
-            .name
-            .clone()
-            .context("a named definition")?;
-        crds.patch(&name, &apply, &Patch::Apply(&definition))
-            .await?;
-        tokio::time::timeout(
-            ESTABLISHED,
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .with_context(|| format!("{name} not established within {ESTABLISHED:?}"))??;
-    }
+    let name = definition
+        .metadata
+        .name
+        .clone()
+        .context("a named definition")?;
+    crds.patch(&name, &apply, &Patch::Apply(definition)).await?;
+    tokio::time::timeout(
+        ESTABLISHED,
+        await_condition(crds.clone(), &name, conditions::is_crd_established()),
+    )
+    .await
+    .with_context(|| format!("{name} not established within {ESTABLISHED:?}"))??;
     Ok(())
 }
 
