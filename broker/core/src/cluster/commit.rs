@@ -1,25 +1,32 @@
 //! Group commit in front of the partition groups: records produced to a group while its
-//! previous proposal is being committed are merged into one batch, one Raft entry.
+//! proposals are being committed are merged into one batch, one Raft entry.
 //!
-//! openraft 0.9 appends one entry at a time and waits for its flush before the next, so
-//! a group proposed to record by record commits about one entry per disk sync. Merging
-//! makes an entry carry whatever arrived meanwhile: the more producers, the larger the
-//! batches, the same number of syncs. One proposal per group is in flight at a time,
-//! which also keeps the records in the order they arrived.
+//! Each entry costs a disk sync on the leader and on a quorum of followers, so a group
+//! proposed to record by record would commit about one entry per sync. Merging makes an
+//! entry carry whatever arrived meanwhile: the more producers, the larger the batches,
+//! the same number of syncs. While this node leads the group, a second proposal is
+//! handed to Raft while the first commits (the leader appends it while the followers
+//! sync the first); elsewhere one goes to the leader at a time. Proposals are handed
+//! over in the order their records arrived, so records keep that order.
 
 use std::collections::{HashMap, VecDeque};
 use std::mem;
 use std::sync::{Arc, Mutex};
 
+use openraft::error::ClientWriteError;
+use openraft::raft::ClientWriteResponse;
 use petrel_log::BatchBuilder;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
-use super::{ClusterError, ClusterNode};
-use crate::raft::{Proposal, Refused};
+use super::{ClusterError, ClusterNode, Committing, Written};
+use crate::raft::{PartitionRaft, Proposal, Refused};
 
 /// A batch is proposed once it holds this many bytes of records even if more are
 /// waiting, bounding entries (and the messages replicating them).
 const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// Proposals of a group handed to its local leader and not yet committed, at most.
+const IN_FLIGHT: usize = 2;
 
 /// A record to produce.
 #[derive(Debug, Clone, Copy)]
@@ -39,21 +46,25 @@ pub type Offsets = (u64, u64);
 
 type Reply = oneshot::Sender<Result<Offsets, Arc<ClusterError>>>;
 
+/// Each producer's record count and reply, in the order they were pushed.
+type Waiting = Vec<(u32, Reply)>;
+
 /// Records waiting to be proposed together, and who waits for them.
 #[derive(Default)]
 struct Chunk {
     batch: BatchBuilder,
     bytes: usize,
-    /// Each producer's record count, in the order they were pushed.
-    waiting: Vec<(u32, Reply)>,
+    waiting: Waiting,
 }
 
 /// What waits for one group.
 #[derive(Default)]
 struct Pending {
     chunks: VecDeque<Chunk>,
-    /// A proposal of this group is being committed; its proposer sends the next.
+    /// A proposer of this group is at work; it sends what arrives.
     busy: bool,
+    /// Wakes the busy proposer when records arrive.
+    arrived: Arc<Notify>,
 }
 
 /// The merging queues of every group this node proposes to.
@@ -101,7 +112,11 @@ impl GroupCommit {
                 let count = u32::try_from(records.len()).unwrap_or(u32::MAX);
                 chunk.waiting.push((count, reply));
             }
-            !mem::replace(&mut pending.busy, true)
+            let busy = mem::replace(&mut pending.busy, true);
+            if busy {
+                pending.arrived.notify_one();
+            }
+            !busy
         };
         if lead {
             let node = node.clone();
@@ -119,56 +134,122 @@ impl GroupCommit {
 
     /// Proposes what is waiting for `group`, batch after batch, until nothing is.
     async fn propose_all(&self, node: &ClusterNode, group: u64) {
+        let Some(arrived) = self.lock().get(&group).map(|p| p.arrived.clone()) else {
+            return;
+        };
+        // Handed to the local leader, oldest first.
+        let mut in_flight: VecDeque<(Committing, Proposal, Waiting)> = VecDeque::new();
         loop {
-            let Some((batch, waiting)) = self.take(group) else {
-                return;
+            if in_flight.len() < IN_FLIGHT {
+                if let Some((batch, waiting)) = self.take(group, in_flight.is_empty()) {
+                    let proposal = match batch.build(0, 0, 0) {
+                        Ok(batch) => Proposal(batch),
+                        Err(e) => {
+                            let e = crate::meta::MetaError::InvalidArgument(e.to_string());
+                            answer(group, waiting, Err(ClusterError::Meta(e)));
+                            continue;
+                        }
+                    };
+                    match node.submit(group, &proposal).await {
+                        Some(committing) => in_flight.push_back((committing, proposal, waiting)),
+                        None => {
+                            // Not led here: what was handed over is answered first, then
+                            // this goes to the leader alone (forwarded proposals could
+                            // overtake each other).
+                            while let Some((committing, proposal, waiting)) = in_flight.pop_front()
+                            {
+                                let result = committed(node, group, committing.await, proposal);
+                                answer(group, waiting, result.await);
+                            }
+                            answer(group, waiting, node.write(group, proposal).await);
+                        }
+                    }
+                    continue;
+                }
+                if in_flight.is_empty() {
+                    return;
+                }
+            }
+            let room = in_flight.len() < IN_FLIGHT;
+            let Some((committing, _, _)) = in_flight.front_mut() else {
+                continue;
             };
-            let result = match batch.build(0, 0, 0) {
-                Ok(batch) => node.write(group, Proposal(batch)).await.map(|r| {
-                    let refused = r
-                        .data
-                        .reply
-                        .and_then(|v| serde_json::from_value::<Refused>(v).ok())
-                        .map(|r| r.refused)
-                        .unwrap_or_default();
-                    (r.data.base_offset, refused)
-                }),
-                Err(e) => Err(ClusterError::Meta(crate::meta::MetaError::InvalidArgument(
-                    e.to_string(),
-                ))),
-            };
-            match result {
-                Ok((mut offset, refused)) => {
-                    for (count, reply) in waiting {
-                        let next = offset + u64::from(count);
-                        let answer = if refused.iter().any(|o| (offset..next).contains(o)) {
-                            Err(Arc::new(ClusterError::Full { group }))
-                        } else {
-                            Ok((offset, next))
-                        };
-                        let _ = reply.send(answer);
-                        offset = next;
+            tokio::select! {
+                result = committing => {
+                    if let Some((_, proposal, waiting)) = in_flight.pop_front() {
+                        answer(group, waiting, committed(node, group, result, proposal).await);
                     }
                 }
-                Err(e) => {
-                    let e = Arc::new(e);
-                    for (_, reply) in waiting {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
+                () = arrived.notified(), if room => {}
             }
         }
     }
 
-    /// The next chunk of `group`, or `None` (and the group no longer busy) if nothing
-    /// waits.
-    fn take(&self, group: u64) -> Option<(BatchBuilder, Vec<(u32, Reply)>)> {
+    /// The next chunk of `group`, or `None` if nothing waits (and then, if `idle`, the
+    /// group is no longer busy: the next produce starts a proposer).
+    fn take(&self, group: u64, idle: bool) -> Option<(BatchBuilder, Waiting)> {
         let mut groups = self.lock();
         let pending = groups.get_mut(&group)?;
         let Some(chunk) = pending.chunks.pop_front() else {
-            groups.remove(&group);
+            if idle {
+                groups.remove(&group);
+            }
             return None;
         };
         Some((chunk.batch, chunk.waiting))
+    }
+}
+
+/// What became of a proposal handed to the local leader: a leader that lost its place
+/// before the commit answers `ForwardToLeader` (or nothing, if its group stopped), and
+/// the proposal goes to the group's leader, wherever it is now.
+async fn committed(
+    node: &ClusterNode,
+    group: u64,
+    result: Result<Written, oneshot::error::RecvError>,
+    proposal: Proposal,
+) -> Result<ClientWriteResponse<PartitionRaft>, ClusterError> {
+    match result {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(ClientWriteError::ForwardToLeader(_))) | Err(_) => node.write(group, proposal).await,
+        Ok(Err(e)) => Err(ClusterError::Raft {
+            group,
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// Answers each producer of a batch with the offsets its records took, or why not.
+fn answer(
+    group: u64,
+    waiting: Waiting,
+    result: Result<ClientWriteResponse<PartitionRaft>, ClusterError>,
+) {
+    match result {
+        Ok(response) => {
+            let refused = response
+                .data
+                .reply
+                .and_then(|v| serde_json::from_value::<Refused>(v).ok())
+                .map(|r| r.refused)
+                .unwrap_or_default();
+            let mut offset = response.data.base_offset;
+            for (count, reply) in waiting {
+                let next = offset + u64::from(count);
+                let answer = if refused.iter().any(|o| (offset..next).contains(o)) {
+                    Err(Arc::new(ClusterError::Full { group }))
+                } else {
+                    Ok((offset, next))
+                };
+                let _ = reply.send(answer);
+                offset = next;
+            }
+        }
+        Err(e) => {
+            let e = Arc::new(e);
+            for (_, reply) in waiting {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
     }
 }

@@ -48,6 +48,13 @@ const FORWARD_RETRY: Duration = Duration::from_millis(50);
 /// How long a write may spend finding its group's leader.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A proposal committed and applied by its group, or why not.
+pub(super) type Written =
+    Result<ClientWriteResponse<PartitionRaft>, ClientWriteError<NodeId, BasicNode>>;
+
+/// What answers a proposal handed to a local leader (`ClusterNode::submit`).
+pub(super) type Committing = oneshot::Receiver<Written>;
+
 /// How a node runs.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -353,6 +360,20 @@ impl ClusterNode {
             .applied_index_at_least(Some(reply.log_id.index), "the command applied here")
             .await;
         Ok(meta::outcome(&reply.data)?)
+    }
+
+    /// Hands `proposal` to this node's replica of `group` if it leads the group, and
+    /// returns without waiting for the commit: proposals handed over one after another
+    /// are appended in that order. `None` if this node does not lead the group (`write`
+    /// finds the leader).
+    pub(super) async fn submit(&self, group: u64, proposal: &Proposal) -> Option<Committing> {
+        let raft = self.group(group)?;
+        if raft.metrics().borrow().current_leader != Some(self.id) {
+            return None;
+        }
+        self.holds.pass(group).await;
+        // A `Proposal` is a handle on shared bytes: the clone copies no records.
+        raft.client_write_ff(proposal.clone()).await.ok()
     }
 
     /// Proposes to `group` through its leader, wherever it is; returns once committed

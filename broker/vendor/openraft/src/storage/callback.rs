@@ -1,0 +1,124 @@
+//! Callbacks used by Storage API
+
+use std::io;
+
+use tokio::sync::oneshot;
+
+use crate::async_runtime::AsyncOneshotSendExt;
+use crate::core::notify::Notify;
+use crate::raft_state::io_state::log_io_id::LogIOId;
+use crate::type_config::alias::OneshotSenderOf;
+use crate::LogId;
+use crate::RaftTypeConfig;
+use crate::StorageIOError;
+
+/// Where a log io completion is reported.
+pub(crate) enum FlushTx<C>
+where C: RaftTypeConfig
+{
+    /// A caller awaits the flush (followers, tests).
+    Oneshot(OneshotSenderOf<C, Result<LogIOId<C::NodeId>, io::Error>>),
+    /// RaftCore is told by a notification; nobody awaits (leader's own append).
+    Notify(tokio::sync::mpsc::UnboundedSender<Notify<C>>),
+}
+
+/// A oneshot callback for completion of log io operation.
+pub struct LogFlushed<C>
+where C: RaftTypeConfig
+{
+    log_io_id: LogIOId<C::NodeId>,
+    tx: FlushTx<C>,
+}
+
+impl<C> LogFlushed<C>
+where C: RaftTypeConfig
+{
+    pub(crate) fn new(
+        log_io_id: LogIOId<C::NodeId>,
+        tx: OneshotSenderOf<C, Result<LogIOId<C::NodeId>, io::Error>>,
+    ) -> Self {
+        Self {
+            log_io_id,
+            tx: FlushTx::Oneshot(tx),
+        }
+    }
+
+    /// A callback that reports the flush to RaftCore as [`Notify::LocalIO`].
+    pub(crate) fn with_notify(
+        log_io_id: LogIOId<C::NodeId>,
+        tx: tokio::sync::mpsc::UnboundedSender<Notify<C>>,
+    ) -> Self {
+        Self {
+            log_io_id,
+            tx: FlushTx::Notify(tx),
+        }
+    }
+
+    /// Report log io completion event.
+    ///
+    /// It will be called when the log is successfully appended to the storage or an error occurs.
+    pub fn log_io_completed(self, result: Result<(), io::Error>) {
+        if let Err(e) = &result {
+            tracing::error!("LogFlush error: {}, while flushing upto {}", e, self.log_io_id);
+        }
+        match self.tx {
+            FlushTx::Oneshot(tx) => {
+                let res = tx.send(result.map(|_| self.log_io_id));
+                if let Err(e) = res {
+                    tracing::error!("failed to send log io completion event: {:?}", e);
+                }
+            }
+            FlushTx::Notify(tx) => {
+                let notify = Notify::LocalIO {
+                    log_io_id: self.log_io_id,
+                    result,
+                };
+                if tx.send(notify).is_err() {
+                    tracing::debug!("RaftCore is gone; log io completion dropped");
+                }
+            }
+        }
+    }
+}
+
+/// A oneshot callback for completion of applying logs to state machine.
+pub struct LogApplied<C>
+where C: RaftTypeConfig
+{
+    last_log_id: LogId<C::NodeId>,
+    tx: oneshot::Sender<Result<(LogId<C::NodeId>, Vec<C::R>), StorageIOError<C::NodeId>>>,
+}
+
+impl<C> LogApplied<C>
+where C: RaftTypeConfig
+{
+    #[allow(dead_code)]
+    pub(crate) fn new(
+        last_log_id: LogId<C::NodeId>,
+        tx: oneshot::Sender<Result<(LogId<C::NodeId>, Vec<C::R>), StorageIOError<C::NodeId>>>,
+    ) -> Self {
+        Self { last_log_id, tx }
+    }
+
+    /// Report apply io completion event.
+    ///
+    /// It will be called when the log is successfully applied to the state machine or an error
+    /// occurs.
+    pub fn completed(self, result: Result<Vec<C::R>, StorageIOError<C::NodeId>>) {
+        let res = match result {
+            Ok(x) => {
+                tracing::debug!("LogApplied upto {}", self.last_log_id);
+                let resp = (self.last_log_id.clone(), x);
+                self.tx.send(Ok(resp))
+            }
+            Err(e) => {
+                tracing::error!("LogApplied error: {}, while applying upto {}", e, self.last_log_id);
+                self.tx.send(Err(e))
+            }
+        };
+
+        if let Err(_e) = res {
+            tracing::error!("failed to send apply complete event, last_log_id: {}", self.last_log_id);
+        }
+    }
+}
