@@ -96,13 +96,13 @@ fn cluster_bench_ends_with_the_documented_json_line() {
     let json = bench_json(
         Command::new(env!("CARGO_BIN_EXE_petrel-bench"))
             .args(["cluster", "--json", "--seconds", "0.3"])
-            .args(["--partitions", "1,2", "--producers", "2"])
+            .args(["--partitions", "1,2", "--producers", "1,2"])
             .args(["--idle-partitions", "4", "--idle-seconds", "0.3"]),
         "vs 1 node",
     );
     let results = json["results"].as_array().expect("results");
-    // 1 node at RF 1, 3 nodes at RF 1 and at RF 3; 1 and 2 partitions each.
-    assert_eq!(results.len(), 6, "{json}");
+    // 1 node at RF 1, 3 nodes at RF 1 and at RF 3; 1 and 2 partitions, 1 and 2 producers.
+    assert_eq!(results.len(), 12, "{json}");
     for r in results {
         let rf = r["replication_factor"]
             .as_u64()
@@ -112,6 +112,33 @@ fn cluster_bench_ends_with_the_documented_json_line() {
         assert!(r["partitions"].as_u64().is_some(), "{r}");
         check_figures(r);
         assert_eq!(r["errors"], 0, "{r}");
+    }
+    // Each partition count's peak is its best producer count, shape by shape.
+    let best = |nodes: u64, rf: u64, partitions: u64| {
+        results
+            .iter()
+            .filter(|r| {
+                r["nodes"] == nodes
+                    && r["replication_factor"] == rf
+                    && r["partitions"] == partitions
+            })
+            .filter_map(|r| r["msgs_per_s"].as_f64())
+            .fold(0.0, f64::max)
+    };
+    let peaks = json["peaks"].as_array().expect("peaks");
+    assert_eq!(peaks.len(), 2, "{json}");
+    for p in peaks {
+        let partitions = p["partitions"].as_u64().expect("partitions");
+        let rf3 = best(3, 3, partitions);
+        assert_eq!(p["rf3_3_nodes_msgs_per_s"].as_f64(), Some(rf3), "{p}");
+        assert_eq!(
+            p["rf1_1_node_msgs_per_s"].as_f64(),
+            Some(best(1, 1, partitions)),
+            "{p}"
+        );
+        let ratio = rf3 / best(3, 1, partitions);
+        let reported = p["rf3_vs_rf1_3_nodes"].as_f64().expect("ratio");
+        assert!((reported - ratio).abs() < 1e-9, "{p}");
     }
     let failover = json["failover_ms"].as_f64().expect("failover_ms");
     assert!(failover > 0.0 && failover < 10_000.0, "{json}");

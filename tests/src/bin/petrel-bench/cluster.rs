@@ -176,6 +176,55 @@ fn ratio_to_single(cases: &[Case], case: &Case) -> Option<f64> {
     Some(case.msgs_per_s / single.msgs_per_s)
 }
 
+/// The most a shape took over the producer counts tried: its throughput at saturation.
+fn peak(cases: &[Case], nodes: usize, replication_factor: u32, partitions: u32) -> Option<f64> {
+    cases
+        .iter()
+        .filter(|c| {
+            c.shape.nodes == nodes
+                && c.shape.replication_factor == replication_factor
+                && c.partitions == partitions
+        })
+        .map(|c| c.msgs_per_s)
+        .reduce(f64::max)
+}
+
+/// One partition count's peak throughput in each shape.
+struct Peak {
+    partitions: u32,
+    rf1_one_node: f64,
+    rf1_three_nodes: f64,
+    rf3: f64,
+}
+
+impl Peak {
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "partitions": self.partitions,
+            "rf1_1_node_msgs_per_s": self.rf1_one_node,
+            "rf1_3_nodes_msgs_per_s": self.rf1_three_nodes,
+            "rf3_3_nodes_msgs_per_s": self.rf3,
+            "rf3_vs_rf1_3_nodes": self.rf3 / self.rf1_three_nodes,
+            "rf3_vs_rf1_1_node": self.rf3 / self.rf1_one_node,
+        })
+    }
+}
+
+/// Per partition count, the peak of each shape.
+fn peaks(cases: &[Case], args: &Args) -> Vec<Peak> {
+    args.partitions
+        .iter()
+        .filter_map(|&partitions| {
+            Some(Peak {
+                partitions,
+                rf1_one_node: peak(cases, 1, 1, partitions)?,
+                rf1_three_nodes: peak(cases, 3, 1, partitions)?,
+                rf3: peak(cases, 3, 3, partitions)?,
+            })
+        })
+        .collect()
+}
+
 fn report(cases: &[Case], extras: &Extras, args: &Args) {
     println!(
         "{:>5} {:>3} {:>10} {:>9} {:>10} {:>8} {:>8} {:>8} {:>9} {:>7} {:>6} {:>9}",
@@ -207,6 +256,19 @@ fn report(cases: &[Case], extras: &Extras, args: &Args) {
             c.cpu_s,
             c.errors,
             ratio_to_single(cases, c).unwrap_or(f64::NAN)
+        );
+    }
+    let peaks = peaks(cases, args);
+    for p in &peaks {
+        println!(
+            "peak of {:?} producers, {} partitions: rf1 {:.0} msgs/s on 1 node, {:.0} on 3 nodes; rf3 {:.0}, {:.2} of rf1 on 3 nodes, {:.2} of rf1 on 1 node",
+            args.producers,
+            p.partitions,
+            p.rf1_one_node,
+            p.rf1_three_nodes,
+            p.rf3,
+            p.rf3 / p.rf1_three_nodes,
+            p.rf3 / p.rf1_one_node,
         );
     }
     if let Some(cores) = extras.idle_cpu_cores {
@@ -245,6 +307,7 @@ fn report(cases: &[Case], extras: &Extras, args: &Args) {
                 "record_bytes": args.record_bytes,
                 "seconds": args.seconds,
                 "results": results,
+                "peaks": peaks.iter().map(Peak::json).collect::<Vec<_>>(),
                 "idle_partitions": args.idle_partitions,
                 "idle_cpu_cores": extras.idle_cpu_cores,
                 "failover_ms": extras.failover_ms,

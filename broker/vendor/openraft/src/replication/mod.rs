@@ -145,7 +145,15 @@ where
     /// Appropriate number of entries to send.
     /// This is only used by AppendEntries RPC.
     entries_hint: ReplicationHint,
+
+    /// Petrel: when a commit that no request has carried yet goes out on its own.
+    commit_due: Option<InstantOf<C>>,
 }
+
+/// Petrel: how long a newly committed log id waits for entries to go out with, before it
+/// is sent alone. A follower learns it a little later; a busy group saves a request per
+/// commit to each follower.
+const COMMIT_LINGER: Duration = Duration::from_millis(5);
 
 impl<C, N, LS> ReplicationCore<C, N, LS>
 where
@@ -198,6 +206,7 @@ where
             weak_tx_event: tx_event.downgrade(),
             next_action: None,
             entries_hint: Default::default(),
+            commit_due: None,
         };
 
         let join_handle = C::AsyncRuntime::spawn(this.main().instrument(span));
@@ -214,9 +223,14 @@ where
             let action = self.next_action.take();
 
             let Some(d) = action else {
-                self.drain_events_with_backoff().await?;
+                match self.commit_due {
+                    Some(due) if self.backoff.is_none() => self.drain_events_until(due).await?,
+                    _ => self.drain_events_with_backoff().await?,
+                }
                 continue;
             };
+            // Every request carries the latest committed log id.
+            self.commit_due = None;
 
             // Backup the log data for retrying.
             let mut log_data = None;
@@ -620,6 +634,23 @@ where
         }
     }
 
+    /// Petrel: processes events from RaftCore until one fills `next_action` or `due`
+    /// passes; then the committed index goes out alone, as a heartbeat.
+    async fn drain_events_until(&mut self, due: InstantOf<C>) -> Result<(), ReplicationClosed> {
+        select! {
+            _ = C::sleep_until(due) => {
+                if self.next_action.is_none() {
+                    self.next_action = Some(Data::new_heartbeat());
+                }
+            }
+            recv_res = self.rx_event.recv() => {
+                let event = recv_res.ok_or(ReplicationClosed::new("RaftCore closed replication"))?;
+                self.process_event(event);
+            }
+        }
+        Ok(())
+    }
+
     /// Receive and process events from RaftCore, until `next_action` is filled.
     ///
     /// It blocks until at least one event is received.
@@ -679,9 +710,10 @@ where
 
                 self.committed = c;
 
-                // If there is no action, fill in an heartbeat action to send committed index.
-                if self.next_action.is_none() {
-                    self.next_action = Some(Data::new_heartbeat());
+                // Petrel: if there is no action, the committed index waits a moment for
+                // entries to carry it (see `drain_events_until`).
+                if self.next_action.is_none() && self.commit_due.is_none() {
+                    self.commit_due = Some(C::now() + COMMIT_LINGER);
                 }
             }
             Replicate::Heartbeat => {
