@@ -666,10 +666,9 @@ mod failover {
             logs.push(values);
         }
         // A replica may still be catching up: each is a prefix of the longest.
-        let longest = logs.iter().map(Vec::len).max().unwrap_or(0);
         let full = logs
             .iter()
-            .find(|l| l.len() == longest)
+            .max_by_key(|l| l.len())
             .cloned()
             .unwrap_or_default();
         for (port, log) in ports.iter().zip(&logs) {
