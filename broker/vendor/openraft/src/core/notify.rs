@@ -43,7 +43,7 @@ where C: RaftTypeConfig
     /// Result of executing a command sent from state machine worker.
     StateMachine { command_result: sm::CommandResult<C> },
 
-    /// The leader's own log append reached the disk (or failed).
+    /// Petrel: the leader's own log append reached the disk (or failed).
     LocalIO {
         log_io_id: LogIOId<C::NodeId>,
         result: Result<(), std::io::Error>,

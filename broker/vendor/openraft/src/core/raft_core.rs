@@ -1283,7 +1283,7 @@ where
                     let e = StorageIOError::write_logs(AnyError::error(e));
                     return Err(Fatal::StorageError(e.into()));
                 }
-                // Only the leader that appended counts it: a flush of an earlier term's
+                // Petrel: only the leader that appended counts it: a flush of an earlier term's
                 // append says nothing about this leader's progress.
                 if let Ok(mut lh) = self.engine.leader_handler() {
                     if lh.leader.vote.committed_leader_id() == Some(log_io_id.committed_leader_id) {
@@ -1651,7 +1651,7 @@ where
                 let last_log_id = entries.last().unwrap().get_log_id().clone();
                 tracing::debug!("AppendInputEntries: {}", DisplaySlice::<_>(&entries),);
 
-                // The leader's own append: submit it and go on replicating; the leader
+                // Petrel: the leader's own append: submit it and go on replicating; the leader
                 // counts itself in the quorum only once `Notify::LocalIO` reports the
                 // flush. A follower still awaits its flush: the `Respond` queued after
                 // this command answers the leader once it returns.

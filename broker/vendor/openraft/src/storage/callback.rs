@@ -12,7 +12,7 @@ use crate::LogId;
 use crate::RaftTypeConfig;
 use crate::StorageIOError;
 
-/// Where a log io completion is reported.
+/// Petrel: where a log io completion is reported.
 pub(crate) enum FlushTx<C>
 where C: RaftTypeConfig
 {
@@ -43,7 +43,7 @@ where C: RaftTypeConfig
         }
     }
 
-    /// A callback that reports the flush to RaftCore as [`Notify::LocalIO`].
+    /// Petrel: a callback that reports the flush to RaftCore as [`Notify::LocalIO`].
     pub(crate) fn with_notify(
         log_io_id: LogIOId<C::NodeId>,
         tx: tokio::sync::mpsc::UnboundedSender<Notify<C>>,
