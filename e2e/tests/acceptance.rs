@@ -479,14 +479,18 @@ async fn acceptance(cluster: &TestCluster, started: Instant) -> anyhow::Result<(
     let url = format!("amqp://{user}:{password}@{ip}:5672/%2f?heartbeat=2");
     // The user is made on the brokers once they form a cluster: at most a resync later.
     let deadline = Instant::now() + WAIT;
-    while let Err(e) = confirming_channel(&url).await {
-        ensure!(
-            Instant::now() < deadline,
-            "the default user never got in: {e}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let (_conn, ch) = confirming_channel(&url).await?;
+    let (_conn, ch) = loop {
+        match confirming_channel(&url).await {
+            Ok(connected) => break connected,
+            Err(e) => {
+                ensure!(
+                    Instant::now() < deadline,
+                    "the default user never got in: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
     for i in 0..100u32 {
         ensure!(
             publish_confirmed(

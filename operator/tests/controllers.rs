@@ -9,8 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use petrel_api::admin::v1::{self as api, admin_client::AdminClient};
 use petrel_operator::conditions::{self, READY};
@@ -142,21 +141,8 @@ impl Setup {
 
     /// Waits for an Event with `reason` on the object named `name`.
     async fn until_event(&self, name: &str, reason: &str) -> anyhow::Result<()> {
-        let events: Api<Event> = self.api();
-        let on_it = ListParams::default().fields(&format!("regarding.name={name}"));
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let listed = events.list(&on_it).await?;
-            if listed
-                .items
-                .iter()
-                .any(|e| e.reason.as_deref() == Some(reason))
-            {
-                return Ok(());
-            }
-            ensure!(Instant::now() < deadline, "no {reason} Event on {name}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        support::until_event(&self.api(), name, reason, TIMEOUT).await?;
+        Ok(())
     }
 }
 

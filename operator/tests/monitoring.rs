@@ -16,9 +16,7 @@ use anyhow::{Context as _, bail, ensure};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{
-    ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams,
-};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use petrel_api::admin::v1::{self as api, admin_client::AdminClient};
 use petrel_operator::brokers::monitoring::{self, DASHBOARD_LABEL, SCRAPED_LABEL};
@@ -26,7 +24,7 @@ use petrel_operator::conditions::DEGRADED;
 use petrel_operator::crd::Broker;
 use petrel_tests::Serve;
 use serde_json::{Value, json};
-use support::{ControlPlane, apply_definition, run_operator, wait_for};
+use support::{ControlPlane, apply_definition, run_operator, until_event, wait_for};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const NS: &str = "default";
@@ -207,18 +205,14 @@ fn degraded(b: &Broker) -> Option<(String, String, String)> {
 
 /// Waits until `name` exists in `api` and is owned by the Broker `uid`.
 async fn owned(api: &Api<DynamicObject>, name: &str, uid: &str) -> anyhow::Result<DynamicObject> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(found) = api.get_opt(name).await? {
-            ensure!(
-                found.owner_references().iter().any(|o| o.uid == uid),
-                "{name} is not owned by the Broker: {found:?}"
-            );
-            return Ok(found);
-        }
-        ensure!(Instant::now() < deadline, "{name} was never made");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let found = wait_for(api, name, TIMEOUT, "made", |o| o.is_some())
+        .await?
+        .context("gone")?;
+    ensure!(
+        found.owner_references().iter().any(|o| o.uid == uid),
+        "{name} is not owned by the Broker: {found:?}"
+    );
+    Ok(found)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,20 +247,8 @@ async fn monitoring_objects_are_made_where_the_prometheus_operator_is_and_said_m
         "{message}"
     );
     let events: Api<Event> = Api::namespaced(client.clone(), NS);
-    let deadline = Instant::now() + TIMEOUT;
-    while !events
-        .list(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .any(|e| {
-            e.reason.as_deref() == Some("MonitoringUnavailable")
-                && e.type_.as_deref() == Some("Warning")
-        })
-    {
-        ensure!(Instant::now() < deadline, "no MonitoringUnavailable Event");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let event = until_event(&events, "petrel", "MonitoringUnavailable", TIMEOUT).await?;
+    ensure!(event.type_.as_deref() == Some("Warning"), "{event:?}");
     // The dashboard needs no definition: it is there already, for Grafana's sidecar.
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
     let dashboard = wait_for(&maps, "petrel-petrel-dashboard", TIMEOUT, "made", |m| {
@@ -327,17 +309,10 @@ async fn monitoring_objects_are_made_where_the_prometheus_operator_is_and_said_m
             &Patch::Merge(json!({"spec": {"replicas": 5}})),
         )
         .await?;
-    let deadline = Instant::now() + TIMEOUT;
-    while !rules
-        .get("petrel-petrel")
-        .await?
-        .data
-        .to_string()
-        .contains("< 5")
-    {
-        ensure!(Instant::now() < deadline, "the rules still count 3 pods");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for(&rules, "petrel-petrel", TIMEOUT, "counting 5 pods", |r| {
+        r.is_some_and(|r| r.data.to_string().contains("< 5"))
+    })
+    .await?;
 
     // Turned off, each goes.
     brokers
@@ -348,22 +323,13 @@ async fn monitoring_objects_are_made_where_the_prometheus_operator_is_and_said_m
                 "serviceMonitor": false, "prometheusRule": false, "grafanaDashboard": false}}})),
         )
         .await?;
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let left = (
-            monitors.get_opt("petrel-petrel").await?.is_some(),
-            rules.get_opt("petrel-petrel").await?.is_some(),
-            maps.get_opt("petrel-petrel-dashboard").await?.is_some(),
-        );
-        if left == (false, false, false) {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "left behind (monitor, rule, dashboard): {left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for api in [&monitors, &rules] {
+        wait_for(api, "petrel-petrel", TIMEOUT, "deleted", |o| o.is_none()).await?;
     }
+    wait_for(&maps, "petrel-petrel-dashboard", TIMEOUT, "deleted", |o| {
+        o.is_none()
+    })
+    .await?;
     operator.abort();
     Ok(())
 }

@@ -65,9 +65,15 @@ pub async fn declare_durable(
 
 /// A connection to `url` and a channel on it in confirm mode.
 pub async fn confirming_channel(url: &str) -> anyhow::Result<(Connection, Channel)> {
+    let (conn, ch) = channel(url).await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok((conn, ch))
+}
+
+/// A connection to `url` and a channel on it.
+pub async fn channel(url: &str) -> anyhow::Result<(Connection, Channel)> {
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok((conn, ch))
 }
 

@@ -14,9 +14,7 @@ use lapin::options::{
     ExchangeDeclareOptions, ExchangeUnbindOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind};
 use petrel_tests::amqp;
 use petrel_tests::{PetrelProcess, Serve, Signal};
 
@@ -28,21 +26,8 @@ fn petrel() -> anyhow::Result<PetrelProcess> {
     Ok(p)
 }
 
-async fn channel(petrel: &PetrelProcess) -> anyhow::Result<(Connection, Channel)> {
-    let conn = Connection::connect(&petrel.amqp_url(), ConnectionProperties::default()).await?;
-    let channel = conn.create_channel().await?;
-    Ok((conn, channel))
-}
-
 async fn durable(channel: &Channel, name: &str) -> anyhow::Result<()> {
-    let options = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel
-        .queue_declare(name.into(), options, FieldTable::default())
-        .await?;
-    Ok(())
+    amqp::declare_durable(channel, name, FieldTable::default()).await
 }
 
 /// Publishes `bodies` persistent to `queue` with confirms, a window at a time; every
@@ -105,7 +90,7 @@ async fn persistent_messages_in_a_durable_queue_survive_a_restart() -> anyhow::R
     let dir = tempfile::tempdir()?;
     let mut first = Serve::on_data_dir(dir.path())?.start()?;
     first.wait_ready(TIMEOUT)?;
-    let (conn, ch) = channel(&first).await?;
+    let (conn, ch) = amqp::channel(&first.amqp_url()).await?;
     durable(&ch, "orders").await?;
     publish_confirmed(
         &ch,
@@ -130,7 +115,7 @@ async fn persistent_messages_in_a_durable_queue_survive_a_restart() -> anyhow::R
 
     let mut second = Serve::on_data_dir(dir.path())?.start()?;
     second.wait_ready(TIMEOUT)?;
-    let (_conn, ch) = channel(&second).await?;
+    let (_conn, ch) = amqp::channel(&second.amqp_url()).await?;
     let got = drain(&ch, "orders").await?;
     let want: Vec<Vec<u8>> = (10..100u32).map(|i| i.to_be_bytes().to_vec()).collect();
     assert_eq!(got, want, "exactly the unacked messages, in order");
@@ -141,8 +126,8 @@ async fn persistent_messages_in_a_durable_queue_survive_a_restart() -> anyhow::R
 async fn a_hundred_thousand_messages_arrive_complete_and_in_order() -> anyhow::Result<()> {
     const N: u32 = 100_000;
     let petrel = petrel()?;
-    let (_p, publisher) = channel(&petrel).await?;
-    let (_c, consumer_ch) = channel(&petrel).await?;
+    let (_p, publisher) = amqp::channel(&petrel.amqp_url()).await?;
+    let (_c, consumer_ch) = amqp::channel(&petrel.amqp_url()).await?;
     durable(&publisher, "bulk").await?;
     consumer_ch
         .basic_qos(500, BasicQosOptions::default())
@@ -187,7 +172,7 @@ async fn a_hundred_thousand_messages_arrive_complete_and_in_order() -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_16_mib_message_round_trips() -> anyhow::Result<()> {
     let petrel = petrel()?;
-    let (_conn, ch) = channel(&petrel).await?;
+    let (_conn, ch) = amqp::channel(&petrel.amqp_url()).await?;
     durable(&ch, "big").await?;
     let body: Vec<u8> = (0..16 << 20).map(|i: u32| (i % 251) as u8).collect();
     publish_confirmed(&ch, "big", std::iter::once(body.clone()), 1).await?;
@@ -205,7 +190,7 @@ async fn a_16_mib_message_round_trips() -> anyhow::Result<()> {
 async fn nacked_and_unacked_messages_come_back_redelivered_and_rejected_ones_go()
 -> anyhow::Result<()> {
     let petrel = petrel()?;
-    let (_conn, ch) = channel(&petrel).await?;
+    let (_conn, ch) = amqp::channel(&petrel.amqp_url()).await?;
     durable(&ch, "work").await?;
     publish_confirmed(
         &ch,
@@ -239,7 +224,7 @@ async fn nacked_and_unacked_messages_come_back_redelivered_and_rejected_ones_go(
         .await?;
 
     // A consumer's channel closes with "b" unacked: another consumer gets it, redelivered.
-    let (_conn2, other) = channel(&petrel).await?;
+    let (_conn2, other) = amqp::channel(&petrel.amqp_url()).await?;
     let b = other
         .basic_get("work".into(), BasicGetOptions::default())
         .await?
@@ -269,7 +254,7 @@ async fn nacked_and_unacked_messages_come_back_redelivered_and_rejected_ones_go(
 async fn redeclaring_differently_is_406_and_an_exclusive_queue_is_405_to_others()
 -> anyhow::Result<()> {
     let petrel = petrel()?;
-    let (_conn, ch) = channel(&petrel).await?;
+    let (_conn, ch) = amqp::channel(&petrel.amqp_url()).await?;
     let mut ttl = FieldTable::default();
     ttl.insert("x-message-ttl".into(), AMQPValue::LongInt(60_000));
     let options = QueueDeclareOptions {
@@ -289,7 +274,7 @@ async fn redeclaring_differently_is_406_and_an_exclusive_queue_is_405_to_others(
         "{err:?}"
     );
 
-    let (_conn, owner) = channel(&petrel).await?;
+    let (_conn, owner) = amqp::channel(&petrel.amqp_url()).await?;
     let exclusive = QueueDeclareOptions {
         exclusive: true,
         ..Default::default()
@@ -302,7 +287,7 @@ async fn redeclaring_differently_is_406_and_an_exclusive_queue_is_405_to_others(
         "server-named: {}",
         q.name()
     );
-    let (_conn, intruder) = channel(&petrel).await?;
+    let (_conn, intruder) = amqp::channel(&petrel.amqp_url()).await?;
     let err = intruder
         .basic_consume(
             q.name().clone(),
@@ -323,8 +308,8 @@ async fn redeclaring_differently_is_406_and_an_exclusive_queue_is_405_to_others(
 async fn a_transaction_applies_publishes_and_acks_on_commit_and_forgets_them_on_rollback()
 -> anyhow::Result<()> {
     let petrel = petrel()?;
-    let (_conn, tx) = channel(&petrel).await?;
-    let (_conn2, other) = channel(&petrel).await?;
+    let (_conn, tx) = amqp::channel(&petrel.amqp_url()).await?;
+    let (_conn2, other) = amqp::channel(&petrel.amqp_url()).await?;
     durable(&tx, "ledger").await?;
     let get = |ch: &Channel| {
         let ch = ch.clone();
@@ -377,7 +362,7 @@ async fn a_transaction_applies_publishes_and_acks_on_commit_and_forgets_them_on_
 async fn exchanges_bound_to_exchanges_route_on_each_message_once_even_in_a_cycle()
 -> anyhow::Result<()> {
     let petrel = petrel()?;
-    let (_c, ch) = channel(&petrel).await?;
+    let (_c, ch) = amqp::channel(&petrel.amqp_url()).await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     for (name, kind) in [
         ("edge", ExchangeKind::Topic),
@@ -451,7 +436,7 @@ async fn a_stopping_node_confirms_what_it_took_in_then_closes_with_connection_fo
     let dir = tempfile::tempdir()?;
     let mut first = Serve::on_data_dir(dir.path())?.start()?;
     first.wait_ready(TIMEOUT)?;
-    let (conn, ch) = channel(&first).await?;
+    let (conn, ch) = amqp::channel(&first.amqp_url()).await?;
     let mut events = conn.events_listener();
     durable(&ch, "stopping").await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -507,7 +492,9 @@ async fn a_stopping_node_confirms_what_it_took_in_then_closes_with_connection_fo
         (acked, nacked, ended)
     });
 
-    acked_rx.wait_for(|n| *n >= 500).await?;
+    tokio::time::timeout(TIMEOUT, acked_rx.wait_for(|n| *n >= 500))
+        .await
+        .context("500 publishes were not confirmed in time")??;
     first.signal(Signal::Term)?;
     let exited = first.wait_exit(TIMEOUT)?;
     ensure!(exited.status.success(), "unclean stop: {}", exited.stderr);
@@ -536,7 +523,7 @@ async fn a_stopping_node_confirms_what_it_took_in_then_closes_with_connection_fo
 
     let mut second = Serve::on_data_dir(dir.path())?.start()?;
     second.wait_ready(TIMEOUT)?;
-    let (_conn, ch) = channel(&second).await?;
+    let (_conn, ch) = amqp::channel(&second.amqp_url()).await?;
     let kept: std::collections::HashSet<u32> = drain(&ch, "stopping")
         .await?
         .iter()

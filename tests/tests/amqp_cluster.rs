@@ -12,19 +12,14 @@ use lapin::options::{
     ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Confirmation};
 use petrel_api::admin::v1::admin_client::AdminClient;
 use petrel_api::admin::v1::{DestinationRef, Kind, TransferLeadershipRequest};
 use petrel_tests::Signal;
+use petrel_tests::amqp::channel;
 use petrel_tests::cluster::Cluster;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-async fn channel(url: &str) -> anyhow::Result<(Connection, Channel)> {
-    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
-    let channel = conn.create_channel().await?;
-    Ok((conn, channel))
-}
 
 /// The queue's leader as node `port` (internal) knows it, once it knows one other than `not`.
 async fn leader(port: u16, queue: &str, not: Option<u64>) -> anyhow::Result<u64> {
@@ -333,6 +328,17 @@ async fn transfer(port: u16, queue: &str, to: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits (within [`TIMEOUT`]) until the publisher has `n` confirms.
+async fn confirmed(
+    acked: &mut tokio::sync::watch::Receiver<usize>,
+    n: usize,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(TIMEOUT, acked.wait_for(|a| *a >= n))
+        .await
+        .with_context(|| format!("{n} publishes were not confirmed in time"))??;
+    Ok(())
+}
+
 /// Moves the leadership of `queue` off node `from` (to the next node), if it leads.
 async fn lead_elsewhere(port: u16, queue: &str, from: u64, nodes: u64) -> anyhow::Result<()> {
     if leader(port, queue, None).await? != from {
@@ -431,14 +437,14 @@ async fn clients_on_a_node_that_stays_up_go_on_while_the_others_restart_one_by_o
     let mut acked_before = 0;
     for index in [2usize, 1] {
         let id = index as u64 + 1;
-        acked_rx.wait_for(|n| *n >= acked_before + 200).await?;
+        confirmed(&mut acked_rx, acked_before + 200).await?;
         lead_elsewhere(cluster.ports[0], "rolling", id, 3).await?;
         cluster.nodes[index].signal(Signal::Term)?;
         let _stopped = cluster.restart(index, false)?;
         cluster.joined()?;
         acked_before = *acked_rx.borrow();
     }
-    acked_rx.wait_for(|n| *n >= acked_before + 200).await?;
+    confirmed(&mut acked_rx, acked_before + 200).await?;
     stop.store(true, Ordering::Relaxed);
     let (acked, nacked) = tokio::time::timeout(TIMEOUT, publishing).await???;
     ensure!(nacked == 0, "{nacked} publishes were nacked");

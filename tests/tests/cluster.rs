@@ -77,7 +77,6 @@ fn an_internal_port_in_use_fails_naming_the_address() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Three running nodes of one cluster.
 #[test]
 fn a_node_is_not_ready_for_clients_until_it_has_joined_its_cluster() -> anyhow::Result<()> {
     let mut ports = Vec::new();
@@ -113,6 +112,17 @@ fn a_node_is_not_ready_for_clients_until_it_has_joined_its_cluster() -> anyhow::
     Ok(())
 }
 
+/// Waits until the writers' `count` of acknowledged appends reaches `n`.
+fn acked_at_least(count: &std::sync::atomic::AtomicUsize, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + READY;
+    while count.load(std::sync::atomic::Ordering::Relaxed) < n {
+        ensure!(Instant::now() < deadline, "the writers stalled below {n}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Three running nodes of one cluster.
 fn three_nodes() -> anyhow::Result<Cluster> {
     Cluster::start(3)
 }
@@ -427,7 +437,7 @@ mod failover {
     use petrel_tests::Signal;
     use tonic::transport::Channel;
 
-    use super::{Cluster, EXIT, READY, three_nodes};
+    use super::{Cluster, EXIT, READY, acked_at_least, three_nodes};
 
     /// How long the survivors may take to elect a new leader (the bound).
     const FAILOVER: Duration = Duration::from_secs(5);
@@ -632,11 +642,7 @@ mod failover {
                 })
             })
             .collect();
-        let deadline = Instant::now() + READY;
-        while count.load(std::sync::atomic::Ordering::Relaxed) < 300 {
-            ensure!(Instant::now() < deadline, "the writers stalled");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        acked_at_least(&count, 300)?;
         cluster.nodes[index].signal(Signal::Kill)?;
         let mut acked = Vec::new();
         for writer in writers {
@@ -850,18 +856,7 @@ mod failover {
         };
 
         // Under load: acknowledged writes before, during and after the drain.
-        let acked_at_least = |n: usize| -> anyhow::Result<()> {
-            let deadline = Instant::now() + READY;
-            while count.load(std::sync::atomic::Ordering::Relaxed) < n {
-                ensure!(
-                    Instant::now() < deadline,
-                    "the writer stalled below {n} writes"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Ok(())
-        };
-        acked_at_least(20)?;
+        acked_at_least(&count, 20)?;
         let drained = super::petrel(
             survivor,
             &[
@@ -886,7 +881,10 @@ mod failover {
         let index = usize::try_from(leaving - 1)?;
         nodes[index].signal(Signal::Term)?;
         ensure!(nodes[index].wait_exit(EXIT)?.status.success());
-        acked_at_least(count.load(std::sync::atomic::Ordering::Relaxed) + 20)?;
+        acked_at_least(
+            &count,
+            count.load(std::sync::atomic::Ordering::Relaxed) + 20,
+        )?;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let acked = writer
             .join()
@@ -927,6 +925,7 @@ mod growth {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
+    use super::acked_at_least;
     use anyhow::ensure;
     use petrel_api::admin::v1::admin_client::AdminClient;
     use petrel_api::admin::v1::{
@@ -1009,16 +1008,6 @@ mod growth {
                 anyhow::Ok(acked)
             })
         })
-    }
-
-    /// Waits until `count` reaches `n`.
-    fn acked_at_least(count: &AtomicUsize, n: usize) -> anyhow::Result<()> {
-        let deadline = Instant::now() + READY;
-        while count.load(Ordering::Relaxed) < n {
-            ensure!(Instant::now() < deadline, "the writer stalled below {n}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
     }
 
     /// The topic's placement as node `port` knows it.

@@ -6,15 +6,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use futures_lite::StreamExt;
+use lapin::BasicProperties;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions,
     QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use petrel_api::admin::v1::admin_client::AdminClient;
 use petrel_api::admin::v1::{DestinationRef, Kind};
-use petrel_tests::amqp::{confirming_channel, declare_durable as declare, publish_confirmed};
+use petrel_tests::amqp::{
+    channel, confirming_channel, declare_durable as declare, publish_confirmed,
+};
 use petrel_tests::cluster::Cluster;
 use petrel_tests::{PetrelProcess, Serve, Signal};
 
@@ -146,12 +148,6 @@ fn petrel() -> anyhow::Result<PetrelProcess> {
     Ok(p)
 }
 
-async fn connect(node: &PetrelProcess) -> anyhow::Result<(Connection, Channel)> {
-    let conn = Connection::connect(&node.amqp_url(), ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
-    Ok((conn, ch))
-}
-
 /// The consumer's next delivery.
 async fn next(deliveries: &mut lapin::Consumer) -> anyhow::Result<lapin::message::Delivery> {
     let delivery = tokio::time::timeout(SETTLE, deliveries.next())
@@ -211,7 +207,7 @@ async fn publishes_deliveries_acks_connections_and_queue_counts_show_on_metrics(
 
     // A consumer with prefetch 2: its first two (the requeued one first) acked with one
     // multiple ack, then it holds the next two unacked.
-    let (_consumer_conn, consumer) = connect(&node).await?;
+    let (_consumer_conn, consumer) = channel(&node.amqp_url()).await?;
     consumer.basic_qos(2, BasicQosOptions::default()).await?;
     let mut deliveries = consumer
         .basic_consume(
@@ -270,7 +266,7 @@ async fn publishes_deliveries_acks_connections_and_queue_counts_show_on_metrics(
     .await?;
 
     // A third connection counts while it is open, and no longer once it closed.
-    let (third, _) = connect(&node).await?;
+    let (third, _) = channel(&node.amqp_url()).await?;
     eventually(&[&node], "a third connection", |s| {
         exactly(
             &s[0],

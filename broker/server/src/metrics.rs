@@ -53,21 +53,23 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         registry.register(Box::new(build_info))?;
-        let up = IntGauge::new(
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let gauge = IntGauge::new(name, help)?;
+            registry.register(Box::new(gauge.clone()))?;
+            Ok(gauge)
+        };
+        let up = gauge(
             "petrel_up",
             "1 while the node is ready (storage open, listeners bound), else 0.",
         )?;
-        registry.register(Box::new(up.clone()))?;
-        let cluster_nodes = IntGauge::new(
+        let cluster_nodes = gauge(
             "petrel_cluster_nodes",
             "Nodes in the cluster's metadata, as this node last applied it.",
         )?;
-        registry.register(Box::new(cluster_nodes.clone()))?;
-        let destinations = IntGauge::new(
+        let destinations = gauge(
             "petrel_destinations",
             "Queues and topics in the cluster's metadata, as this node last applied it.",
         )?;
-        registry.register(Box::new(destinations.clone()))?;
         let protocols = petrel_protocols::Metrics::new()?;
         protocols.register(&registry)?;
         let alarm = IntGaugeVec::new(
@@ -78,20 +80,13 @@ impl Metrics {
             &["resource"],
         )?;
         registry.register(Box::new(alarm.clone()))?;
-        let disk_free = IntGauge::new(
-            "petrel_disk_free_bytes",
-            "Free bytes on the data directory's file system, as last measured.",
-        )?;
-        registry.register(Box::new(disk_free.clone()))?;
         let resources = resources::Gauges {
             disk_alarm: alarm.with_label_values(&["disk"]),
             memory_alarm: alarm.with_label_values(&["memory"]),
-            disk_free,
-        };
-        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
-            let gauge = IntGauge::new(name, help)?;
-            registry.register(Box::new(gauge.clone()))?;
-            Ok(gauge)
+            disk_free: gauge(
+                "petrel_disk_free_bytes",
+                "Free bytes on the data directory's file system, as last measured.",
+            )?,
         };
         let partitions_led = gauge(
             "petrel_partitions_led",
@@ -247,7 +242,7 @@ impl Metrics {
 }
 
 /// A count as a gauge's value.
-fn gauge_value(n: u64) -> i64 {
+pub(crate) fn gauge_value(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 

@@ -57,9 +57,7 @@ pub async fn watch(limits: Limits, messaging: std::sync::Weak<Messaging>, gauges
         gauges.disk_alarm.set(i64::from(reading.disk.is_some()));
         gauges.memory_alarm.set(i64::from(reading.memory.is_some()));
         if let Some(free) = reading.disk_free {
-            gauges
-                .disk_free
-                .set(i64::try_from(free).unwrap_or(i64::MAX));
+            gauges.disk_free.set(crate::metrics::gauge_value(free));
         }
         messaging.set_alarm(reading.disk.or(reading.memory));
     }

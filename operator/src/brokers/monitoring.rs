@@ -148,11 +148,16 @@ pub fn prometheus_rule(broker: &Broker) -> Result<DynamicObject, Error> {
     )
 }
 
+/// The name of a Broker's dashboard ConfigMap.
+fn dashboard_name(broker: &Broker) -> String {
+    format!("{}-dashboard", name(broker))
+}
+
 /// The ConfigMap holding the dashboard.
 pub fn dashboard_config_map(broker: &Broker) -> Result<ConfigMap, Error> {
     let mut map: ConfigMap = desired::object(
         broker,
-        &format!("{}-dashboard", name(broker)),
+        &dashboard_name(broker),
         json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {
             format!("petrel-{}.json", broker.name_any()): dashboard(broker)?,
         }}),
@@ -192,13 +197,12 @@ pub async fn apply(ctx: &Context, broker: &Broker) -> Result<Vec<String>, Error>
             delete_if_there(&api, &name(broker)).await?;
         }
     }
-    let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
-    let map = dashboard_config_map(broker)?;
+    // The dashboard is built (a large JSON document) only when asked for.
     if broker.spec.monitoring.grafana_dashboard {
-        maps.patch(&map.name_any(), &params, &Patch::Apply(&map))
-            .await?;
+        super::apply_object(ctx, &namespace, &dashboard_config_map(broker)?).await?;
     } else {
-        delete_if_there(&maps, &map.name_any()).await?;
+        let maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+        delete_if_there(&maps, &dashboard_name(broker)).await?;
     }
     Ok(unserved)
 }

@@ -125,6 +125,32 @@ where
     Ok(found)
 }
 
+/// Waits (within `timeout`) for an Event with `reason` on the object named `name`, and
+/// returns it.
+pub async fn until_event(
+    events: &Api<k8s_openapi::api::events::v1::Event>,
+    name: &str,
+    reason: &str,
+    timeout: Duration,
+) -> anyhow::Result<k8s_openapi::api::events::v1::Event> {
+    let on_it = kube::api::ListParams::default().fields(&format!("regarding.name={name}"));
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let listed = events.list(&on_it).await?;
+        if let Some(event) = listed
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some(reason))
+        {
+            return Ok(event);
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("no {reason} Event on {name} within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Runs the operator's controllers in this process, quick to resync and retry, until
 /// the handle is aborted.
 pub fn run_operator(client: &Client) -> anyhow::Result<tokio::task::JoinHandle<()>> {

@@ -182,10 +182,7 @@ impl Messaging {
                     .and_then(Result::ok),
                 None => None,
             };
-            let stats = answered.unwrap_or_else(|| Stats {
-                ready: self.node.settled(group).map_or(0, |s| s.unsettled()),
-                ..Stats::default()
-            });
+            let stats = answered.unwrap_or_else(|| self.replica_stats(group));
             let (vhost, name) = unscoped(&stored);
             queues.push(LedQueue {
                 vhost: vhost.to_owned(),

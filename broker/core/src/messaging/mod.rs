@@ -420,10 +420,16 @@ impl Messaging {
                 return Ok(stats);
             }
         }
-        Ok(dispatch::Stats {
+        Ok(self.replica_stats(group))
+    }
+
+    /// A queue partition's counts as this node's replica knows them: everything
+    /// unsettled counted ready (only a dispatcher tells ready from unacked).
+    fn replica_stats(&self, group: u64) -> dispatch::Stats {
+        dispatch::Stats {
             ready: self.node.settled(group).map_or(0, |s| s.unsettled()),
             ..dispatch::Stats::default()
-        })
+        }
     }
 
     /// Deletes a queue (its messages and bindings); with `if_unused` / `if_empty` only

@@ -198,14 +198,24 @@ struct Peak {
 }
 
 impl Peak {
+    /// Replication factor 3 against 1 on the same 3 nodes.
+    fn vs_three_nodes(&self) -> f64 {
+        self.rf3 / self.rf1_three_nodes
+    }
+
+    /// Replication factor 3 against 1 on one node.
+    fn vs_one_node(&self) -> f64 {
+        self.rf3 / self.rf1_one_node
+    }
+
     fn json(&self) -> serde_json::Value {
         json!({
             "partitions": self.partitions,
             "rf1_1_node_msgs_per_s": self.rf1_one_node,
             "rf1_3_nodes_msgs_per_s": self.rf1_three_nodes,
             "rf3_3_nodes_msgs_per_s": self.rf3,
-            "rf3_vs_rf1_3_nodes": self.rf3 / self.rf1_three_nodes,
-            "rf3_vs_rf1_1_node": self.rf3 / self.rf1_one_node,
+            "rf3_vs_rf1_3_nodes": self.vs_three_nodes(),
+            "rf3_vs_rf1_1_node": self.vs_one_node(),
         })
     }
 }
@@ -267,8 +277,8 @@ fn report(cases: &[Case], extras: &Extras, args: &Args) {
             p.rf1_one_node,
             p.rf1_three_nodes,
             p.rf3,
-            p.rf3 / p.rf1_three_nodes,
-            p.rf3 / p.rf1_one_node,
+            p.vs_three_nodes(),
+            p.vs_one_node(),
         );
     }
     if let Some(cores) = extras.idle_cpu_cores {
